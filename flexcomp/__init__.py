@@ -1,0 +1,20 @@
+"""flexcomp: a mask-programmable attention compiler, and a drop-in for torch's flex_attention.
+
+Switch research code with one import line::
+
+    from flexcomp import flex_attention, create_block_mask, and_masks, or_masks, BlockMask
+
+The pipeline, in the order data flows (see docs/architecture.md):
+trace -> ir / builder -> symbolic -> sparsity -> blockmask -> evaluate / reference -> runtime -> api.
+"""
+from .api import AuxOutput, AuxRequest, flex_attention
+from .blockmask import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
+from .errors import FlexcompError, FlexcompIRError, FlexcompTraceError
+from .explain import explain
+
+__all__ = [
+    "flex_attention", "create_block_mask", "create_mask", "BlockMask", "and_masks", "or_masks",
+    "noop_mask", "AuxRequest", "AuxOutput", "explain", "FlexcompError", "FlexcompTraceError",
+    "FlexcompIRError",
+]
+__version__ = "0.1.0"

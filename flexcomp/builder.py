@@ -1,0 +1,296 @@
+"""Building IR graphs: type promotion, constant folding, algebraic identities and CSE.
+
+Every node of every graph goes through :meth:`GraphBuilder.emit`, so each graph the tracer or a
+pass produces is already folded and free of common subexpressions: ``q_idx - kv_idx`` written twice
+is one node, ``True & m`` is ``m``, and ``2 * 3`` is ``6``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable, Union
+
+from .ir import (
+    BINARY_OPS, COMMUTATIVE_OPS, COMPARE_OPS, FLOAT_UNARY_OPS, LOGIC_OPS, Arg, BufferSpec, Const,
+    DType, Graph, ModKind, Node, Op, ScalarSpec, promote,
+)
+
+Number = Union[bool, int, float]
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+def const(value: Number) -> Const:
+    """A Python number as an IR constant of the narrowest type of its category."""
+    if isinstance(value, bool):
+        return Const(value, DType.BOOL)
+    if isinstance(value, int):
+        return Const(value, DType.I32 if _I32_MIN <= value <= _I32_MAX else DType.I64)
+    return Const(float(value), DType.F32)
+
+
+def _coerce(value: Number, dtype: DType) -> Number:
+    if dtype is DType.BOOL:
+        return bool(value)
+    if dtype.is_int:
+        if isinstance(value, float):
+            if math.isnan(value) or math.isinf(value):
+                raise ValueError("cannot fold a non-finite float into an int")
+            return int(value)  # truncation, as torch's .to(int)
+        return int(value)
+    return float(value)
+
+
+def _floordiv(a, b):
+    if b == 0:
+        raise ZeroDivisionError
+    return a // b if not isinstance(a, float) and not isinstance(b, float) else float(math.floor(a / b))
+
+
+def _mod(a, b):
+    if b == 0:
+        raise ZeroDivisionError
+    return a % b
+
+
+def _truediv(a, b):
+    if b == 0:
+        raise ZeroDivisionError
+    return a / b
+
+
+def _pow(a, b):
+    if isinstance(a, int) and isinstance(b, int) and b < 0:
+        raise ValueError("integer to a negative power")
+    return a**b
+
+
+def _sign(a):
+    return type(a)((a > 0) - (a < 0))
+
+
+def _not(a):
+    return (not a) if isinstance(a, bool) else ~a
+
+
+_FOLD: dict[Op, Callable] = {
+    Op.ADD: operator.add, Op.SUB: operator.sub, Op.MUL: operator.mul, Op.TRUEDIV: _truediv,
+    Op.FLOORDIV: _floordiv, Op.MOD: _mod, Op.POW: _pow,
+    Op.EQ: operator.eq, Op.NE: operator.ne, Op.LT: operator.lt, Op.LE: operator.le,
+    Op.GT: operator.gt, Op.GE: operator.ge,
+    Op.AND: operator.and_, Op.OR: operator.or_, Op.XOR: operator.xor,
+    Op.MINIMUM: min, Op.MAXIMUM: max,
+    Op.NEG: operator.neg, Op.ABS: abs, Op.NOT: _not, Op.SIGN: _sign,
+    Op.FLOOR: lambda a: float(math.floor(a)) if isinstance(a, float) else a,
+    Op.CEIL: lambda a: float(math.ceil(a)) if isinstance(a, float) else a,
+    Op.EXP: math.exp, Op.EXP2: lambda a: 2.0**a, Op.LOG: math.log, Op.LOG2: math.log2,
+    Op.SQRT: math.sqrt, Op.RSQRT: lambda a: 1.0 / math.sqrt(a), Op.TANH: math.tanh,
+    Op.SIGMOID: lambda a: 1.0 / (1.0 + math.exp(-a)), Op.SIN: math.sin, Op.COS: math.cos,
+}
+
+
+class GraphBuilder:
+    """Accumulates nodes for one graph.
+
+    >>> gb = GraphBuilder(ModKind.MASK, "causal")
+    >>> out = gb.binary(Op.GE, gb.inputs["q_idx"], gb.inputs["kv_idx"])
+    >>> print(gb.finish(out))
+    graph mask_mod(b: i32, h: i32, q_idx: i32, kv_idx: i32):
+      %0 = ge q_idx, kv_idx : bool
+      return %0
+    """
+
+    def __init__(self, kind: ModKind, fn_name: str):
+        self.kind = kind
+        self.fn_name = fn_name
+        self.nodes: list[Node] = []
+        self.memo: dict[tuple, int] = {}
+        self.buffers: list[BufferSpec] = []
+        self.scalars: list[ScalarSpec] = []
+        self.inputs = {
+            name: self._append(Op.INPUT, DType.F32 if name == "score" else DType.I32, (), name)
+            for name in kind.input_names
+        }
+
+    # ---- declarations --------------------------------------------------------------------
+    def _unique(self, name: str) -> str:
+        taken = {b.name for b in self.buffers} | {c.name for c in self.scalars} | set(self.kind.input_names)
+        base, k = name, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def add_scalar(self, name: str, dtype: DType) -> int:
+        spec = ScalarSpec(self._unique(name), dtype)
+        self.scalars.append(spec)
+        return self._append(Op.SCALAR, dtype, (), spec.name)
+
+    def add_buffer(self, name: str, dtype: DType, ndim: int, storage: str) -> BufferSpec:
+        spec = BufferSpec(self._unique(name), dtype, ndim, storage)
+        self.buffers.append(spec)
+        return spec
+
+    # ---- the one way nodes are made ------------------------------------------------------
+    def dtype_of(self, a: Arg) -> DType:
+        return a.dtype if isinstance(a, Const) else self.nodes[a].dtype
+
+    def _append(self, op: Op, dtype: DType, args: tuple, attr: str | None) -> int:
+        node = Node(len(self.nodes), op, dtype, args, attr)
+        self.nodes.append(node)
+        return node.id
+
+    def emit(self, op: Op, dtype: DType, args: tuple[Arg, ...], attr: str | None = None) -> Arg:
+        """Add a node whose operand types are already right: fold, simplify, or reuse."""
+        if op in COMMUTATIVE_OPS:
+            args = tuple(sorted(args, key=lambda a: (1, str(a.value)) if isinstance(a, Const) else (0, a)))
+        if op in _FOLD and all(isinstance(a, Const) for a in args):
+            try:
+                return Const(_coerce(_FOLD[op](*(a.value for a in args)), dtype), dtype)
+            except (ArithmeticError, ValueError):
+                pass  # left for run time, where torch gives inf / nan / an error as usual
+        if op is Op.CAST and all(isinstance(a, Const) for a in args):
+            return Const(_coerce(args[0].value, dtype), dtype)
+        simpler = self._identity(op, dtype, args)
+        if simpler is not None:
+            return simpler
+        key = (op, dtype, args, attr)
+        if key not in self.memo:
+            self.memo[key] = self._append(op, dtype, args, attr)
+        return self.memo[key]
+
+    def _identity(self, op: Op, dtype: DType, args: tuple[Arg, ...]) -> Arg | None:
+        def is_c(a, v):
+            return isinstance(a, Const) and not isinstance(a.value, bool) and a.value == v
+
+        if op is Op.CAST and self.dtype_of(args[0]) is dtype:
+            return args[0]
+        if op is Op.WHERE and isinstance(args[0], Const):
+            return args[1] if args[0].value else args[2]
+        if op is Op.WHERE and args[1] == args[2]:
+            return args[1]
+        if len(args) != 2:
+            if op is Op.NOT and not isinstance(args[0], Const):
+                inner = self.nodes[args[0]]
+                if inner.op is Op.NOT:
+                    return inner.args[0]
+            return None
+        a, b = args
+        if dtype is DType.BOOL and op in (Op.AND, Op.OR):
+            for x, y in ((a, b), (b, a)):
+                if isinstance(x, Const):
+                    if op is Op.AND:
+                        return y if x.value else Const(False, DType.BOOL)
+                    return Const(True, DType.BOOL) if x.value else y
+            if a == b:
+                return a
+        if op is Op.ADD:
+            if is_c(a, 0):
+                return b
+            if is_c(b, 0):
+                return a
+        if op is Op.SUB and is_c(b, 0):
+            return a
+        if op is Op.MUL:
+            if is_c(a, 1):
+                return b
+            if is_c(b, 1):
+                return a
+        if op is Op.TRUEDIV and is_c(b, 1):
+            return a
+        return None
+
+    # ---- typed helpers: promotion as torch does it ---------------------------------------
+    # Operands are node ids or Const; a Python number must come wrapped by const().
+    def cast(self, a: Arg, dtype: DType) -> Arg:
+        return self.emit(Op.CAST, dtype, (a,))
+
+    def binary(self, op: Op, a: Arg, b: Arg) -> Arg:
+        assert op in BINARY_OPS
+        ta, tb = self.dtype_of(a), self.dtype_of(b)
+        t = promote(ta, tb)
+        if op is Op.TRUEDIV:
+            t = DType.F32
+        elif op in LOGIC_OPS:
+            if t.is_float:
+                raise TypeError(f"bitwise '{op.value}' is not defined on floats")
+        elif op not in COMPARE_OPS and op not in (Op.MINIMUM, Op.MAXIMUM) and t is DType.BOOL:
+            t = DType.I32  # arithmetic on bools counts them as integers
+        a, b = self.cast(a, t), self.cast(b, t)
+        return self.emit(op, DType.BOOL if op in COMPARE_OPS else t, (a, b))
+
+    def unary(self, op: Op, a: Arg) -> Arg:
+        t = self.dtype_of(a)
+        if op in FLOAT_UNARY_OPS:
+            return self.emit(op, DType.F32, (self.cast(a, DType.F32),))
+        if op is Op.NOT:
+            if t.is_float:
+                raise TypeError("'~' is not defined on floats")
+            return self.emit(op, t, (a,))
+        if op in (Op.FLOOR, Op.CEIL) and not t.is_float:
+            return a
+        if op is Op.NEG and t is DType.BOOL:
+            raise TypeError("negation '-' is not defined on bools; use '~' for logical not")
+        return self.emit(op, t, (a,))
+
+    def where(self, c: Arg, a: Arg, b: Arg) -> Arg:
+        c = self.cast(c, DType.BOOL) if self.dtype_of(c) is not DType.BOOL else c
+        t = promote(self.dtype_of(a), self.dtype_of(b))
+        return self.emit(Op.WHERE, t, (c, self.cast(a, t), self.cast(b, t)))
+
+    def load(self, buf: BufferSpec, indices: list[Arg]) -> Arg:
+        idx = []
+        for i in indices:
+            t = self.dtype_of(i)
+            if t.is_float:
+                raise TypeError("tensors can only be indexed by integers")
+            idx.append(self.cast(i, DType.I32) if t is DType.BOOL else i)
+        return self.emit(Op.LOAD, buf.dtype, tuple(idx), buf.name)
+
+    # ---- the end -------------------------------------------------------------------------
+    def finish(self, output: Arg) -> Graph:
+        """Drop dead nodes, renumber, and return the :class:`Graph` (not yet verified)."""
+        live = set()
+        stack = [output] if not isinstance(output, Const) else []
+        while stack:
+            i = stack.pop()
+            if i in live:
+                continue
+            live.add(i)
+            stack += [a for a in self.nodes[i].args if not isinstance(a, Const)]
+        remap: dict[int, int] = {}
+        nodes: list[Node] = []
+        for n in self.nodes:
+            if n.op in (Op.INPUT, Op.SCALAR) or n.id in live:
+                remap[n.id] = len(nodes)
+                args = tuple(a if isinstance(a, Const) else remap[a] for a in n.args)
+                nodes.append(Node(len(nodes), n.op, n.dtype, args, n.attr))
+        out = output if isinstance(output, Const) else remap[output]
+        return Graph(self.kind, self.fn_name, tuple(nodes), tuple(self.buffers), tuple(self.scalars), out)
+
+
+Rewrite = Callable[[GraphBuilder, Node, tuple[Arg, ...], dict[int, Arg]], Union[Arg, None]]
+
+
+def rebuild(g: Graph, rewrite: Rewrite | None = None) -> Graph:
+    """Re-emit every node of ``g`` through a fresh builder (folding and CSE again).
+
+    ``rewrite(builder, node, new_args, new)`` may return a replacement value for a node, or None
+    to keep it; ``new`` maps every earlier old node id to its new value. Passes in
+    :mod:`flexcomp.symbolic` are written this way.
+    """
+    gb = GraphBuilder(g.kind, g.fn_name)
+    for b in g.buffers:
+        gb.add_buffer(b.name, b.dtype, b.ndim, b.storage)
+    new: dict[int, Arg] = {}
+    for n in g.nodes:
+        if n.op is Op.INPUT:
+            new[n.id] = gb.inputs[n.attr]
+            continue
+        if n.op is Op.SCALAR:
+            new[n.id] = gb.add_scalar(n.attr, n.dtype)
+            continue
+        args = tuple(a if isinstance(a, Const) else new[a] for a in n.args)
+        out = rewrite(gb, n, args, new) if rewrite is not None else None
+        new[n.id] = out if out is not None else gb.emit(n.op, n.dtype, args, n.attr)
+    out = g.output if isinstance(g.output, Const) else new[g.output]
+    return gb.finish(out)

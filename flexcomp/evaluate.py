@@ -1,0 +1,105 @@
+"""Running an IR graph with torch ops on broadcast index tensors.
+
+Used by the reference backend (scores for a chunk of queries), by ``create_block_mask`` (the mask
+on a batch of blocks) and by ``create_mask``. The user's function is never called again: what
+runs is the recorded graph.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+import torch
+
+from .ir import Const, DType, Graph, Op
+
+Number = Union[bool, int, float]
+
+_TORCH_OPS = {
+    Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.TRUEDIV: torch.true_divide,
+    Op.FLOORDIV: torch.floor_divide, Op.MOD: torch.remainder, Op.POW: torch.pow,
+    Op.EQ: torch.eq, Op.NE: torch.ne, Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge,
+    Op.AND: torch.bitwise_and, Op.OR: torch.bitwise_or, Op.XOR: torch.bitwise_xor,
+    Op.MINIMUM: torch.minimum, Op.MAXIMUM: torch.maximum,
+    Op.NEG: torch.neg, Op.ABS: torch.abs, Op.NOT: torch.bitwise_not, Op.EXP: torch.exp,
+    Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt,
+    Op.RSQRT: torch.rsqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.SIN: torch.sin,
+    Op.COS: torch.cos, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
+    Op.WHERE: torch.where,
+}
+
+# How each op reads as Python (Graph.to_python). Constants may stand on either side.
+PYTHON_TEMPLATES = {
+    Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})", Op.TRUEDIV: "({0} / {1})",
+    Op.FLOORDIV: "({0} // {1})", Op.MOD: "({0} % {1})", Op.POW: "({0} ** {1})",
+    Op.EQ: "({0} == {1})", Op.NE: "({0} != {1})", Op.LT: "({0} < {1})", Op.LE: "({0} <= {1})",
+    Op.GT: "({0} > {1})", Op.GE: "({0} >= {1})", Op.AND: "({0} & {1})", Op.OR: "({0} | {1})",
+    Op.XOR: "({0} ^ {1})", Op.MINIMUM: "torch.minimum({0}, {1})", Op.MAXIMUM: "torch.maximum({0}, {1})",
+    Op.NEG: "(-{0})", Op.ABS: "torch.abs({0})", Op.NOT: "(~{0})", Op.EXP: "torch.exp({0})",
+    Op.EXP2: "torch.exp2({0})", Op.LOG: "torch.log({0})", Op.LOG2: "torch.log2({0})",
+    Op.SQRT: "torch.sqrt({0})", Op.RSQRT: "torch.rsqrt({0})", Op.TANH: "torch.tanh({0})",
+    Op.SIGMOID: "torch.sigmoid({0})", Op.SIN: "torch.sin({0})", Op.COS: "torch.cos({0})",
+    Op.SIGN: "torch.sign({0})", Op.FLOOR: "torch.floor({0})", Op.CEIL: "torch.ceil({0})",
+    Op.WHERE: "torch.where({0}, {1}, {2})", Op.CAST: "{0}.to({dtype})",
+}
+
+
+def torch_dtype(dtype: DType, float_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype an IR type is evaluated in (``f32`` is the working float)."""
+    return {DType.BOOL: torch.bool, DType.I32: torch.int32, DType.I64: torch.int64}.get(dtype, float_dtype)
+
+
+def ir_dtype_of(t: torch.dtype) -> DType | None:
+    """The IR type a captured tensor of this dtype loads as; None if it cannot be captured."""
+    if t == torch.bool:
+        return DType.BOOL
+    if t == torch.int64:
+        return DType.I64
+    if t in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        return DType.I32
+    if t.is_floating_point:
+        return DType.F32
+    return None
+
+
+def evaluate(
+    g: Graph,
+    inputs: Mapping[str, torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    scalars: Sequence[Number],
+    float_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Evaluate ``g`` on broadcastable tensors.
+
+    Args:
+        inputs: ``score`` (float, any shape) and ``b, h, q_idx, kv_idx`` (int32, broadcastable,
+            e.g. ``[B,1,1,1], [1,H,1,1], [1,1,Q,1], [1,1,1,KV]``).
+        buffers, scalars: values for ``g.buffers`` and ``g.scalars``, in order.
+        float_dtype: the working float (``f32`` nodes); gradients flow into float buffers.
+
+    Returns the output, broadcast over the inputs' shapes as far as the graph uses them (a graph
+    that ignores ``kv_idx`` returns a tensor without that extent; callers expand).
+    """
+    device = next(iter(inputs.values())).device
+    buf_of = {b.name: t for b, t in zip(g.buffers, buffers)}
+    scalar_of = {c.name: v for c, v in zip(g.scalars, scalars)}
+    vals: list = [None] * len(g.nodes)
+
+    def arg(a):
+        if isinstance(a, Const):
+            return torch.tensor(a.value, dtype=torch_dtype(a.dtype, float_dtype), device=device)
+        return vals[a]
+
+    for n in g.nodes:
+        if n.op is Op.INPUT:
+            vals[n.id] = inputs[n.attr]
+        elif n.op is Op.SCALAR:
+            vals[n.id] = torch.tensor(scalar_of[n.attr], dtype=torch_dtype(n.dtype, float_dtype), device=device)
+        elif n.op is Op.LOAD:
+            t = buf_of[n.attr]
+            idx = tuple(arg(a).long() for a in n.args)
+            vals[n.id] = t[idx].to(torch_dtype(n.dtype, float_dtype))
+        elif n.op is Op.CAST:
+            vals[n.id] = arg(n.args[0]).to(torch_dtype(n.dtype, float_dtype))
+        else:
+            vals[n.id] = _TORCH_OPS[n.op](*(arg(a) for a in n.args))
+    return arg(g.output)

@@ -1,0 +1,40 @@
+"""``explain()``: what flexcomp makes of a score_mod / mask_mod, for people."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from .ir import ModKind
+from .trace import trace
+
+
+def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] = None,
+            Q_LEN: int = 1024, KV_LEN: int = 1024, BLOCK_SIZE=128, print_fn: Callable = print) -> str:
+    """Print (and return) the IR of each mod, its structural key, its captured inputs and, for a
+    mask_mod, the block map at ``Q_LEN x KV_LEN``.
+
+    >>> from flexcomp.masks import causal_mask
+    >>> text = explain(mask_mod=causal_mask, Q_LEN=256, KV_LEN=256, print_fn=lambda s: None)
+    >>> "ge q_idx, kv_idx" in text
+    True
+    """
+    from .blockmask import create_block_mask
+
+    parts = []
+    for kind, fn in ((ModKind.SCORE, score_mod), (ModKind.MASK, mask_mod)):
+        if fn is None:
+            continue
+        tm = trace(fn, kind)
+        parts.append(f"# {kind.value} {getattr(fn, '__qualname__', fn)}  key={tm.key}")
+        parts.append(str(tm.graph))
+        for spec, t in zip(tm.graph.buffers, tm.buffers):
+            parts.append(f"#   buffer {spec.name}: {t.dtype} {tuple(t.shape)} on {t.device}")
+        for spec, v in zip(tm.graph.scalars, tm.scalars):
+            parts.append(f"#   scalar {spec.name} = {v!r}")
+        if kind is ModKind.MASK:
+            bm = create_block_mask(fn, 1, 1, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=BLOCK_SIZE)
+            parts.append(f"# block map {Q_LEN}x{KV_LEN}, BLOCK_SIZE={bm.BLOCK_SIZE}, "
+                         f"sparsity {bm.sparsity():.1f}%")
+            parts.append(bm.to_string())
+    text = "\n".join(parts)
+    print_fn(text)
+    return text

@@ -1,0 +1,400 @@
+"""The IR: typed SSA graphs of score_mod / mask_mod bodies.
+
+A :class:`Graph` is what :mod:`flexcomp.trace` records from one call of a user's mod. Every later
+stage reads it: :mod:`flexcomp.symbolic` simplifies it, :mod:`flexcomp.sparsity` classifies blocks
+with it, :mod:`flexcomp.evaluate` runs it with torch ops, and ``flexcomp.codegen`` lowers it to
+Triton.
+
+Printout, one line per node (pinned in ``tests/test_ir.py``)::
+
+    graph score_mod(score: f32, b: i32, h: i32, q_idx: i32, kv_idx: i32) buffers(slopes: f32[1]):
+      %0 = sub kv_idx, q_idx : i32
+      %1 = load slopes[h] : f32
+      %2 = cast %0 : f32
+      %3 = mul %1, %2 : f32
+      %4 = add score, %3 : f32
+      return %4
+
+Types: ``bool``, ``i32``, ``i64`` and ``f32``. ``f32`` is the *working float*: the kernels compute
+scores in float32; the reference backend evaluates it in float64 when the inputs are float64.
+Float buffers of any storage dtype load as ``f32``.
+
+Semantics follow torch: ``floordiv`` rounds towards -inf and ``mod`` takes the sign of the divisor
+(Python's ``//`` and ``%``); ``truediv`` of integers gives a float.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+from .errors import FlexcompIRError
+
+
+class DType(enum.Enum):
+    """Value types of the IR."""
+
+    BOOL = "bool"
+    I32 = "i32"
+    I64 = "i64"
+    F32 = "f32"
+
+    @property
+    def is_float(self) -> bool:
+        return self is DType.F32
+
+    @property
+    def is_int(self) -> bool:
+        return self in (DType.I32, DType.I64)
+
+    @property
+    def rank(self) -> int:
+        """Promotion order: bool < i32 < i64 < f32."""
+        return _RANK[self]
+
+
+_RANK = {DType.BOOL: 0, DType.I32: 1, DType.I64: 2, DType.F32: 3}
+
+
+def promote(*dtypes: DType) -> DType:
+    """torch-like promotion between IR types (all operands are tensors of one category)."""
+    return max(dtypes, key=lambda d: d.rank)
+
+
+class ModKind(enum.Enum):
+    """Which user function a graph came from; fixes the inputs and the output type."""
+
+    SCORE = "score_mod"
+    MASK = "mask_mod"
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        idx = ("b", "h", "q_idx", "kv_idx")
+        return ("score",) + idx if self is ModKind.SCORE else idx
+
+
+class Op(enum.Enum):
+    """Node operations. The value is the name printed in the IR."""
+
+    INPUT = "input"  # attr: name (score, b, h, q_idx, kv_idx)
+    SCALAR = "scalar"  # attr: name of a captured Python number
+    LOAD = "load"  # attr: buffer name; args: one index per buffer dim
+    CAST = "cast"
+    WHERE = "where"
+    # binary
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    TRUEDIV = "truediv"
+    FLOORDIV = "floordiv"
+    MOD = "mod"
+    POW = "pow"
+    EQ = "eq"
+    NE = "ne"
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    AND = "and"
+    OR = "or"
+    XOR = "xor"
+    MINIMUM = "minimum"
+    MAXIMUM = "maximum"
+    # unary
+    NEG = "neg"
+    ABS = "abs"
+    NOT = "not"
+    EXP = "exp"
+    EXP2 = "exp2"
+    LOG = "log"
+    LOG2 = "log2"
+    SQRT = "sqrt"
+    RSQRT = "rsqrt"
+    TANH = "tanh"
+    SIGMOID = "sigmoid"
+    SIN = "sin"
+    COS = "cos"
+    SIGN = "sign"
+    FLOOR = "floor"
+    CEIL = "ceil"
+
+
+BINARY_OPS = frozenset(
+    {Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.FLOORDIV, Op.MOD, Op.POW, Op.EQ, Op.NE, Op.LT, Op.LE,
+     Op.GT, Op.GE, Op.AND, Op.OR, Op.XOR, Op.MINIMUM, Op.MAXIMUM}
+)
+COMPARE_OPS = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
+LOGIC_OPS = frozenset({Op.AND, Op.OR, Op.XOR})
+COMMUTATIVE_OPS = frozenset({Op.ADD, Op.MUL, Op.EQ, Op.NE, Op.AND, Op.OR, Op.XOR, Op.MINIMUM, Op.MAXIMUM})
+FLOAT_UNARY_OPS = frozenset(
+    {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS}
+)
+UNARY_OPS = FLOAT_UNARY_OPS | {Op.NEG, Op.ABS, Op.NOT, Op.SIGN, Op.FLOOR, Op.CEIL, Op.CAST}
+
+
+@dataclass(frozen=True)
+class Const:
+    """A literal operand, printed inline (``31``, ``-inf``, ``True``)."""
+
+    value: Union[bool, int, float]
+    dtype: DType
+
+    def __str__(self) -> str:
+        if self.dtype is DType.F32:
+            v = float(self.value)
+            if math.isinf(v):
+                return "inf" if v > 0 else "-inf"
+            return repr(v)
+        return repr(self.value)
+
+
+Arg = Union[int, Const]  # an int names a node by its id
+
+
+@dataclass(frozen=True)
+class Node:
+    """One SSA value. ``args`` are node ids (always smaller than ``id``) or :class:`Const`."""
+
+    id: int
+    op: Op
+    dtype: DType
+    args: tuple[Arg, ...] = ()
+    attr: str | None = None
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """A captured tensor read by the mod: its name, element type as loaded, and number of dims.
+
+    ``storage`` is the torch dtype name of the tensor (``"float32"``, ``"int64"``); it decides the
+    load but not the IR type, which is the working type of its category.
+    """
+
+    name: str
+    dtype: DType
+    ndim: int
+    storage: str
+
+
+@dataclass(frozen=True)
+class ScalarSpec:
+    """A captured Python number, passed to kernels as an argument so its value is not baked in."""
+
+    name: str
+    dtype: DType
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A traced mod: nodes in topological order, the declared inputs, and the output.
+
+    Fields:
+        kind: score_mod or mask_mod; fixes the input names (``kind.input_names``).
+        fn_name: the user's function name, for printouts and error messages.
+        nodes: ``nodes[i].id == i``; INPUT and SCALAR nodes come first.
+        buffers: captured tensors, in the order their values are passed.
+        scalars: captured numbers, in the order their values are passed (also SCALAR nodes).
+        output: the node id (or constant) returned: ``f32`` for a score_mod, ``bool`` for a mask_mod.
+    """
+
+    kind: ModKind
+    fn_name: str
+    nodes: tuple[Node, ...]
+    buffers: tuple[BufferSpec, ...]
+    scalars: tuple[ScalarSpec, ...]
+    output: Arg
+    _names: dict = field(default=None, compare=False, repr=False, hash=False)
+
+    # ---- naming and printing -------------------------------------------------------------
+    def value_names(self) -> dict[int, str]:
+        """Printed name of every node: inputs by name, other nodes ``%0, %1, ...``."""
+        if self._names is None:
+            names, k = {}, 0
+            for n in self.nodes:
+                if n.op in (Op.INPUT, Op.SCALAR):
+                    names[n.id] = n.attr
+                else:
+                    names[n.id] = f"%{k}"
+                    k += 1
+            object.__setattr__(self, "_names", names)
+        return self._names
+
+    def fmt(self, a: Arg) -> str:
+        return str(a) if isinstance(a, Const) else self.value_names()[a]
+
+    def format_node(self, n: Node) -> str:
+        """One line: ``%3 = mul %1, %2 : f32``; loads print as ``load slopes[h]``."""
+        name = self.value_names()[n.id]
+        if n.op is Op.LOAD:
+            body = f"load {n.attr}[{', '.join(self.fmt(a) for a in n.args)}]"
+        else:
+            body = f"{n.op.value} {', '.join(self.fmt(a) for a in n.args)}"
+        return f"{name} = {body} : {n.dtype.value}"
+
+    def header(self) -> str:
+        ins = ", ".join(f"{nm}: {'f32' if nm == 'score' else 'i32'}" for nm in self.kind.input_names)
+        s = f"graph {self.kind.value}({ins})"
+        if self.buffers:
+            s += " buffers(" + ", ".join(f"{b.name}: {b.dtype.value}[{b.ndim}]" for b in self.buffers) + ")"
+        if self.scalars:
+            s += " scalars(" + ", ".join(f"{c.name}: {c.dtype.value}" for c in self.scalars) + ")"
+        return s + ":"
+
+    def __str__(self) -> str:
+        lines = [self.header()]
+        lines += ["  " + self.format_node(n) for n in self.nodes if n.op not in (Op.INPUT, Op.SCALAR)]
+        lines.append(f"  return {self.fmt(self.output)}")
+        return "\n".join(lines)
+
+    # ---- identity ------------------------------------------------------------------------
+    def structural_key(self) -> str:
+        """A hash of the structure only: ops, types, literal constants, buffer types and ranks.
+
+        Names of the function, buffers and scalars and the *values* of buffers and scalars do not
+        enter it, so a kernel compiled for one key serves every such value.
+        """
+        parts = [self.kind.value]
+        parts += [f"B{b.dtype.value}/{b.ndim}/{b.storage}" for b in self.buffers]
+        parts += [f"S{c.dtype.value}" for c in self.scalars]
+        buf_pos = {b.name: i for i, b in enumerate(self.buffers)}
+        scalar_pos = {c.name: i for i, c in enumerate(self.scalars)}
+        for n in self.nodes:
+            if n.op is Op.LOAD:
+                attr = f"buf{buf_pos[n.attr]}"
+            elif n.op is Op.SCALAR:
+                attr = f"s{scalar_pos[n.attr]}"
+            else:
+                attr = n.attr or ""
+            args = ",".join(f"{a.dtype.value}:{a.value!r}" if isinstance(a, Const) else str(a) for a in n.args)
+            parts.append(f"{n.op.value}/{n.dtype.value}/{attr}/{args}")
+        out = self.output
+        parts.append(f"out {out.dtype.value}:{out.value!r}" if isinstance(out, Const) else f"out {out}")
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    def dtype_of(self, a: Arg) -> DType:
+        return a.dtype if isinstance(a, Const) else self.nodes[a].dtype
+
+    def uses_input(self, name: str) -> bool:
+        ids = {n.id for n in self.nodes if n.op is Op.INPUT and n.attr == name}
+        return any(a in ids for n in self.nodes for a in n.args if not isinstance(a, Const)) or self.output in ids
+
+    # ---- back to Python ------------------------------------------------------------------
+    def to_python(self) -> str:
+        """Source of a runnable Python factory that rebuilds the mod from its buffers and scalars.
+
+        ``make(*buffers, *scalars)`` returns a function with the mod's signature; tracing it gives a
+        graph with the same :meth:`structural_key` (checked in tests).
+        """
+        from .evaluate import PYTHON_TEMPLATES
+
+        params = [b.name for b in self.buffers] + [c.name for c in self.scalars]
+        lines = [f"def make({', '.join(params)}):"]
+        lines.append(f"    def {self.fn_name}({', '.join(self.kind.input_names)}):")
+        py = {}
+        for n in self.nodes:
+            if n.op in (Op.INPUT, Op.SCALAR):
+                py[n.id] = n.attr
+                continue
+            var = f"v{len(py)}"
+            args = [_py_arg(a, py) for a in n.args]
+            if n.op is Op.LOAD:
+                expr = f"{n.attr}[{', '.join(args)}]"
+            else:
+                expr = PYTHON_TEMPLATES[n.op].format(*args, dtype=_TORCH_DTYPE_NAMES[n.dtype])
+            lines.append(f"        {var} = {expr}  # {self.format_node(n)}")
+            py[n.id] = var
+        lines.append(f"        return {_py_arg(self.output, py)}")
+        lines.append(f"    return {self.fn_name}")
+        return "\n".join(lines) + "\n"
+
+
+_TORCH_DTYPE_NAMES = {DType.BOOL: "torch.bool", DType.I32: "torch.int32", DType.I64: "torch.int64",
+                      DType.F32: "torch.float32"}
+
+
+def _py_arg(a: Arg, py: dict[int, str]) -> str:
+    if isinstance(a, Const):
+        v = a.value
+        if a.dtype is DType.F32 and (math.isinf(v) or math.isnan(v)):
+            return f"float('{v}')"
+        return repr(v)
+    return py[a]
+
+
+# ---- the verifier ------------------------------------------------------------------------
+def verify(g: Graph) -> Graph:
+    """Check the IR's invariants; raise :class:`FlexcompIRError` naming the broken one.
+
+    - node ids equal positions, and every argument names an earlier node;
+    - INPUT nodes are exactly the kind's inputs, SCALAR nodes match ``scalars``;
+    - arity and operand types per op: binary operands share one type, comparisons give bool,
+      logic ops take bool or int, float math takes and gives ``f32``, WHERE takes a bool condition;
+    - a LOAD names a declared buffer, with one integer index per dim, and has the buffer's type;
+    - the output is ``f32`` for a score_mod and ``bool`` for a mask_mod.
+    """
+    def fail(msg: str):
+        raise FlexcompIRError(f"IR verifier: {msg}\n{g}")
+
+    buffers = {b.name: b for b in g.buffers}
+    if len(buffers) != len(g.buffers):
+        fail("duplicate buffer names")
+    seen_inputs, seen_scalars = [], []
+    for i, n in enumerate(g.nodes):
+        if n.id != i:
+            fail(f"node at position {i} has id {n.id}")
+        for a in n.args:
+            if not isinstance(a, Const) and not (0 <= a < i):
+                fail(f"node {i} ({n.op.value}) uses %{a}, which is not an earlier node")
+        ts = [g.dtype_of(a) for a in n.args]
+        if n.op is Op.INPUT:
+            seen_inputs.append(n.attr)
+            want = DType.F32 if n.attr == "score" else DType.I32
+            if n.dtype is not want:
+                fail(f"input {n.attr} has type {n.dtype.value}, expected {want.value}")
+        elif n.op is Op.SCALAR:
+            seen_scalars.append(n.attr)
+        elif n.op is Op.LOAD:
+            b = buffers.get(n.attr)
+            if b is None:
+                fail(f"load of undeclared buffer {n.attr!r}")
+            if len(n.args) != b.ndim:
+                fail(f"load {n.attr} has {len(n.args)} indices, buffer has {b.ndim} dims")
+            if not all(t.is_int or t is DType.BOOL for t in ts):
+                fail(f"load {n.attr} has a non-integer index")
+            if n.dtype is not b.dtype:
+                fail(f"load {n.attr} has type {n.dtype.value}, buffer has {b.dtype.value}")
+        elif n.op in BINARY_OPS:
+            if len(ts) != 2 or ts[0] is not ts[1]:
+                fail(f"{n.op.value} needs two operands of one type, got {[t.value for t in ts]}")
+            want = DType.BOOL if n.op in COMPARE_OPS else ts[0]
+            if n.op is Op.TRUEDIV and not ts[0].is_float:
+                fail("truediv operands must be f32")
+            if n.op in LOGIC_OPS and ts[0].is_float:
+                fail(f"{n.op.value} on floats")
+            if n.dtype is not want:
+                fail(f"{n.op.value} gives {n.dtype.value}, expected {want.value}")
+        elif n.op is Op.WHERE:
+            if len(ts) != 3 or ts[0] is not DType.BOOL or ts[1] is not ts[2] or n.dtype is not ts[1]:
+                fail(f"where needs (bool, T, T) -> T, got {[t.value for t in ts]} -> {n.dtype.value}")
+        elif n.op in UNARY_OPS:
+            if len(ts) != 1:
+                fail(f"{n.op.value} takes one operand")
+            if n.op in FLOAT_UNARY_OPS and (ts[0] is not DType.F32 or n.dtype is not DType.F32):
+                fail(f"{n.op.value} needs f32 -> f32")
+            if n.op not in FLOAT_UNARY_OPS and n.op is not Op.CAST and n.dtype is not ts[0]:
+                fail(f"{n.op.value} changes type {ts[0].value} -> {n.dtype.value}")
+            if n.op is Op.NOT and ts[0].is_float:
+                fail("not on a float")
+        else:
+            fail(f"unknown op {n.op}")
+    if tuple(seen_inputs) != g.kind.input_names:
+        fail(f"inputs {seen_inputs}, expected {list(g.kind.input_names)}")
+    if tuple(seen_scalars) != tuple(c.name for c in g.scalars):
+        fail(f"scalar nodes {seen_scalars} do not match declared scalars")
+    out_t = g.dtype_of(g.output)
+    want = DType.F32 if g.kind is ModKind.SCORE else DType.BOOL
+    if out_t is not want:
+        fail(f"output has type {out_t.value}, a {g.kind.value} must return {want.value}")
+    return g

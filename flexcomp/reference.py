@@ -1,0 +1,169 @@
+"""The reference backend: attention from the IR with torch ops, in query chunks, with autograd.
+
+It runs on any device and float dtype and is flexcomp's CPU path (training included, which
+torch's own flex_attention cannot do on CPU) and the oracle for the Triton kernels.
+
+Memory stays ``O(B * H * chunk * KV_LEN)``: the forward keeps only the output and the LSE; the
+backward recomputes each chunk under autograd and accumulates dK, dV and the gradients of captured
+tensors. No ``S x S`` tensor exists at any time.
+
+Semantics, as torch's flex_attention: ``s = (q @ k^T) * scale``, then ``score_mod``, then pairs in
+empty blocks and, inside partial blocks, pairs where ``mask_mod`` is False get ``-inf``; full
+blocks skip mask_mod. Softmax rows with nothing kept give output 0 and LSE ``-inf``, with zero
+(never NaN) gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .evaluate import evaluate
+from .trace import TracedMod
+
+# Elements of one [B, H, chunk, KV_LEN] score tile; the chunk length follows from it.
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """A BlockMask unpacked for the reference: ``kind`` int8 ``[Bm, Hm, num_q, num_kv]``
+    (0 empty, 1 partial, 2 full) and the block sizes ``q_block``, ``kv_block``."""
+
+    kind: Tensor
+    q_block: int
+    kv_block: int
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """Everything but the tensors: the traced mods, the block map, the scale and the chunking.
+
+    Fields:
+        score: the traced score_mod (None: identity).
+        mask: the traced mask_mod applied inside partial blocks (None: keep all).
+        blocks: the block map (None: every block partial, i.e. mask_mod everywhere).
+        mask_buffers: captured tensors of the mask_mod (never differentiated).
+        scale: the factor on ``q @ k^T``.
+        chunk_elements: size of one score tile, which bounds memory.
+    """
+
+    score: Optional[TracedMod]
+    mask: Optional[TracedMod]
+    blocks: Optional[BlockMap]
+    mask_buffers: tuple
+    scale: float
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor, score_buffers) -> tuple[Tensor, Tensor]:
+    """Output ``[B, Hq, c, Dv]`` (input dtype) and LSE ``[B, Hq, c]`` for queries ``q0 .. q0 + c``."""
+    B, Hq, c, D = q.shape
+    Hkv, KV = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    wd = _working_dtype(q.dtype)
+    dev = q.device
+    qg = q.to(wd).reshape(B, Hkv, G, c, D)
+    s = (qg @ k.to(wd).unsqueeze(2).transpose(-1, -2)).reshape(B, Hq, c, KV) * plan.scale
+    ar = lambda n, o=0: torch.arange(o, o + n, device=dev, dtype=torch.int32)  # noqa: E731
+    idx = {"b": ar(B).view(-1, 1, 1, 1), "h": ar(Hq).view(1, -1, 1, 1),
+           "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV).view(1, 1, 1, -1)}
+    if plan.score is not None:
+        s = torch.broadcast_to(evaluate(plan.score.graph, {"score": s, **idx}, score_buffers,
+                                        plan.score.scalars, wd), s.shape)
+    keep = None
+    if plan.mask is not None:
+        keep = evaluate(plan.mask.graph, idx, plan.mask_buffers, plan.mask.scalars, wd)
+    if plan.blocks is not None:
+        bm = plan.blocks
+        kind = bm.kind[:, :, (q0 + torch.arange(c, device=dev)) // bm.q_block, :]
+        kind = kind[..., torch.arange(KV, device=dev) // bm.kv_block]
+        partial = kind == 1
+        keep = (kind == 2) | (partial & keep if keep is not None else partial)
+    if keep is not None:
+        s = torch.where(keep, s, -torch.inf)
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), 0.0, m)
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)
+    empty = l == 0
+    l_safe = torch.where(empty, 1.0, l)
+    o = (p.reshape(B, Hkv, G, c, KV) @ v.to(wd).unsqueeze(2)).reshape(B, Hq, c, -1) / l_safe
+    lse = torch.where(empty, -torch.inf, m + torch.log(l_safe)).squeeze(-1)
+    return o.to(q.dtype), lse
+
+
+def _chunk_len(plan: ReferencePlan, q: Tensor, k: Tensor) -> int:
+    per_row = q.shape[0] * q.shape[1] * k.shape[2]
+    return max(1, plan.chunk_elements // max(1, per_row))
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, *score_buffers: Tensor):
+        step = _chunk_len(plan, q, k)
+        outs, lses = [], []
+        for s in range(0, q.shape[2], step):
+            o, lse = _chunk_forward(plan, q[:, :, s:s + step], s, k, v, score_buffers)
+            outs.append(o)
+            lses.append(lse)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, *score_buffers)
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor, d_lse: Tensor):
+        plan: ReferencePlan = ctx.plan
+        q, k, v, *bufs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[1:]
+        step = _chunk_len(plan, q, k)
+        with torch.enable_grad():
+            kk = k.detach().requires_grad_(needs[1])
+            vv = v.detach().requires_grad_(needs[2])
+            bb = [b.detach().requires_grad_(n and b.is_floating_point()) for b, n in zip(bufs, needs[3:])]
+            dq = torch.zeros_like(q) if needs[0] else None
+            acc = {id(x): None for x in [kk, vv, *bb]}
+            for s in range(0, q.shape[2], step):
+                qc = q[:, :, s:s + step].detach().requires_grad_(needs[0])
+                o, lse = _chunk_forward(plan, qc, s, kk, vv, bb)
+                wrt = [x for x in [qc, kk, vv, *bb] if x.requires_grad]
+                if not wrt:
+                    break
+                grads = torch.autograd.grad((o, lse), wrt, (d_out[:, :, s:s + step], d_lse[:, :, s:s + step]),
+                                            allow_unused=True)
+                for x, g in zip(wrt, grads):
+                    if g is None:
+                        continue
+                    if x is qc:
+                        dq[:, :, s:s + step] = g
+                    else:
+                        acc[id(x)] = g if acc[id(x)] is None else acc[id(x)] + g
+        def grad_of(x, n):
+            if not n:
+                return None
+            g = acc[id(x)]
+            return torch.zeros_like(x) if g is None else g.to(x.dtype)
+
+        return (None, dq, grad_of(kk, needs[1]), grad_of(vv, needs[2]),
+                *(grad_of(b, n and b.is_floating_point()) for b, n in zip(bb, needs[3:])))
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, plan: ReferencePlan,
+                        score_buffers: tuple = ()) -> tuple[Tensor, Tensor]:
+    """Attention output ``[B, Hq, Q_LEN, Dv]`` and LSE ``[B, Hq, Q_LEN]`` (natural log).
+
+    Differentiable in q, k, v and every float tensor in ``score_buffers``.
+
+    >>> import torch
+    >>> q = k = v = torch.randn(1, 2, 8, 4)
+    >>> out, lse = reference_attention(q, k, v, ReferencePlan(None, None, None, (), 0.5))
+    >>> out.shape, lse.shape
+    (torch.Size([1, 2, 8, 4]), torch.Size([1, 2, 8]))
+    """
+    return _ChunkedAttention.apply(plan, q, k, v, *score_buffers)

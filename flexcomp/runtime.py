@@ -1,0 +1,145 @@
+"""Runtime: options, backend choice and dispatch.
+
+``kernel_options`` (torch's dict) is converted once, at the API edge, into the frozen
+:class:`Options`; nothing downstream reads the dict.
+
+Backend choice, first match wins:
+
+1. ``kernel_options={"BACKEND": ...}``: ``"reference"`` or ``"triton"`` (torch's ``"AUTO"`` means
+   "choose"; torch's ``"TRITON"`` means ``"triton"``);
+2. the environment variable ``FLEXCOMP_BACKEND`` (same values);
+3. the default: ``triton`` on CUDA tensors once the Triton kernels exist (issue 3), else
+   ``reference``.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import FlexcompError
+from .reference import DEFAULT_CHUNK_ELEMENTS, BlockMap, ReferencePlan, reference_attention
+from .trace import TracedMod
+
+
+class Backend(enum.Enum):
+    """Where attention runs."""
+
+    REFERENCE = "reference"  # torch ops from the IR, chunked; any device; the oracle
+    TRITON = "triton"  # generated Triton kernels (issue 3)
+
+
+# torch's FlexKernelOptions keys: accepted so research code runs unchanged. They tune torch's
+# Inductor kernels and have no meaning for the reference backend.
+TORCH_KERNEL_OPTIONS = frozenset({
+    "num_warps", "num_stages", "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2",
+    "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ",
+    "FORCE_USE_FLEX_ATTENTION", "USE_TMA", "kpack", "matrix_instr_nonkdim", "waves_per_eu",
+    "SPARSE_Q_BLOCK_SIZE", "SPARSE_KV_BLOCK_SIZE", "OUTPUT_MAX",
+})
+FLEXCOMP_KERNEL_OPTIONS = frozenset({"BACKEND", "CHUNK_ELEMENTS"})
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``kernel_options`` asked for.
+
+    Fields:
+        backend: the chosen :class:`Backend` (None: choose by device).
+        chunk_elements: score-tile size of the reference backend (memory bound).
+        torch_options: torch's tuning keys as given (kept for the Triton backend's configs).
+    """
+
+    backend: Optional[Backend] = None
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    torch_options: tuple = ()
+
+    @staticmethod
+    def parse(kernel_options: Optional[Mapping[str, Any]]) -> "Options":
+        """Validate torch's ``kernel_options`` dict and convert it.
+
+        >>> Options.parse({"BACKEND": "reference"}).backend
+        <Backend.REFERENCE: 'reference'>
+        """
+        if kernel_options is None:
+            return Options(backend=_parse_backend(os.environ.get("FLEXCOMP_BACKEND"), "FLEXCOMP_BACKEND"))
+        if not isinstance(kernel_options, Mapping):
+            raise FlexcompError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+        unknown = [k for k in kernel_options
+                   if k not in TORCH_KERNEL_OPTIONS | FLEXCOMP_KERNEL_OPTIONS
+                   and not (k[:4] in ("fwd_", "bwd_") and k[4:] in TORCH_KERNEL_OPTIONS)]
+        if unknown:
+            raise FlexcompError(
+                f"kernel_options has unknown keys {unknown}; expected flexcomp's {sorted(FLEXCOMP_KERNEL_OPTIONS)} "
+                f"or torch's FlexKernelOptions keys ({', '.join(sorted(TORCH_KERNEL_OPTIONS))})")
+        backend = _parse_backend(kernel_options.get("BACKEND"), "kernel_options['BACKEND']")
+        if backend is None:
+            backend = _parse_backend(os.environ.get("FLEXCOMP_BACKEND"), "FLEXCOMP_BACKEND")
+        chunk = kernel_options.get("CHUNK_ELEMENTS", DEFAULT_CHUNK_ELEMENTS)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+            raise FlexcompError(f"kernel_options['CHUNK_ELEMENTS'] must be a positive int, got {chunk!r}")
+        torch_opts = tuple(sorted((k, v) for k, v in kernel_options.items() if k not in FLEXCOMP_KERNEL_OPTIONS))
+        return Options(backend, chunk, torch_opts)
+
+
+def _parse_backend(value: Optional[str], source: str) -> Optional[Backend]:
+    if value is None or value == "":
+        return None
+    v = str(value).strip().lower()
+    if v == "auto":
+        return None
+    if v in ("reference", "triton"):
+        return Backend(v)
+    raise FlexcompError(f"{source} must be 'reference', 'triton' or 'auto', got {value!r}")
+
+
+def choose_backend(options: Options, device: torch.device) -> Backend:
+    """The backend for tensors on ``device``: the asked one, else by device."""
+    if options.backend is not None:
+        return options.backend
+    return Backend.REFERENCE
+
+
+def block_map_of(block_mask, device) -> Optional[BlockMap]:
+    """Unpack a BlockMask's partial/full lists into the reference's dense block map."""
+    from .blockmask import _ordered_to_dense
+
+    if block_mask is None:
+        return None
+    n = block_mask.kv_indices.shape[-1]
+    kind = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, n).to(torch.int8)
+    if block_mask.full_kv_num_blocks is not None:
+        full = _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n).to(torch.int8)
+        kind = torch.where(full.bool(), 2, kind).to(torch.int8)
+    while kind.dim() < 4:
+        kind = kind.unsqueeze(0)
+    return BlockMap(kind.to(device), block_mask.BLOCK_SIZE[0], block_mask.BLOCK_SIZE[1])
+
+
+def _on(t: Tensor, device) -> Tensor:
+    return t if t.device == device else t.to(device)
+
+
+def run_attention(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], mask: Optional[TracedMod],
+                  block_mask, scale: float, options: Options) -> tuple[Tensor, Tensor]:
+    """Dispatch one validated call to its backend; returns (output, lse)."""
+    backend = choose_backend(options, q.device)
+    if backend is Backend.TRITON:
+        raise FlexcompError(
+            "the 'triton' backend was asked for (kernel_options['BACKEND'] or FLEXCOMP_BACKEND), but the "
+            "generated Triton kernels are not part of this build yet (they land with issue 3, 'Code "
+            "generation'); use BACKEND='reference'")
+    plan = ReferencePlan(
+        score=score,
+        mask=mask,
+        blocks=block_map_of(block_mask, q.device),
+        mask_buffers=tuple(_on(t, q.device) for t in mask.buffers) if mask is not None else (),
+        scale=scale,
+        chunk_elements=options.chunk_elements,
+    )
+    score_buffers = tuple(_on(t, q.device) for t in score.buffers) if score is not None else ()
+    return reference_attention(q, k, v, plan, score_buffers)

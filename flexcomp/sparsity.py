@@ -1,0 +1,304 @@
+"""Block classification: which (q-block, kv-block) tiles a traced mask_mod keeps fully, partly, or not.
+
+Two steps, both driven by the IR, never by an S x S tensor:
+
+1. **Interval analysis** (:func:`block_intervals`): every node gets a lower and upper bound per
+   block, computed from the block's index ranges (``q_idx`` in ``[q0, q1]``, ...). For a bool
+   node ``lo = 1`` means "true everywhere in the block" and ``hi = 0`` "false everywhere". Loads
+   from captured tensors use exact range min/max (a sparse table along the one ranged dim), so
+   ``doc[q_idx] == doc[kv_idx]`` decides most blocks too. The bounds are sound, never exact:
+   anything unsure is UNKNOWN.
+2. **Dense evaluation** of the UNKNOWN blocks only (:func:`_evaluate_blocks`), a bounded batch of
+   blocks at a time.
+
+For a causal mask at 65,536 tokens with 128-blocks, step 1 decides 261,632 of 262,144 blocks and
+step 2 evaluates the 512 diagonal ones.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .evaluate import evaluate
+from .ir import Const, DType, Graph, Op
+from .trace import TracedMod
+
+# Elements of the mask evaluated at once in step 2 (bounded peak memory: a few hundred MB).
+EVAL_BUDGET = 1 << 22
+
+
+class BlockKind(enum.IntEnum):
+    """What a block of the mask is."""
+
+    EMPTY = 0  # every pair masked: skipped
+    PARTIAL = 1  # some pairs masked: mask_mod applied
+    FULL = 2  # no pair masked (and the block lies inside the sequence): mask_mod skipped
+    UNKNOWN = 3  # interval analysis could not decide (internal to this module)
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """The blocking of a Q_LEN x KV_LEN mask.
+
+    Fields: ``q_len``, ``kv_len`` (sequence lengths), ``q_block``, ``kv_block`` (block sizes);
+    ``num_q``, ``num_kv`` are the block counts (the last block may hang over the end).
+    """
+
+    q_len: int
+    kv_len: int
+    q_block: int
+    kv_block: int
+
+    @property
+    def num_q(self) -> int:
+        return -(-self.q_len // self.q_block)
+
+    @property
+    def num_kv(self) -> int:
+        return -(-self.kv_len // self.kv_block)
+
+
+class _Interval:
+    __slots__ = ("lo", "hi")
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor):
+        bad = torch.isnan(lo) | torch.isnan(hi)
+        if bad.any():
+            lo = torch.where(bad, -math.inf, lo)
+            hi = torch.where(bad, math.inf, hi)
+        self.lo, self.hi = lo, hi
+
+
+def _unknown(dtype: DType, like: torch.Tensor) -> _Interval:
+    if dtype is DType.BOOL:
+        return _Interval(torch.zeros_like(like), torch.ones_like(like))
+    return _Interval(torch.full_like(like, -math.inf), torch.full_like(like, math.inf))
+
+
+def _f(x) -> torch.Tensor:
+    return x.to(torch.float64)
+
+
+def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> _Interval:
+    """Sound bounds of ``buf[i0, i1, ...]`` with each index in its interval."""
+    buf = buf.detach().to(device)
+    if buf.dtype == torch.bool:
+        buf = buf.to(torch.int8)
+    if buf.numel() == 0:
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return _Interval(z, z)
+    gmin, gmax = _f(buf.min()), _f(buf.max())
+    fallback = _Interval(gmin, gmax)
+    if buf.dim() == 0:
+        return _Interval(_f(buf), _f(buf))
+    for d, v in enumerate(iv):
+        if not (torch.isfinite(v.lo).all() and torch.isfinite(v.hi).all()):
+            return fallback
+        if (v.lo < 0).any() or (v.hi >= buf.shape[d]).any():
+            return fallback  # negative or out-of-range indices: stay sound with the global bounds
+    ranged = [d for d, v in enumerate(iv) if bool((v.lo != v.hi).any())]
+    if len(ranged) > 1:
+        return fallback
+    if not ranged:
+        idx = tuple(v.lo.long() for v in iv)
+        val = _f(buf[idx])
+        return _Interval(val, val)
+    d = ranged[0]
+    # sparse table of min / max along dim d: level k covers 2**k elements
+    x = buf.movedim(d, -1)
+    mins, maxs = [_f(x)], [_f(x)]
+    n = x.shape[-1]
+    k = 1
+    while (1 << k) <= n:
+        half = 1 << (k - 1)
+        mins.append(torch.minimum(mins[-1][..., :-half], mins[-1][..., half:]))
+        maxs.append(torch.maximum(maxs[-1][..., :-half], maxs[-1][..., half:]))
+        k += 1
+    lo_i, hi_i = iv[d].lo.long(), iv[d].hi.long()
+    length = hi_i - lo_i + 1
+    level = torch.floor(torch.log2(length.double())).long()
+    others = [v.lo.long() for j, v in enumerate(iv) if j != d]
+    shape = torch.broadcast_shapes(lo_i.shape, hi_i.shape, *[o.shape for o in others])
+    lo_i, hi_i, level = (t.expand(shape) for t in (lo_i, hi_i, level))
+    others = [o.expand(shape) for o in others]
+    out_lo = torch.full(shape, math.inf, dtype=torch.float64, device=device)
+    out_hi = torch.full(shape, -math.inf, dtype=torch.float64, device=device)
+    for k, (mn, mx) in enumerate(zip(mins, maxs)):
+        sel = level == k
+        if not sel.any():
+            continue
+        a = lo_i[sel]
+        b = hi_i[sel] - (1 << k) + 1
+        oth = [o[sel] for o in others]
+        out_lo[sel] = torch.minimum(mn[(*oth, a)], mn[(*oth, b)])
+        out_hi[sel] = torch.maximum(mx[(*oth, a)], mx[(*oth, b)])
+    return _Interval(out_lo, out_hi)
+
+
+def _cmp(op: Op, a: _Interval, b: _Interval) -> _Interval:
+    if op is Op.GE:
+        lo, hi = a.lo >= b.hi, a.hi >= b.lo
+    elif op is Op.GT:
+        lo, hi = a.lo > b.hi, a.hi > b.lo
+    elif op is Op.LE:
+        lo, hi = a.hi <= b.lo, a.lo <= b.hi
+    elif op is Op.LT:
+        lo, hi = a.hi < b.lo, a.lo < b.hi
+    else:
+        same = (a.lo == a.hi) & (b.lo == b.hi) & (a.lo == b.lo)
+        overlap = (a.lo <= b.hi) & (b.lo <= a.hi)
+        lo, hi = (same, overlap) if op is Op.EQ else (~overlap, ~same)
+    return _Interval(_f(lo), _f(hi))
+
+
+_MONOTONE = {Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2,
+             Op.SQRT: torch.sqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid,
+             Op.FLOOR: torch.floor, Op.CEIL: torch.ceil, Op.SIGN: torch.sign}
+
+
+def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> _Interval:
+    """Bounds of the mask output for every block: tensors broadcastable to ``[B, H, num_q, num_kv]``."""
+    g: Graph = tm.graph
+    nq, nkv = grid.num_q, grid.num_kv
+    ar = lambda n: torch.arange(n, device=device, dtype=torch.float64)  # noqa: E731
+    q0 = ar(nq) * grid.q_block
+    k0 = ar(nkv) * grid.kv_block
+    inputs = {
+        "b": _Interval(ar(B).view(-1, 1, 1, 1), ar(B).view(-1, 1, 1, 1)),
+        "h": _Interval(ar(H).view(1, -1, 1, 1), ar(H).view(1, -1, 1, 1)),
+        "q_idx": _Interval(q0.view(1, 1, -1, 1), torch.clamp(q0 + grid.q_block - 1, max=grid.q_len - 1).view(1, 1, -1, 1)),
+        "kv_idx": _Interval(k0.view(1, 1, 1, -1), torch.clamp(k0 + grid.kv_block - 1, max=grid.kv_len - 1).view(1, 1, 1, -1)),
+    }
+    buf_of = {b.name: t for b, t in zip(g.buffers, tm.buffers)}
+    scalar_of = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
+    like = torch.zeros((), dtype=torch.float64, device=device)
+    vals: list = [None] * len(g.nodes)
+
+    def iv(a) -> _Interval:
+        if isinstance(a, Const):
+            v = torch.tensor(float(a.value), dtype=torch.float64, device=device)
+            return _Interval(v, v)
+        return vals[a]
+
+    for n in g.nodes:
+        xs = [iv(a) for a in n.args]
+        op = n.op
+        if op is Op.INPUT:
+            out = inputs[n.attr]
+        elif op is Op.SCALAR:
+            v = like + float(scalar_of[n.attr])
+            out = _Interval(v, v)
+        elif op is Op.LOAD:
+            out = _range_load(buf_of[n.attr], xs, device)
+        elif op is Op.ADD:
+            out = _Interval(xs[0].lo + xs[1].lo, xs[0].hi + xs[1].hi)
+        elif op is Op.SUB:
+            out = _Interval(xs[0].lo - xs[1].hi, xs[0].hi - xs[1].lo)
+        elif op is Op.NEG:
+            out = _Interval(-xs[0].hi, -xs[0].lo)
+        elif op is Op.MUL:
+            a, b = xs
+            ps = [a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]
+            out = _Interval(torch.stack(torch.broadcast_tensors(*ps)).amin(0), torch.stack(torch.broadcast_tensors(*ps)).amax(0))
+        elif op in (Op.FLOORDIV, Op.MOD) and isinstance(n.args[1], Const) and n.args[1].value != 0 and n.dtype.is_int:
+            c = float(n.args[1].value)
+            a = xs[0]
+            flo, fhi = torch.floor(a.lo / c), torch.floor(a.hi / c)
+            if op is Op.FLOORDIV:
+                out = _Interval(torch.minimum(flo, fhi), torch.maximum(flo, fhi))
+            else:
+                same = flo == fhi
+                rlo, rhi = a.lo - flo * c, a.hi - fhi * c
+                full_lo, full_hi = (0.0, c - 1) if c > 0 else (c + 1, 0.0)
+                out = _Interval(torch.where(same, torch.minimum(rlo, rhi), full_lo),
+                                torch.where(same, torch.maximum(rlo, rhi), full_hi))
+        elif op in (Op.MINIMUM, Op.MAXIMUM):
+            f = torch.minimum if op is Op.MINIMUM else torch.maximum
+            out = _Interval(f(xs[0].lo, xs[1].lo), f(xs[0].hi, xs[1].hi))
+        elif op is Op.ABS:
+            a = xs[0]
+            out = _Interval(torch.where(a.lo >= 0, a.lo, torch.where(a.hi <= 0, -a.hi, 0.0)),
+                            torch.maximum(a.hi.abs(), a.lo.abs()))
+        elif op in (Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE):
+            out = _cmp(op, xs[0], xs[1])
+        elif op in (Op.AND, Op.OR) and n.dtype is DType.BOOL:
+            f = torch.minimum if op is Op.AND else torch.maximum
+            out = _Interval(f(xs[0].lo, xs[1].lo), f(xs[0].hi, xs[1].hi))
+        elif op is Op.NOT and n.dtype is DType.BOOL:
+            out = _Interval(1 - xs[0].hi, 1 - xs[0].lo)
+        elif op is Op.WHERE:
+            c, a, b = xs
+            lo = torch.where(c.lo == 1, a.lo, torch.where(c.hi == 0, b.lo, torch.minimum(a.lo, b.lo)))
+            hi = torch.where(c.lo == 1, a.hi, torch.where(c.hi == 0, b.hi, torch.maximum(a.hi, b.hi)))
+            out = _Interval(lo, hi)
+        elif op is Op.CAST:
+            a, src = xs[0], g.dtype_of(n.args[0])
+            if n.dtype is DType.BOOL and src is not DType.BOOL:
+                out = _cmp(Op.NE, a, _Interval(like, like))
+            elif n.dtype.is_int and src.is_float:
+                out = _Interval(torch.trunc(a.lo), torch.trunc(a.hi))
+            else:
+                out = a
+        elif op in _MONOTONE:
+            out = _Interval(_MONOTONE[op](xs[0].lo), _MONOTONE[op](xs[0].hi))
+        elif op is Op.RSQRT:
+            out = _Interval(torch.rsqrt(xs[0].hi), torch.rsqrt(xs[0].lo))
+        elif op in (Op.SIN, Op.COS):
+            out = _Interval(like - 1, like + 1)
+        else:
+            out = _unknown(n.dtype, like)
+        vals[n.id] = out
+    return iv(g.output)
+
+
+def _evaluate_blocks(tm: TracedMod, grid: BlockGrid, coords: torch.Tensor, device) -> torch.Tensor:
+    """Count the kept pairs of each block in ``coords`` (``[n, 4]``: b, h, q-block, kv-block)."""
+    QB, KVB = grid.q_block, grid.kv_block
+    per = max(1, EVAL_BUDGET // (QB * KVB))
+    counts = []
+    aq = torch.arange(QB, device=device, dtype=torch.int32)
+    ak = torch.arange(KVB, device=device, dtype=torch.int32)
+    for s in range(0, coords.shape[0], per):
+        c = coords[s:s + per].to(torch.int32)
+        q = (c[:, 2:3] * QB + aq).view(-1, QB, 1)
+        kv = (c[:, 3:4] * KVB + ak).view(-1, 1, KVB)
+        valid = (q < grid.q_len) & (kv < grid.kv_len)
+        inputs = {"b": c[:, 0].view(-1, 1, 1), "h": c[:, 1].view(-1, 1, 1),
+                  "q_idx": q.clamp(max=grid.q_len - 1), "kv_idx": kv.clamp(max=grid.kv_len - 1)}
+        m = evaluate(tm.graph, inputs, tm.buffers, tm.scalars)
+        m = torch.broadcast_to(m, valid.shape) & valid
+        counts.append(m.sum(dim=(1, 2)))
+    return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64, device=device)
+
+
+def classify_blocks(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> torch.Tensor:
+    """The :class:`BlockKind` of every block: int8 ``[B, H, num_q, num_kv]`` (a broadcast view
+    where the mask ignores ``b`` or ``h``)."""
+    g = tm.graph
+    Bx = B if g.uses_input("b") else 1
+    Hx = H if g.uses_input("h") else 1
+    with torch.no_grad():
+        out = block_intervals(tm, grid, Bx, Hx, device)
+        shape = (Bx, Hx, grid.num_q, grid.num_kv)
+        lo, hi = torch.broadcast_to(out.lo, shape), torch.broadcast_to(out.hi, shape)
+        kind = torch.full(shape, int(BlockKind.UNKNOWN), dtype=torch.int8, device=device)
+        kind[hi == 0] = int(BlockKind.EMPTY)
+        kind[lo == 1] = int(BlockKind.FULL)
+        unknown = (kind == int(BlockKind.UNKNOWN)).nonzero()
+        if unknown.numel():
+            counts = _evaluate_blocks(tm, grid, unknown, device)
+            k = torch.where(counts == 0, int(BlockKind.EMPTY),
+                            torch.where(counts == grid.q_block * grid.kv_block, int(BlockKind.FULL),
+                                        int(BlockKind.PARTIAL))).to(torch.int8)
+            kind[tuple(unknown.T)] = k
+        # blocks that hang over the end of the sequence are never FULL (as in torch)
+        if grid.q_len % grid.q_block:
+            edge = kind[:, :, -1, :]
+            edge[edge == int(BlockKind.FULL)] = int(BlockKind.PARTIAL)
+        if grid.kv_len % grid.kv_block:
+            edge = kind[:, :, :, -1]
+            edge[edge == int(BlockKind.FULL)] = int(BlockKind.PARTIAL)
+    return kind.expand(B, H, grid.num_q, grid.num_kv)
