@@ -184,7 +184,7 @@ class BlockMask:
         """Build a BlockMask from the kv-side fields; the q-side fields are derived.
 
         >>> kv_num = torch.tensor([[[1, 2]]], dtype=torch.int32)
-        >>> kv_idx = torch.tensor([[[0, 1], [0, 1]]], dtype=torch.int32)
+        >>> kv_idx = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.int32)
         >>> BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=64).shape
         (1, 1, 128, 128)
         """

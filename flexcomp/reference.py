@@ -62,18 +62,36 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _kv_span(plan: ReferencePlan, q0: int, c: int, kv_len: int) -> tuple[int, int]:
+    """The kv range ``[lo, hi)`` covering every non-empty block of query rows ``q0 .. q0 + c``."""
+    if plan.blocks is None:
+        return 0, kv_len
+    bm = plan.blocks
+    rows = bm.kind[:, :, q0 // bm.q_block:(q0 + c - 1) // bm.q_block + 1, :]
+    cols = (rows != 0).flatten(0, 2).any(dim=0).nonzero()
+    if cols.numel() == 0:
+        return 0, 0
+    return int(cols[0]) * bm.kv_block, min(kv_len, (int(cols[-1]) + 1) * bm.kv_block)
+
+
 def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor, score_buffers) -> tuple[Tensor, Tensor]:
-    """Output ``[B, Hq, c, Dv]`` (input dtype) and LSE ``[B, Hq, c]`` for queries ``q0 .. q0 + c``."""
+    """Output ``[B, Hq, c, Dv]`` (input dtype) and LSE ``[B, Hq, c]`` for queries ``q0 .. q0 + c``.
+
+    Only the kv columns of the chunk's non-empty blocks are computed (a causal mask halves the work).
+    """
     B, Hq, c, D = q.shape
-    Hkv, KV = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     wd = _working_dtype(q.dtype)
     dev = q.device
+    lo, hi = _kv_span(plan, q0, c, k.shape[2])
+    k, v = k[:, :, lo:hi], v[:, :, lo:hi]
+    KV = hi - lo
     qg = q.to(wd).reshape(B, Hkv, G, c, D)
     s = (qg @ k.to(wd).unsqueeze(2).transpose(-1, -2)).reshape(B, Hq, c, KV) * plan.scale
     ar = lambda n, o=0: torch.arange(o, o + n, device=dev, dtype=torch.int32)  # noqa: E731
     idx = {"b": ar(B).view(-1, 1, 1, 1), "h": ar(Hq).view(1, -1, 1, 1),
-           "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV).view(1, 1, 1, -1)}
+           "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV, lo).view(1, 1, 1, -1)}
     if plan.score is not None:
         s = torch.broadcast_to(evaluate(plan.score.graph, {"score": s, **idx}, score_buffers,
                                         plan.score.scalars, wd), s.shape)
@@ -83,18 +101,18 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     if plan.blocks is not None:
         bm = plan.blocks
         kind = bm.kind[:, :, (q0 + torch.arange(c, device=dev)) // bm.q_block, :]
-        kind = kind[..., torch.arange(KV, device=dev) // bm.kv_block]
+        kind = kind[..., (lo + torch.arange(KV, device=dev)) // bm.kv_block]
         partial = kind == 1
         keep = (kind == 2) | (partial & keep if keep is not None else partial)
     if keep is not None:
         s = torch.where(keep, s, -torch.inf)
-    m = s.detach().amax(dim=-1, keepdim=True)
+    m = s.detach().amax(dim=-1, keepdim=True) if KV else s.new_full((B, Hq, c, 1), -torch.inf)
     m = torch.where(torch.isneginf(m), 0.0, m)
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)
     empty = l == 0
     l_safe = torch.where(empty, 1.0, l)
-    o = (p.reshape(B, Hkv, G, c, KV) @ v.to(wd).unsqueeze(2)).reshape(B, Hq, c, -1) / l_safe
+    o = (p.reshape(B, Hkv, G, c, KV) @ v.to(wd).unsqueeze(2)).reshape(B, Hq, c, v.shape[-1]) / l_safe
     lse = torch.where(empty, -torch.inf, m + torch.log(l_safe)).squeeze(-1)
     return o.to(q.dtype), lse
 
