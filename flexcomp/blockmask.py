@@ -92,11 +92,19 @@ def _ordered_to_dense(num_blocks: Tensor, indices: Tensor, num_cols: int) -> Ten
 
 
 def _dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense 0/1 ``[..., rows, cols]`` -> (counts int32, column indices int32, kept ones first, ascending)."""
-    dense = dense.to(torch.int32)
-    num = dense.sum(dim=-1).to(torch.int32)
-    indices = torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
-    return num.contiguous(), indices.contiguous()
+    """Dense 0/1 ``[..., rows, cols]`` -> (counts int32, column indices int32).
+
+    Each row lists its kept columns in ascending order, then the other columns in ascending
+    order: what torch's stable descending argsort gives, computed by a linear-time scatter.
+    """
+    d = dense.to(torch.int32)
+    ones = torch.cumsum(d, dim=-1, dtype=torch.int32)
+    num = ones[..., -1:]
+    zeros = torch.arange(1, d.shape[-1] + 1, dtype=torch.int32, device=d.device) - ones
+    rank = torch.where(d.bool(), ones - 1, num + zeros - 1).long()
+    cols = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device).expand_as(d)
+    indices = torch.empty_like(d).scatter_(-1, rank, cols)
+    return num.squeeze(-1).contiguous(), indices
 
 
 def _transpose_ordered(num_blocks: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:

@@ -270,7 +270,7 @@ def _evaluate_blocks(tm: TracedMod, grid: BlockGrid, coords: torch.Tensor, devic
                   "q_idx": q.clamp(max=grid.q_len - 1), "kv_idx": kv.clamp(max=grid.kv_len - 1)}
         m = evaluate(tm.graph, inputs, tm.buffers, tm.scalars)
         m = torch.broadcast_to(m, valid.shape) & valid
-        counts.append(m.sum(dim=(1, 2)))
+        counts.append(torch.count_nonzero(m.reshape(m.shape[0], -1), dim=1))
     return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64, device=device)
 
 
