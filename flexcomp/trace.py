@@ -19,6 +19,7 @@ import dis
 import functools
 import inspect
 import linecache
+import numbers
 import os
 import sys
 import types
@@ -110,10 +111,13 @@ class Tracer:
         """Replace a captured value by what the trace should see."""
         if isinstance(value, bool) or depth > 8:
             return value
-        if isinstance(value, (int, float)):
+        if isinstance(value, numbers.Real) and not isinstance(value, (int, float, torch.Tensor)):
+            value = value.item() if hasattr(value, "item") else float(value)  # numpy scalars
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             if name in self.baked:
                 return value
-            node = self.gb.add_scalar(name, DType.I32 if isinstance(value, int) else DType.F32)
+            dtype = const(value).dtype  # i32, or i64 for ints outside the i32 range, or f32
+            node = self.gb.add_scalar(name, dtype)
             spec_name = self.gb.scalars[-1].name
             self.scalar_values[spec_name] = value
             self.scalar_origin[node] = name
@@ -177,6 +181,8 @@ class Tracer:
             return x.arg
         if isinstance(x, (bool, int, float)):
             return const(x)
+        if isinstance(x, numbers.Number) and hasattr(x, "item") and not isinstance(x, torch.Tensor):
+            return const(x.item())  # numpy scalars
         if isinstance(x, torch.Tensor):
             if x.dim() != 0:
                 raise self.error(
@@ -347,6 +353,7 @@ class Proxy:
     """A traced value. Python operators, ``torch.*`` functions and tensor methods record nodes."""
 
     __slots__ = ("tracer", "arg")
+    __array_ufunc__ = None  # numpy defers to our reflected operators
 
     def __init__(self, tracer: Tracer, arg: Arg):
         self.tracer = tracer
