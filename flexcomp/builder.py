@@ -29,6 +29,12 @@ def const(value: Number) -> Const:
     return Const(float(value), DType.F32)
 
 
+def wrap_int(value: int, dtype: DType) -> int:
+    """Two's-complement wrap-around of an integer to ``i32`` or ``i64``, as the hardware does."""
+    bits = 32 if dtype is DType.I32 else 64
+    return ((int(value) + (1 << (bits - 1))) % (1 << bits)) - (1 << (bits - 1))
+
+
 def _coerce(value: Number, dtype: DType) -> Number:
     if dtype is DType.BOOL:
         return bool(value)
@@ -36,8 +42,8 @@ def _coerce(value: Number, dtype: DType) -> Number:
         if isinstance(value, float):
             if math.isnan(value) or math.isinf(value):
                 raise ValueError("cannot fold a non-finite float into an int")
-            return int(value)  # truncation, as torch's .to(int)
-        return int(value)
+            value = int(value)  # truncation, as torch's .to(int)
+        return wrap_int(value, dtype)
     return float(value)
 
 
@@ -248,7 +254,7 @@ class GraphBuilder:
 
     # ---- the end -------------------------------------------------------------------------
     def finish(self, output: Arg) -> Graph:
-        """Drop dead nodes, renumber, and return the :class:`Graph` (not yet verified)."""
+        """Drop dead nodes (and buffers and scalars nothing reads), renumber, return the :class:`Graph`."""
         live = set()
         stack = [output] if not isinstance(output, Const) else []
         while stack:
@@ -260,12 +266,16 @@ class GraphBuilder:
         remap: dict[int, int] = {}
         nodes: list[Node] = []
         for n in self.nodes:
-            if n.op in (Op.INPUT, Op.SCALAR) or n.id in live:
+            if n.op is Op.INPUT or n.id in live:
                 remap[n.id] = len(nodes)
                 args = tuple(a if isinstance(a, Const) else remap[a] for a in n.args)
                 nodes.append(Node(len(nodes), n.op, n.dtype, args, n.attr))
         out = output if isinstance(output, Const) else remap[output]
-        return Graph(self.kind, self.fn_name, tuple(nodes), tuple(self.buffers), tuple(self.scalars), out)
+        loaded = {n.attr for n in nodes if n.op is Op.LOAD}
+        used_scalars = {n.attr for n in nodes if n.op is Op.SCALAR}
+        buffers = tuple(b for b in self.buffers if b.name in loaded)
+        scalars = tuple(c for c in self.scalars if c.name in used_scalars)
+        return Graph(self.kind, self.fn_name, tuple(nodes), buffers, scalars, out)
 
 
 Rewrite = Callable[[GraphBuilder, Node, tuple[Arg, ...], dict[int, Arg]], Union[Arg, None]]

@@ -8,10 +8,10 @@ Triton.
 Printout, one line per node (pinned in ``tests/test_ir.py``)::
 
     graph score_mod(score: f32, b: i32, h: i32, q_idx: i32, kv_idx: i32) buffers(slopes: f32[1]):
-      %0 = sub kv_idx, q_idx : i32
-      %1 = load slopes[h] : f32
-      %2 = cast %0 : f32
-      %3 = mul %1, %2 : f32
+      %0 = load slopes[h] : f32
+      %1 = sub kv_idx, q_idx : i32
+      %2 = cast %1 : f32
+      %3 = mul %0, %2 : f32
       %4 = add score, %3 : f32
       return %4
 
@@ -134,12 +134,25 @@ FLOAT_UNARY_OPS = frozenset(
 UNARY_OPS = FLOAT_UNARY_OPS | {Op.NEG, Op.ABS, Op.NOT, Op.SIGN, Op.FLOOR, Op.CEIL, Op.CAST}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Const:
-    """A literal operand, printed inline (``31``, ``-inf``, ``True``)."""
+    """A literal operand, printed inline (``31``, ``-inf``, ``True``).
+
+    Two constants are equal when they print the same and have one type: ``0.0`` and ``-0.0``
+    differ (``1 / x`` tells them apart), and ``nan`` equals ``nan``.
+    """
 
     value: Union[bool, int, float]
     dtype: DType
+
+    def _key(self) -> tuple:
+        return (self.dtype, type(self.value), repr(self.value))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Const) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     def __str__(self) -> str:
         if self.dtype is DType.F32:
@@ -205,7 +218,7 @@ class Graph:
     buffers: tuple[BufferSpec, ...]
     scalars: tuple[ScalarSpec, ...]
     output: Arg
-    _names: dict = field(default=None, compare=False, repr=False, hash=False)
+    _names: dict = field(default=None, init=False, compare=False, repr=False, hash=False)
 
     # ---- naming and printing -------------------------------------------------------------
     def value_names(self) -> dict[int, str]:
@@ -222,11 +235,11 @@ class Graph:
         return self._names
 
     def fmt(self, a: Arg) -> str:
-        return str(a) if isinstance(a, Const) else self.value_names()[a]
+        return str(a) if isinstance(a, Const) else self.value_names().get(a, f"%<bad ref {a}>")
 
     def format_node(self, n: Node) -> str:
         """One line: ``%3 = mul %1, %2 : f32``; loads print as ``load slopes[h]``."""
-        name = self.value_names()[n.id]
+        name = self.value_names().get(n.id, f"%<bad id {n.id}>")
         if n.op is Op.LOAD:
             body = f"load {n.attr}[{', '.join(self.fmt(a) for a in n.args)}]"
         else:
@@ -290,7 +303,7 @@ class Graph:
         from .evaluate import PYTHON_TEMPLATES
 
         params = [b.name for b in self.buffers] + [c.name for c in self.scalars]
-        lines = [f"def make({', '.join(params)}):"]
+        lines = ["import torch", "", "", f"def make({', '.join(params)}):"]
         lines.append(f"    def {self.fn_name}({', '.join(self.kind.input_names)}):")
         py = {}
         for n in self.nodes:
@@ -300,7 +313,11 @@ class Graph:
             var = f"v{len(py)}"
             args = [_py_arg(a, py) for a in n.args]
             if n.op is Op.LOAD:
-                expr = f"{n.attr}[{', '.join(args)}]"
+                expr = f"{n.attr}[{', '.join(args)}]" if args else n.attr  # a 0-d tensor is used whole
+            elif n.op in (Op.MINIMUM, Op.MAXIMUM) and any(isinstance(a, Const) for a in n.args):
+                # torch.minimum takes tensors only; clamp takes a number
+                x, c = (args[1], args[0]) if isinstance(n.args[0], Const) else (args[0], args[1])
+                expr = f"torch.clamp({x}, {'max' if n.op is Op.MINIMUM else 'min'}={c})"
             else:
                 expr = PYTHON_TEMPLATES[n.op].format(*args, dtype=_TORCH_DTYPE_NAMES[n.dtype])
             lines.append(f"        {var} = {expr}  # {self.format_node(n)}")

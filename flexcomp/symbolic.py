@@ -17,7 +17,7 @@ import functools
 
 import sympy
 
-from .builder import GraphBuilder, rebuild
+from .builder import GraphBuilder, rebuild, wrap_int
 from .ir import Arg, Const, DType, Graph, Node, Op
 
 _ARITH = (Op.ADD, Op.SUB, Op.MUL, Op.NEG)
@@ -46,50 +46,68 @@ def to_sympy(g: Graph, a: Arg, memo: dict | None = None) -> sympy.Expr:
 
 
 def _emit_poly(gb: GraphBuilder, expr: sympy.Expr, leaves: dict[sympy.Symbol, Arg], dtype: DType) -> Arg:
-    """Emit ``expr`` as ``t0 (+|-) t1 ... (+|-) c``: terms in sympy's order, the constant last."""
+    """Emit ``expr`` as ``t0 (+|-) t1 ... (+|-) c``: terms in sympy's canonical order, positive
+    terms first, the constant last. Coefficients wrap to the type's width, as the hardware does."""
     expr = sympy.expand(expr)
-    const_term = int(expr.as_coeff_Add()[0])
-    terms = [t for t in sympy.Add.make_args(expr - const_term) if t != 0]
+    const_term = wrap_int(int(expr.as_coeff_Add()[0]), dtype)
+    terms = []
+    for t in (expr - expr.as_coeff_Add()[0]).as_ordered_terms() if expr.free_symbols else []:
+        coeff, rest = t.as_coeff_Mul()
+        c = wrap_int(int(coeff), dtype)
+        if c:
+            terms.append((c, rest))
 
-    def monomial(term) -> tuple[int, Arg]:
-        coeff, rest = term.as_coeff_Mul()
+    def monomial(c: int, rest) -> Arg:
         value: Arg | None = None
         for f in sympy.Mul.make_args(rest):
             base, exp = f.as_base_exp()
             for _ in range(int(exp)):
                 leaf = leaves[base]
                 value = leaf if value is None else gb.emit(Op.MUL, dtype, (value, leaf))
-        c = int(coeff)
         if abs(c) != 1:
-            value = gb.emit(Op.MUL, dtype, (value, Const(abs(c), dtype)))
-        return (1 if c > 0 else -1), value
+            value = gb.emit(Op.MUL, dtype, (value, Const(wrap_int(abs(c), dtype), dtype)))
+        return value
 
     out: Arg | None = None
-    for sign, value in sorted((monomial(t) for t in terms), key=lambda sv: -sv[0]):
+    for c, rest in sorted(terms, key=lambda cr: cr[0] < 0):  # stable: positive terms first
+        value = monomial(c, rest)
         if out is None:
-            out = value if sign > 0 else gb.emit(Op.NEG, dtype, (value,))
+            out = value if c > 0 else gb.emit(Op.NEG, dtype, (value,))
         else:
-            out = gb.emit(Op.ADD if sign > 0 else Op.SUB, dtype, (out, value))
+            out = gb.emit(Op.ADD if c > 0 else Op.SUB, dtype, (out, value))
     if out is None:
         return Const(const_term, dtype)
     if const_term:
-        out = gb.emit(Op.ADD if const_term > 0 else Op.SUB, dtype, (out, Const(abs(const_term), dtype)))
+        out = gb.emit(Op.ADD if const_term > 0 else Op.SUB, dtype, (out, Const(wrap_int(abs(const_term), dtype), dtype)))
     return out
 
 
 def canonicalize_int_arith(g: Graph) -> Graph:
-    """Rewrite every integer add/sub/mul/neg tree into its canonical polynomial form."""
+    """Rewrite every integer add/sub/mul/neg tree into its canonical polynomial form.
+
+    Only the *roots* of arithmetic trees (values read by something other than integer
+    arithmetic of their type) are emitted, so the source's intermediate forms leave no trace
+    and two spellings of one polynomial give one graph.
+    """
     memo: dict = {}
-    exprs = {n.id: to_sympy(g, n.id, memo) for n in g.nodes if n.op in _ARITH and n.dtype.is_int}
-    if not exprs:
+    arith = {n.id for n in g.nodes if n.op in _ARITH and n.dtype.is_int}
+    if not arith:
         return g
+    roots = set(arith) & ({g.output} if not isinstance(g.output, Const) else set())
+    for n in g.nodes:
+        inner = n.id in arith and all(g.dtype_of(x) is n.dtype for x in n.args)
+        for a in n.args:
+            if not isinstance(a, Const) and a in arith and not (inner and g.nodes[a].dtype is n.dtype):
+                roots.add(a)
+    exprs = {i: to_sympy(g, i, memo) for i in roots}
 
     def rewrite(gb: GraphBuilder, n: Node, args, new: dict[int, Arg]):
-        if n.id not in exprs:
+        if n.id not in arith:
             return None
-        expr = exprs[n.id]
-        leaves = {s: new[int(s.name[1:])] for s in expr.free_symbols}
-        return _emit_poly(gb, expr, leaves, n.dtype)
+        if n.id not in roots:
+            return Const(0, n.dtype)  # read only by arithmetic that is re-emitted from its root
+        leaves = {s: new[int(s.name[1:])] for s in exprs[n.id].free_symbols}
+        return _emit_poly(gb, exprs[n.id], leaves, n.dtype)
 
     return rebuild(g, rewrite)
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 import dis
 import functools
 import inspect
+import keyword
 import linecache
 import numbers
 import os
+import re
 import sys
 import types
 from dataclasses import dataclass
@@ -87,20 +89,23 @@ class Tracer:
         self.kind = kind
         self.baked = baked
         self.name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-        self.gb = GraphBuilder(kind, getattr(fn, "__name__", "mod").replace("<lambda>", "lambda"))
+        self.gb = GraphBuilder(kind, _identifier(getattr(fn, "__name__", "mod")))
         self.tensor_names: dict[int, str] = {}
         self.tensors: dict[int, tuple[BufferSpec, torch.Tensor]] = {}
         self.scalar_values: dict[str, Number] = {}
         self.scalar_origin: dict[int, str] = {}  # scalar node id -> user-visible name
 
     # ---- errors --------------------------------------------------------------------------
-    def error(self, what: str, fix: str = _FIX) -> FlexcompTraceError:
-        f = _user_frame()
-        if f is not None:
+    def error(self, what: str, fix: str = _FIX, where: tuple | None = None) -> FlexcompTraceError:
+        """A trace error at the user's current line (or at ``where = (file, line, function)``)."""
+        f = _user_frame() if where is None else None
+        if where is not None:
+            filename, lineno, func = where
+        elif f is not None:
             filename, lineno, func = f.f_code.co_filename, f.f_lineno, f.f_code.co_name
-            line = linecache.getline(filename, lineno).strip()
         else:
-            filename, lineno, func, line = "?", 0, self.name, ""
+            filename, lineno, func = "?", 0, self.name
+        line = linecache.getline(filename, lineno).strip()
         where = f"{filename}:{lineno}" + (f" in {func}" if func != self.name else "")
         msg = (f"cannot trace {self.kind.value} {self.name!r} at {where}:\n    {line}\n"
                f"{what}.\nFix: {fix}.")
@@ -218,29 +223,57 @@ class Tracer:
         elif isinstance(fn, functools.partial):
             fn = self.lift(fn, "partial")
         args = [Proxy(self, self.gb.inputs[n]) for n in self.kind.input_names]
-        out = fn(*args)
+        out, where = _call_noting_return(fn, args)
         if out is None:
-            raise self.error(f"the {self.kind.value} returned None", "return the score or the mask")
+            raise self.error(f"the {self.kind.value} returned None", "return the score or the mask", where)
         if isinstance(out, torch.Tensor) and out.dim() == 0:
             out = Proxy(self, self.to_arg(out))
         if not isinstance(out, (Proxy, bool, int, float)):
             raise self.error(f"the {self.kind.value} returned a {type(out).__name__}",
-                             "return a traced value")
+                             "return a traced value", where)
         o = self.to_arg(out)
         t = self.gb.dtype_of(o)
         if self.kind is ModKind.MASK and t is not DType.BOOL:
             raise self.error(f"a mask_mod must return a bool, this one returns {t.value}",
-                             "return a comparison such as q_idx >= kv_idx, combined with & | ~")
+                             "return a comparison such as q_idx >= kv_idx, combined with & | ~", where)
         if self.kind is ModKind.SCORE and t is DType.BOOL:
             raise self.error("a score_mod must return a float score, this one returns bool",
                              "pass a mask as mask_mod (create_block_mask), or return "
-                             "torch.where(cond, score, -float('inf'))")
+                             "torch.where(cond, score, -float('inf'))", where)
         if self.kind is ModKind.SCORE:
             o = self.gb.cast(o, DType.F32)
         g = self.gb.finish(o)
-        buffers = tuple(t for _, t in sorted(self.tensors.values(), key=lambda st: g.buffers.index(st[0])))
+        by_spec = {spec: t for spec, t in self.tensors.values()}
+        buffers = tuple(by_spec[b] for b in g.buffers)
         scalars = tuple(self.scalar_values[c.name] for c in g.scalars)
         return g, buffers, scalars
+
+
+def _identifier(name: str) -> str:
+    """A valid Python function name for printouts and to_python (``<lambda>`` -> ``lambda_``)."""
+    name = re.sub(r"\W", "_", name).strip("_") or "mod"
+    if name[0].isdigit() or keyword.iskeyword(name):
+        name += "_"
+    return name
+
+
+def _call_noting_return(fn: Callable, args: list) -> tuple[Any, tuple | None]:
+    """Call ``fn``; also return (file, line, function) of its ``return`` statement, for errors
+    about the returned value."""
+    code = getattr(getattr(fn, "func", fn), "__code__", None)
+    where: list = [None]
+
+    def profile(frame, event, arg):
+        if event == "return" and frame.f_code is code:
+            where[0] = (frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        out = fn(*args)
+    finally:
+        sys.setprofile(previous)
+    return out, where[0]
 
 
 def _check_signature(fn: Callable, kind: ModKind) -> None:
@@ -256,13 +289,15 @@ def _check_signature(fn: Callable, kind: ModKind) -> None:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(required) > want or len(positional) < want:
         name = getattr(fn, "__qualname__", repr(fn))
+        code = getattr(fn, "__code__", None)
+        filename = code.co_filename if code else "?"
+        lineno = code.co_firstlineno if code else 0
         other = "mask_mod(b, h, q_idx, kv_idx)" if kind is ModKind.SCORE else "score_mod(score, b, h, q_idx, kv_idx)"
         raise FlexcompTraceError(
-            f"{kind.value} {name!r} takes {len(positional)} positional arguments "
+            f"{kind.value} {name!r} at {filename}:{lineno} takes {len(positional)} positional arguments "
             f"({', '.join(p.name for p in positional)}); a {kind.value} takes {want}: "
             f"({', '.join(kind.input_names)}). Is it a {other} passed in the wrong place?",
-            function=name, filename=getattr(getattr(fn, "__code__", None), "co_filename", ""),
-            lineno=getattr(getattr(fn, "__code__", None), "co_firstlineno", 0))
+            function=name, filename=filename, lineno=lineno)
 
 
 def trace(fn: Callable, kind: ModKind) -> TracedMod:
