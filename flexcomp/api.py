@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
-import torch
 from torch import Tensor
 
 from .blockmask import BlockMask, _sliced_mask_mod_error, noop_mask

@@ -189,20 +189,11 @@ class GraphBuilder:
                     return Const(True, DType.BOOL) if x.value else y
             if a == b:
                 return a
-        if op is Op.ADD:
-            if is_c(a, 0):
-                return b
-            if is_c(b, 0):
-                return a
-        if op is Op.SUB and is_c(b, 0):
+        unit = {Op.ADD: 0, Op.SUB: 0, Op.MUL: 1, Op.TRUEDIV: 1}.get(op)  # x op unit == x
+        if unit is not None and is_c(b, unit):
             return a
-        if op is Op.MUL:
-            if is_c(a, 1):
-                return b
-            if is_c(b, 1):
-                return a
-        if op is Op.TRUEDIV and is_c(b, 1):
-            return a
+        if unit is not None and op in COMMUTATIVE_OPS and is_c(a, unit):
+            return b
         return None
 
     # ---- typed helpers: promotion as torch does it ---------------------------------------

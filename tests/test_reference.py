@@ -1,7 +1,6 @@
 """The reference backend against the dense float64 oracle: outputs, LSE and every gradient."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import torch
 
 from flexcomp import create_block_mask, flex_attention
 from flexcomp.ir import ModKind
-from flexcomp.masks import alibi, causal_mask, document_mask, softcap, sliding_window
+from flexcomp.masks import alibi, causal_mask, softcap, sliding_window
 from flexcomp.reference import ReferencePlan, reference_attention
 from flexcomp.trace import trace
 from flexcomp.testing import dense_attention, grads, rand_qkv
