@@ -302,5 +302,10 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         except _Concretize as c:
             baked |= c.names
             continue
-        return TracedMod(verify(simplify(g)), buffers, scalars, fn)
+        simple = verify(simplify(g))
+        # simplification may leave captures unread; keep the values of those still read, by name
+        tensor_of = {b.name: t for b, t in zip(g.buffers, buffers)}
+        value_of = {c.name: v for c, v in zip(g.scalars, scalars)}
+        return TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
+                         tuple(value_of[c.name] for c in simple.scalars), fn)
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")

@@ -177,3 +177,16 @@ def test_cpu_training_16k_tokens_stays_bounded():
     assert r.returncode == 0, r.stderr
     grown_mib = int(r.stdout.strip().splitlines()[-1])
     assert grown_mib < 700, f"training at 16k tokens grew RSS by {grown_mib} MiB"
+
+
+def test_captures_left_unread_by_simplification_keep_values_aligned():
+    P = torch.randint(0, 5, (40,), dtype=torch.int32)
+    C = torch.randn(40, dtype=torch.float64)
+    w = 3
+
+    def mod(score, b, h, q_idx, kv_idx):
+        rel = P[q_idx] * 0 + kv_idx + w - w  # simplifies to kv_idx: P and w are no longer read
+        return score + 0.1 * rel + C[kv_idx]
+
+    q, k, v = rand_qkv(1, 2, 40, 40, 16)
+    _check(q, k, v, mod, causal_mask)
