@@ -186,7 +186,7 @@ def test_captures_left_unread_by_simplification_keep_values_aligned():
 
     def mod(score, b, h, q_idx, kv_idx):
         rel = P[q_idx] * 0 + kv_idx + w - w  # simplifies to kv_idx: P and w are no longer read
-        return score + 0.1 * rel + C[kv_idx]
+        return score + 0.1 * rel.to(torch.float64) + C[kv_idx]
 
     q, k, v = rand_qkv(1, 2, 40, 40, 16)
     _check(q, k, v, mod, causal_mask)
