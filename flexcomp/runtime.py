@@ -8,8 +8,11 @@ Backend choice, first match wins:
 1. ``kernel_options={"BACKEND": ...}``: ``"reference"`` or ``"triton"`` (torch's ``"AUTO"`` means
    "choose"; torch's ``"TRITON"`` means ``"triton"``);
 2. the environment variable ``FLEXCOMP_BACKEND`` (same values);
-3. the default: ``triton`` on CUDA tensors once the Triton kernels exist (issue 3), else
-   ``reference``.
+3. the default: ``triton`` on CUDA tensors, ``reference`` elsewhere.
+
+The Triton backend runs on CPU tensors too when ``TRITON_INTERPRET=1`` was set before flexcomp
+first launched a kernel (how CI tests the kernels). Nothing falls back silently: a backend that
+cannot run a call raises and says why.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ class Backend(enum.Enum):
     """Where attention runs."""
 
     REFERENCE = "reference"  # torch ops from the IR, chunked; any device; the oracle
-    TRITON = "triton"  # generated Triton kernels (issue 3)
+    TRITON = "triton"  # generated Triton kernels (flexcomp.codegen)
 
 
 # torch's FlexKernelOptions keys: accepted so research code runs unchanged. They tune torch's
@@ -101,7 +104,30 @@ def choose_backend(options: Options, device: torch.device) -> Backend:
     """The backend for tensors on ``device``: the asked one, else by device."""
     if options.backend is not None:
         return options.backend
-    return Backend.REFERENCE
+    return Backend.TRITON if device.type == "cuda" else Backend.REFERENCE
+
+
+def triton_interpret() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _run_triton(q, k, v, score, mask, block_mask, scale, options: Options):
+    interpret = triton_interpret()
+    if q.device.type != "cuda" and not interpret:
+        raise FlexcompError(
+            f"the 'triton' backend needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set before "
+            f"flexcomp launches its first kernel (the Triton interpreter, slow, for tests)")
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (score is not None and any(t.requires_grad for t in score.buffers)))
+    if needs_grad:
+        raise FlexcompError(
+            "the 'triton' backend has no backward kernels yet (issue 4, 'Autograd'); call it under "
+            "torch.no_grad(), or use kernel_options={'BACKEND': 'reference'} to train")
+    from flexcomp.codegen.launch import flex_forward
+
+    return flex_forward(q, k, v, score, mask, block_mask, scale, dict(options.torch_options), interpret)
 
 
 def block_map_of(block_mask, device) -> Optional[BlockMap]:
@@ -129,10 +155,7 @@ def run_attention(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], m
     """Dispatch one validated call to its backend; returns (output, lse)."""
     backend = choose_backend(options, q.device)
     if backend is Backend.TRITON:
-        raise FlexcompError(
-            "the 'triton' backend was asked for (kernel_options['BACKEND'] or FLEXCOMP_BACKEND), but the "
-            "generated Triton kernels are not part of this build yet (they land with issue 3, 'Code "
-            "generation'); use BACKEND='reference'")
+        return _run_triton(q, k, v, score, mask, block_mask, scale, options)
     plan = ReferencePlan(
         score=score,
         mask=mask,

@@ -1,0 +1,141 @@
+"""The flash-attention forward kernel, driven by a BlockMask.
+
+One program computes ``BLOCK_M`` query rows of one (batch, head). It walks the row's *full* kv
+blocks (no mask_mod), then its *partial* ones (mask_mod and the sequence bounds applied), with an
+online softmax in float32 on the exp2 scale (``log2(e)`` folded into the score scale). Empty
+blocks are never visited. It writes the output in the input dtype and the LSE in natural log;
+rows with nothing kept get output 0 and LSE -inf.
+
+``SCORE_MOD`` and ``MASK_MOD`` are generated ``@triton.jit`` functions (``flexcomp.codegen.lower``)
+passed as compile-time arguments; their captured tensors and numbers come in the ``*_BUFS``,
+``*_STRIDES``, ``*_SIZES``, ``*_SI`` and ``*_SF`` arguments.
+"""
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, q, K_base, V_base, start_n, q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    SCORE_MOD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    in_kv = offs_n < KV_LEN
+    kt = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=in_kv[None, :] & (offs_d[:, None] < D), other=0.0)
+    qk = tl.dot(q, kt, input_precision=PRECISION)
+    kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]  # mods never see an out-of-range index
+    if HAS_SCORE_MOD:
+        qk = SCORE_MOD(qk * sm_scale, off_b, off_h, q_idx, kv_idx,
+                       SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF) * LOG2E
+    else:
+        qk = qk * qk_scale
+    if APPLY_MASK:
+        keep = in_kv[None, :]
+        if HAS_MASK_MOD:
+            keep = keep & MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF)
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, K_base, V_base, IDX, n_blocks, stride_in, q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    SCORE_MOD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
+    SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Every kv block listed in ``IDX[0:n_blocks]``, in BLOCK_N-wide tiles."""
+    for i in range(n_blocks):
+        kv_block = tl.load(IDX + i * stride_in)
+        for j in tl.static_range(SPARSE_KV // BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(
+                acc, l_i, m_i, q, K_base, V_base, kv_block * SPARSE_KV + j * BLOCK_N, q_idx, off_b, off_h,
+                KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+                MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+                HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def flex_fwd(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im, stride_in,
+    H, Q_LEN, KV_LEN, GROUP, sm_scale,
+    SCORE_MOD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_FULL: tl.constexpr,
+    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_b = off_hz // H
+    off_h = off_hz % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    in_q = offs_m < Q_LEN
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
+    q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
+    K_base = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
+    V_base = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+    qk_scale = sm_scale * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    row = (pid_m * BLOCK_M) // SPARSE_Q
+    num_off = off_b * stride_nb + off_h * stride_nh + row * stride_nm
+    idx_off = off_b * stride_ib + off_h * stride_ih + row * stride_im
+    if HAS_FULL:
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K_base, V_base, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), stride_in,
+            q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+            SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            HAS_SCORE_MOD, HAS_MASK_MOD, False, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K_base, V_base, KV_IDX + idx_off, tl.load(KV_NUM + num_off), stride_in,
+        q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+        SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+        MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+        HAS_SCORE_MOD, HAS_MASK_MOD, True, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm, lse, mask=in_q)

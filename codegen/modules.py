@@ -1,0 +1,67 @@
+"""Generated sources become importable ``@triton.jit`` functions, once per structure.
+
+Triton reads a jitted function's source from its file, so each generated mod is written to a
+file named after what it is (``score_mod_softcap_score_<key>.py``) in a cache folder and imported
+from there. ``FLEXCOMP_DUMP_DIR=path`` writes them to ``path`` instead (keep them to read);
+``FLEXCOMP_DEBUG=1`` also prints each one as it is generated.
+
+:data:`STATS` counts generations, so tests can check that new captured values generate nothing.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+
+from flexcomp.ir import Graph
+
+from .lower import LoweredMod, lower
+
+
+@dataclass
+class Stats:
+    """How many mod sources were generated and imported in this process."""
+
+    generated: int = 0
+
+
+STATS = Stats()
+_LOCK = threading.Lock()
+_CACHE: dict[tuple, tuple[LoweredMod, object]] = {}
+_DIR = None
+
+
+def source_dir() -> str:
+    """Where generated sources are written: ``FLEXCOMP_DUMP_DIR`` or a per-process temp folder."""
+    global _DIR
+    dump = os.environ.get("FLEXCOMP_DUMP_DIR")
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        return dump
+    if _DIR is None:
+        _DIR = tempfile.mkdtemp(prefix="flexcomp_")
+    return _DIR
+
+
+def jit_function(g: Graph) -> tuple[LoweredMod, object]:
+    """The lowered mod and its ``@triton.jit`` function for ``g``: generated once per structure."""
+    key = (g.kind, g.structural_key())  # names do not matter: one function per structure
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+        lowered = lower(g)
+        path = os.path.join(source_dir(), lowered.name + ".py")
+        with open(path, "w") as f:
+            f.write(lowered.source)
+        if os.environ.get("FLEXCOMP_DEBUG", "0") not in ("", "0"):
+            print(f"# flexcomp: generated {path}\n{lowered.source}", file=sys.stderr)
+        spec = importlib.util.spec_from_file_location(f"flexcomp_generated.{lowered.name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        STATS.generated += 1
+        _CACHE[key] = (lowered, getattr(module, lowered.name))
+        return _CACHE[key]
