@@ -204,7 +204,7 @@ def lower(g: Graph) -> LoweredMod:
     >>> from flexcomp.trace import trace
     >>> from flexcomp.masks import causal_mask
     >>> print(lower(trace(causal_mask, ModKind.MASK).graph).source.split("@triton.jit")[1].strip())
-    def mask_mod_causal_mask_1b0c3a6c5e3f0a31(b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F):
+    def mask_mod_causal_mask_...(b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F):
         v0 = (q_idx >= kv_idx)  # %0 = ge q_idx, kv_idx : bool
         return v0
     """
