@@ -169,8 +169,3 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
     )
     return out, lse
 
-
-def explain_source(tm: TracedMod) -> str:
-    """The generated Triton source of a traced mod (what ``flexcomp.explain`` prints)."""
-    return jit_function(tm.graph)[0].source
-

@@ -243,7 +243,7 @@ class Graph:
         if n.op is Op.LOAD:
             body = f"load {n.attr}[{', '.join(self.fmt(a) for a in n.args)}]"
         else:
-            body = f"{n.op.value} {', '.join(self.fmt(a) for a in n.args)}"
+            body = " ".join([n.op.value] + ([", ".join(self.fmt(a) for a in n.args)] if n.args else []))
         return f"{name} = {body} : {n.dtype.value}"
 
     def header(self) -> str:
