@@ -134,12 +134,24 @@ def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool)
                 flops = 4 * B * H * S * S * D * density
                 t_ours = triton.testing.do_bench(ours, warmup=25, rep=100, return_mode="median")
                 t_theirs = triton.testing.do_bench(theirs, warmup=25, rep=100, return_mode="median")
+                row["flexcomp_host_us"], row["torch_host_us"] = _host_us(ours), _host_us(theirs)
             row.update(density=density, flexcomp_ms=t_ours, torch_ms=t_theirs,
                        flexcomp_tflops=flops / t_ours / 1e9, torch_tflops=flops / t_theirs / 1e9,
                        ratio=t_theirs / t_ours)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def _host_us(fn, n: int = 20) -> float:
+    """CPU time of one call (launch overhead): n calls queued without waiting for the GPU."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
 
 
 def _reference_rows(flexcomp, q, k, v, case: Case, rows: int) -> torch.Tensor:
@@ -182,12 +194,13 @@ torch.cuda.synchronize(); print(time.perf_counter() - t0)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| B×H×S×D | variant | flexcomp TFLOP/s | torch flex TFLOP/s | ratio | rel err flexcomp / torch |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| B×H×S×D | variant | flexcomp TFLOP/s | torch flex TFLOP/s | ratio | rel err flexcomp / torch | host µs flexcomp / torch |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         err = f"{r['flexcomp_rel_err']:.1e} / {r['torch_rel_err']:.1e}" if "flexcomp_rel_err" in r else ""
         lines.append(f"| {r['shape'].replace('x', '×')} | {r['variant']} | {r['flexcomp_tflops']:.0f} | "
-                     f"{r['torch_tflops']:.0f} | {r['ratio']:.2f} | {err} |")
+                     f"{r['torch_tflops']:.0f} | {r['ratio']:.2f} | {err} | "
+                     f"{r['flexcomp_host_us']:.0f} / {r['torch_host_us']:.0f} |")
     return "\n".join(lines)
 
 

@@ -219,6 +219,7 @@ class Graph:
     scalars: tuple[ScalarSpec, ...]
     output: Arg
     _names: dict = field(default=None, init=False, compare=False, repr=False, hash=False)
+    _key: str = field(default=None, init=False, compare=False, repr=False, hash=False)
 
     # ---- naming and printing -------------------------------------------------------------
     def value_names(self) -> dict[int, str]:
@@ -268,6 +269,11 @@ class Graph:
         Names of the function, buffers and scalars and the *values* of buffers and scalars do not
         enter it, so a kernel compiled for one key serves every such value.
         """
+        if self._key is None:
+            object.__setattr__(self, "_key", self._structural_key())
+        return self._key
+
+    def _structural_key(self) -> str:
         parts = [self.kind.value]
         parts += [f"B{b.dtype.value}/{b.ndim}/{b.storage}" for b in self.buffers]
         parts += [f"S{c.dtype.value}" for c in self.scalars]

@@ -15,6 +15,7 @@ Untraceable code raises :class:`FlexcompTraceError` naming the user's function, 
 """
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import keyword
@@ -72,6 +73,8 @@ class Tracer:
         self.tensors: dict[int, tuple[BufferSpec, torch.Tensor]] = {}
         self.scalar_values: dict[str, Number] = {}
         self.scalar_origin: dict[int, str] = {}  # scalar node id -> user-visible name
+        self.walked: set[int] = set()  # ids of tensors reached through closures and globals
+        self.cacheable = True  # False once a tensor came from anywhere else (attributes, the mod's body)
 
     # ---- errors --------------------------------------------------------------------------
     def error(self, what: str, fix: str = _FIX, where: tuple | None = None) -> FlexcompTraceError:
@@ -107,6 +110,7 @@ class Tracer:
             return Proxy(self, node)
         if isinstance(value, torch.Tensor):
             self.tensor_names.setdefault(id(value), name)
+            self.walked.add(id(value))
             return value
         if isinstance(value, types.FunctionType):
             return self.lift_function(value, depth + 1)
@@ -132,6 +136,7 @@ class Tracer:
             v = fn.__globals__.get(g)
             if isinstance(v, torch.Tensor):
                 self.tensor_names.setdefault(id(v), g)
+                self.walked.add(id(v))
         if not fn.__closure__:
             return fn
         cells = []
@@ -147,6 +152,8 @@ class Tracer:
     def capture_tensor(self, t: torch.Tensor) -> BufferSpec:
         if id(t) in self.tensors:
             return self.tensors[id(t)][0]
+        if id(t) not in self.walked:
+            self.cacheable = False
         dt = ir_dtype_of(t.dtype)
         if dt is None:
             raise self.error(f"captured tensor of dtype {t.dtype} is not supported",
@@ -278,6 +285,64 @@ def _check_signature(fn: Callable, kind: ModKind) -> None:
             function=name, filename=filename, lineno=lineno)
 
 
+# ---- the trace cache ----------------------------------------------------------------------
+# A mod is traced again only when what it captures changed. The fingerprint of a function is its
+# code and everything its closure cells and referenced globals hold: numbers by value, tensors by
+# identity (their values are read at run time, so in-place updates need no retrace), functions
+# recursively. A function that captures anything else (an object whose attributes it may read,
+# a dict) is not cached and is traced on every call.
+_TRACES: "collections.OrderedDict[tuple, TracedMod]" = collections.OrderedDict()
+_TRACES_MAX = 512
+
+
+class _NoCache(Exception):
+    pass
+
+
+def _code_names(code: types.CodeType) -> list[str]:
+    names = list(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names += _code_names(c)
+    return names
+
+
+def fingerprint(value: Any, depth: int = 0) -> tuple:
+    """What a trace of ``value`` depends on, as a hashable key (raises _NoCache if unknowable)."""
+    if depth > 12:
+        raise _NoCache
+    if value is None or isinstance(value, (bool, int, str)):
+        return (type(value), value)
+    if isinstance(value, float):
+        return (float, repr(value))  # repr keeps -0.0 and nan apart
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, types.FunctionType):
+        code = value.__code__
+        cells = tuple(fingerprint(c.cell_contents, depth + 1) if _filled(c) else ("empty",)
+                      for c in (value.__closure__ or ()))
+        glob = tuple((n, fingerprint(value.__globals__[n], depth + 1))
+                     for n in _code_names(code) if n in value.__globals__)
+        return ("fn", id(code), cells, glob, fingerprint(value.__defaults__, depth + 1))
+    if isinstance(value, functools.partial):
+        return ("partial", fingerprint(value.func, depth + 1), fingerprint(value.args, depth + 1),
+                fingerprint(tuple(sorted(value.keywords.items())), depth + 1))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(fingerprint(v, depth + 1) for v in value))
+    if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, type, torch.dtype)) or callable(value) and \
+            type(value).__module__.startswith("torch") and not isinstance(value, torch.nn.Module):
+        return ("const", id(value))
+    raise _NoCache
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
 def trace(fn: Callable, kind: ModKind) -> TracedMod:
     """Trace ``fn`` into a simplified, verified :class:`TracedMod`.
 
@@ -293,6 +358,14 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
 
     if not callable(fn):
         raise FlexcompTraceError(f"{kind.value} must be callable, got {type(fn).__name__}")
+    try:
+        key = (kind, fingerprint(fn))
+    except _NoCache:
+        key = None
+    hit = _TRACES.get(key) if key is not None else None
+    if hit is not None:
+        _TRACES.move_to_end(key)
+        return hit
     _check_signature(fn, kind)
     baked: set[str] = set()
     for _ in range(32):
@@ -306,6 +379,11 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         # simplification may leave captures unread; keep the values of those still read, by name
         tensor_of = {b.name: t for b, t in zip(g.buffers, buffers)}
         value_of = {c.name: v for c, v in zip(g.scalars, scalars)}
-        return TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
-                         tuple(value_of[c.name] for c in simple.scalars), fn)
+        tm = TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
+                       tuple(value_of[c.name] for c in simple.scalars), fn)
+        if key is not None and tracer.cacheable:
+            _TRACES[key] = tm
+            if len(_TRACES) > _TRACES_MAX:
+                _TRACES.popitem(last=False)
+        return tm
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")
