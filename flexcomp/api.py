@@ -10,7 +10,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from torch import Tensor
 
-from .blockmask import BlockMask, _sliced_mask_mod_error, noop_mask
+from .blockmask import BlockMask, _sliced_mask_mod_error, is_noop_block_mask, noop_mask
 from .errors import FlexcompError
 from .ir import ModKind
 from .runtime import Options, run_attention
@@ -52,6 +52,9 @@ def _validate(query: Any, key: Any, value: Any, block_mask: Any, enable_gqa: boo
     if not (query.device == key.device == value.device):
         raise FlexcompError(f"query, key and value must be on one device, got query={query.device}, "
                             f"key={key.device}, value={value.device}")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.shape[-1] == 0 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise FlexcompError(f"{name} must have a positive batch size, head count and head dim, got shape {_shape(t)}")
     Bq, Hq, Lq, Eq = query.shape
     Bk, Hk, Lk, Ek = key.shape
     Bv, Hv, Lv, _ = value.shape
@@ -76,10 +79,12 @@ def _validate(query: Any, key: Any, value: Any, block_mask: Any, enable_gqa: boo
         if not hasattr(block_mask, field):
             raise FlexcompError(f"block_mask must be a BlockMask (from create_block_mask), got "
                                 f"{type(block_mask).__name__}")
-    if getattr(block_mask, "mask_mod", None) is _sliced_mask_mod_error or \
-            getattr(getattr(block_mask, "mask_mod", None), "__name__", "") == "_sliced_mask_mod_error":
+    if getattr(getattr(block_mask, "mask_mod", None), "__name__", "") == _sliced_mask_mod_error.__name__:
+        # ours, or torch's sliced BlockMask (same marker name)
         raise FlexcompError("block_mask was sliced (block_mask[...]) and has no usable mask_mod; create the "
                             "block mask for the batch/heads you need with create_block_mask")
+    if is_noop_block_mask(block_mask):
+        return
     mq, mkv = block_mask.seq_lengths
     if (mq, mkv) != (Lq, Lk):
         raise FlexcompError(
@@ -157,6 +162,8 @@ def flex_attention(
         raise FlexcompError(f"scale must be a finite float or None, got {scale!r}")
     options = Options.parse(kernel_options)
     score = trace(score_mod, ModKind.SCORE) if score_mod is not None else None
+    if block_mask is not None and is_noop_block_mask(block_mask):
+        block_mask = None  # torch's "attend everywhere" placeholder
     mask = None
     if block_mask is not None and block_mask.mask_mod is not noop_mask:
         mask = trace(block_mask.mask_mod, ModKind.MASK)

@@ -41,6 +41,11 @@ def _sliced_mask_mod_error(b, h, q_idx, kv_idx):
         "Create the block mask for the batch/heads you need with create_block_mask instead.")
 
 
+def is_noop_block_mask(block_mask) -> bool:
+    """Whether this is torch's internal "no mask" BlockMask (one huge block, noop mask_mod)."""
+    return tuple(block_mask.BLOCK_SIZE) == (_LARGE_SPARSE_BLOCK_SIZE, _LARGE_SPARSE_BLOCK_SIZE)
+
+
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
     """A mask_mod that keeps a pair only where every one of ``mask_mods`` keeps it.
 
@@ -393,6 +398,8 @@ def create_block_mask(
         raise FlexcompError(f"create_block_mask: mask_mod must be callable, got {type(mask_mod).__name__}")
     B, H = _check_bh("B", B), _check_bh("H", H)
     Q_LEN, KV_LEN = _check_len("Q_LEN", Q_LEN), _check_len("KV_LEN", KV_LEN)
+    if not isinstance(BLOCK_SIZE, int) and (not isinstance(BLOCK_SIZE, (tuple, list)) or len(BLOCK_SIZE) != 2):
+        raise FlexcompError(f"BLOCK_SIZE must be an int or a (Q_BLOCK, KV_BLOCK) pair, got {BLOCK_SIZE!r}")
     qb, kvb = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
     for nm, v in (("BLOCK_SIZE[0]", qb), ("BLOCK_SIZE[1]", kvb)):
         _check_len(nm, v)

@@ -10,6 +10,7 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
+from .errors import FlexcompError
 from .ir import Const, DType, Graph, Op
 
 Number = Union[bool, int, float]
@@ -97,7 +98,15 @@ def evaluate(
         elif n.op is Op.LOAD:
             t = buf_of[n.attr]
             idx = tuple(arg(a).long() for a in n.args)
-            vals[n.id] = t[idx].to(torch_dtype(n.dtype, float_dtype))
+            try:
+                vals[n.id] = t[idx].to(torch_dtype(n.dtype, float_dtype))
+            except IndexError:
+                bad = [f"dim {d}: {int(i.min())}..{int(i.max())} of {t.shape[d]}" for d, i in enumerate(idx)
+                       if i.numel() and (int(i.min()) < -t.shape[d] or int(i.max()) >= t.shape[d])]
+                raise FlexcompError(
+                    f"{g.kind.value} {g.fn_name!r}: '{g.format_node(n)}' indexes the captured tensor {n.attr!r} of "
+                    f"shape {tuple(t.shape)} out of range ({'; '.join(bad)}); make it cover every index the "
+                    f"sequence lengths reach") from None
         elif n.op is Op.CAST:
             vals[n.id] = arg(n.args[0]).to(torch_dtype(n.dtype, float_dtype))
         else:

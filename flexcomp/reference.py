@@ -92,18 +92,22 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     ar = lambda n, o=0: torch.arange(o, o + n, device=dev, dtype=torch.int32)  # noqa: E731
     idx = {"b": ar(B).view(-1, 1, 1, 1), "h": ar(Hq).view(1, -1, 1, 1),
            "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV, lo).view(1, 1, 1, -1)}
-    if plan.score is not None:
-        s = torch.broadcast_to(evaluate(plan.score.graph, {"score": s, **idx}, score_buffers,
-                                        plan.score.scalars, wd), s.shape)
     keep = None
     if plan.mask is not None:
-        keep = evaluate(plan.mask.graph, idx, plan.mask_buffers, plan.mask.scalars, wd)
+        # masks are evaluated in float32 whatever the inputs, as torch and create_block_mask do
+        keep = evaluate(plan.mask.graph, idx, plan.mask_buffers, plan.mask.scalars, torch.float32)
     if plan.blocks is not None:
         bm = plan.blocks
         kind = bm.kind[:, :, (q0 + torch.arange(c, device=dev)) // bm.q_block, :]
         kind = kind[..., (lo + torch.arange(KV, device=dev)) // bm.kv_block]
         partial = kind == 1
         keep = (kind == 2) | (partial & keep if keep is not None else partial)
+    if plan.score is not None:
+        if keep is not None and s.requires_grad:
+            # masked pairs send no gradient into score_mod (0 * NaN would, where the mod is NaN there)
+            s.register_hook(lambda g, keep=keep: torch.where(keep, g, 0.0))
+        s = torch.broadcast_to(evaluate(plan.score.graph, {"score": s, **idx}, score_buffers,
+                                        plan.score.scalars, wd), s.shape)
     if keep is not None:
         s = torch.where(keep, s, -torch.inf)
     m = s.detach().amax(dim=-1, keepdim=True) if KV else s.new_full((B, Hq, c, 1), -torch.inf)
@@ -126,7 +130,9 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, *score_buffers: Tensor):
         step = _chunk_len(plan, q, k)
-        outs, lses = [], []
+        B, H = q.shape[:2]
+        outs = [q.new_empty(B, H, 0, v.shape[-1])]  # so that Q_LEN = 0 gives empty outputs
+        lses = [q.new_empty(B, H, 0, dtype=_working_dtype(q.dtype))]
         for s in range(0, q.shape[2], step):
             o, lse = _chunk_forward(plan, q[:, :, s:s + step], s, k, v, score_buffers)
             outs.append(o)
@@ -151,10 +157,10 @@ class _ChunkedAttention(torch.autograd.Function):
                 qc = q[:, :, s:s + step].detach().requires_grad_(needs[0])
                 o, lse = _chunk_forward(plan, qc, s, kk, vv, bb)
                 wrt = [x for x in [qc, kk, vv, *bb] if x.requires_grad]
-                if not wrt:
-                    break
-                grads = torch.autograd.grad((o, lse), wrt, (d_out[:, :, s:s + step], d_lse[:, :, s:s + step]),
-                                            allow_unused=True)
+                outs = [(t, g[:, :, s:s + step]) for t, g in ((o, d_out), (lse, d_lse)) if t.requires_grad]
+                if not wrt or not outs:
+                    continue
+                grads = torch.autograd.grad([t for t, _ in outs], wrt, [g for _, g in outs], allow_unused=True)
                 for x, g in zip(wrt, grads):
                     if g is None:
                         continue

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from .blockmask import _ordered_to_dense
 from .errors import FlexcompError
 from .reference import DEFAULT_CHUNK_ELEMENTS, BlockMap, ReferencePlan, reference_attention
 from .trace import TracedMod
@@ -95,6 +96,8 @@ def _parse_backend(value: Optional[str], source: str) -> Optional[Backend]:
     v = str(value).strip().lower()
     if v == "auto":
         return None
+    if v in ("flash", "triton_decode"):
+        v = "triton"  # torch's other kernel families: flexcomp's generated kernels serve them
     if v in ("reference", "triton"):
         return Backend(v)
     raise FlexcompError(f"{source} must be 'reference', 'triton' or 'auto', got {value!r}")
@@ -132,8 +135,6 @@ def _run_triton(q, k, v, score, mask, block_mask, scale, options: Options):
 
 def block_map_of(block_mask, device) -> Optional[BlockMap]:
     """Unpack a BlockMask's partial/full lists into the reference's dense block map."""
-    from .blockmask import _ordered_to_dense
-
     if block_mask is None:
         return None
     n = block_mask.kv_indices.shape[-1]

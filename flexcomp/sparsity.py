@@ -16,6 +16,7 @@ step 2 evaluates the 512 diagonal ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
@@ -138,6 +139,16 @@ def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> _Interval:
     return _Interval(out_lo, out_hi)
 
 
+# The bounds are computed in float64; the mask runs in float32. Each float op may round by half
+# an ulp of float32 (transcendentals by a few): widening every float bound outward by 2**-20
+# relative (~8 float32 ulps) keeps the analysis sound; ties then land in UNKNOWN and are evaluated.
+_FLOAT_SLACK = 2.0 ** -20
+
+
+def _widen(iv: _Interval) -> _Interval:
+    return _Interval(iv.lo - iv.lo.abs() * _FLOAT_SLACK - 1e-30, iv.hi + iv.hi.abs() * _FLOAT_SLACK + 1e-30)
+
+
 def _cmp(op: Op, a: _Interval, b: _Interval) -> _Interval:
     if op is Op.GE:
         lo, hi = a.lo >= b.hi, a.hi >= b.lo
@@ -250,6 +261,8 @@ def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> _
             out = _Interval(like - 1, like + 1)
         else:
             out = _unknown(n.dtype, like)
+        if n.dtype is DType.F32 and op is not Op.SCALAR:
+            out = _widen(out)
         vals[n.id] = out
     return iv(g.output)
 
@@ -278,6 +291,8 @@ def classify_blocks(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> t
     """The :class:`BlockKind` of every block: int8 ``[B, H, num_q, num_kv]`` (a broadcast view
     where the mask ignores ``b`` or ``h``)."""
     g = tm.graph
+    if any(t.device != torch.device(device) for t in tm.buffers):
+        tm = dataclasses.replace(tm, buffers=tuple(t.to(device) for t in tm.buffers))
     Bx = B if g.uses_input("b") else 1
     Hx = H if g.uses_input("h") else 1
     with torch.no_grad():

@@ -43,7 +43,8 @@ def document_mask(
     if lengths is not None:
         lengths = torch.as_tensor(lengths, dtype=torch.int64)
         if lengths.dim() != 1 or (lengths <= 0).any():
-            raise ValueError(f"document_mask: lengths must be a 1-D list of positive ints, got {lengths.tolist()}")
+            raise ValueError(f"document_mask: lengths must be a 1-D list of positive ints, got {lengths.tolist()}; "
+                             f"to give the document id of each token instead, call document_mask(doc_ids=...)")
         doc = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths)
     else:
         doc = torch.as_tensor(doc_ids)

@@ -199,3 +199,21 @@ def test_cpu_backward_works_where_torch_refuses():
         torch_flex.flex_attention(q, k, v)
     flex_attention(q, k, v, score_mod=softcap(5.0)).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_edge_shapes_and_torch_compat_inputs():
+    q, k, v = _qkv(1, 2, 16, 8)
+    out, lse = flex_attention(q[:, :, :0], k, v, return_lse=True)  # no queries: empty outputs, as torch
+    assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
+    with pytest.raises(FlexcompError, match=r"query must have a positive .* head dim, got shape \(1, 2, 16, 0\)"):
+        flex_attention(q[..., :0], k[..., :0], v)
+    with pytest.raises(FlexcompError, match=r"BLOCK_SIZE must be an int or a \(Q_BLOCK, KV_BLOCK\) pair, got \(1, 2, 3\)"):
+        create_block_mask(causal_mask, 1, 1, 16, 16, device="cpu", BLOCK_SIZE=(1, 2, 3))
+    noop = torch_flex._create_empty_block_mask(q, k)  # torch's internal "no mask"
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=noop), flex_attention(q, k, v))
+    flex_attention(q, k, v, kernel_options={"BACKEND": "AUTO"})
+
+
+def test_out_of_range_capture_index_error_names_the_buffer():
+    with pytest.raises(FlexcompError, match=r"load doc\[q_idx\] : i32' indexes the captured tensor 'doc' of shape \(60,\) out of range"):
+        create_block_mask(document_mask([30, 30]), 1, 1, 100, 100, device="cpu")

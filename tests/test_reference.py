@@ -190,3 +190,46 @@ def test_captures_left_unread_by_simplification_keep_values_aligned():
 
     q, k, v = rand_qkv(1, 2, 40, 40, 16)
     _check(q, k, v, mod, causal_mask)
+
+
+def test_gradients_when_only_some_inputs_train():
+    q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    v = torch.randn(1, 2, 32, 8, requires_grad=True)
+    flex_attention(q, k, v).sum().backward()  # frozen q and k: the LSE has no gradient path
+    assert v.grad is not None and torch.isfinite(v.grad).all()
+    q.requires_grad_()
+    ignores_score = lambda s, b, h, qi, kv: (qi - kv).float()  # noqa: E731
+    flex_attention(q, k, v, score_mod=ignores_score).sum().backward()
+    assert q.grad is not None and (q.grad == 0).all()
+
+
+def test_score_mod_nan_at_masked_pairs_gives_finite_gradients():
+    def sqrt_distance(score, b, h, q_idx, kv_idx):
+        return score * torch.sqrt((q_idx - kv_idx).double() + 1)  # NaN above the diagonal, which is masked
+
+    def guarded(score, b, h, q_idx, kv_idx):  # the same on every kept pair, finite everywhere
+        return score * torch.sqrt((q_idx - kv_idx).clamp(min=0).double() + 1)
+
+    q, k, v = rand_qkv(1, 2, 64, 64, 8)
+    bm = create_block_mask(causal_mask, 1, 2, 64, 64, device="cpu", BLOCK_SIZE=16)
+    out, lse = flex_attention(q, k, v, score_mod=sqrt_distance, block_mask=bm, return_lse=True)
+    ro, rl = dense_attention(q, k, v, guarded, causal_mask)
+    torch.testing.assert_close(out, ro)
+    for g, w in zip(grads((out, lse), (q, k, v)), grads((ro, rl), (q, k, v))):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w)
+
+
+def test_float64_inputs_mask_like_torch():
+    def float_band(b, h, q_idx, kv_idx):
+        return ((q_idx - kv_idx) * 0.1 <= 12.9) & (q_idx >= kv_idx)  # a float32 tie at q - kv = 129
+
+    from torch.nn.attention import flex_attention as tf
+    import warnings
+
+    q, k, v = rand_qkv(1, 1, 256, 256, 8, requires_grad=False)
+    out = flex_attention(q, k, v, block_mask=create_block_mask(float_band, 1, 1, 256, 256, "cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = tf.flex_attention(q, k, v, block_mask=tf.create_block_mask(float_band, 1, 1, 256, 256, "cpu"))
+    torch.testing.assert_close(out, ref)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flexcomp.sparsity as sp
-from flexcomp import and_masks, or_masks
+from flexcomp import and_masks, create_block_mask, or_masks
 from flexcomp.ir import ModKind
 from flexcomp.masks import causal_mask, document_mask, padding_mask, prefix_lm, sliding_window
 from flexcomp.sparsity import BlockGrid, BlockKind, block_intervals, classify_blocks
@@ -404,3 +404,16 @@ def test_fuzz_generator_builds_valid_masks():
     d = dense_mask(mask, 2, 3, 17, 19)
     assert d.shape == (2, 3, 17, 19) and d.any() and not d.all()
     check_against_brute(mask, 2, 3, 17, 19, 4, 3)
+
+
+def test_float_bounds_are_widened_to_stay_sound():
+    """(q - kv) * 0.1 <= 25.7 is True in float32 at q - kv = 257 but False in exact arithmetic."""
+    from torch.nn.attention import flex_attention as tf
+
+    def mm(b, h, q, kv):
+        return ((q - kv) * 0.1 <= 25.7) & (q >= kv)
+
+    ours = create_block_mask(mm, 1, 1, 512, 512, device="cpu")
+    theirs = tf.create_block_mask(mm, 1, 1, 512, 512, device="cpu")
+    for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(ours, f), getattr(theirs, f)), f
