@@ -90,6 +90,39 @@ def _setup_torch_compile():
             setattr(torch._dynamo.config, knob, 10_000)
 
 
+SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+         (128, 32, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)]
+
+
+def sweep(shapes: list[str], variants: list[str], dtype: torch.dtype) -> None:
+    """Time flexcomp's forward under each tile config of SWEEP (BLOCK_M, BLOCK_N, warps, stages)."""
+    import triton
+
+    import flexcomp
+
+    device = torch.device("cuda")
+    for shape in shapes:
+        B, H, S, D = (int(x) for x in shape.split("x"))
+        q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(3))
+        for name in variants:
+            case = make_case(name, B, H, S, device)
+            bm = flexcomp.create_block_mask(case.mask_mod, 1, 1, S, S, device=device) if case.mask_mod else None
+            times = {}
+            for bm_, bn, w, st in SWEEP:
+                opts = {"BLOCK_M": bm_, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+                try:
+                    with torch.no_grad():
+                        times[(bm_, bn, w, st)] = triton.testing.do_bench(
+                            lambda: flexcomp.flex_attention(q, k, v, score_mod=case.score_mod, block_mask=bm,
+                                                            kernel_options=opts), warmup=10, rep=40, return_mode="median")
+                except Exception as e:  # out of shared memory and the like: report and go on
+                    times[(bm_, bn, w, st)] = float("nan")
+                    print(f"  {shape} {case.name} {opts}: {type(e).__name__}", flush=True)
+            best = min((t, c) for c, t in times.items() if t == t)
+            print(json.dumps({"shape": shape, "variant": case.name, "best": best[1], "best_ms": best[0],
+                              "all_ms": {str(c): round(t, 4) for c, t in times.items()}}), flush=True)
+
+
 def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool) -> list[dict]:
     import triton
     from torch.nn.attention import flex_attention as tf
@@ -212,10 +245,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--cold", action="store_true", help="also measure cold compile times")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--sweep", action="store_true", help="time flexcomp under several tile configs instead")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("flexcomp.bench needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if a.sweep:
+        sweep(a.shapes.split(","), a.variants.split(","), getattr(torch, a.dtype))
+        return 0
     rows = run(a.shapes.split(","), a.variants.split(","), getattr(torch, a.dtype), not a.no_check)
     cold = cold_compile() if a.cold else None
     if a.json:

@@ -25,10 +25,8 @@ def dense_attention(q, k, v, score_mod=None, mask_mod=None, scale=None, enable_g
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = (q @ k.transpose(-1, -2)) * scale
     s = s.expand(B, Hq, L, S)
-    b = torch.arange(B, dtype=torch.int32).view(-1, 1, 1, 1)
-    h = torch.arange(Hq, dtype=torch.int32).view(1, -1, 1, 1)
-    qi = torch.arange(L, dtype=torch.int32).view(1, 1, -1, 1)
-    ki = torch.arange(S, dtype=torch.int32).view(1, 1, 1, -1)
+    ar = lambda n: torch.arange(n, dtype=torch.int32, device=q.device)  # noqa: E731
+    b, h, qi, ki = ar(B).view(-1, 1, 1, 1), ar(Hq).view(1, -1, 1, 1), ar(L).view(1, 1, -1, 1), ar(S).view(1, 1, 1, -1)
     if score_mod is not None:
         s = torch.broadcast_to(score_mod(s, b, h, qi, ki), s.shape).double()
     if mask_mod is not None:

@@ -22,17 +22,22 @@ def _qkv(B, H, L, S, D, Hkv=None, Dv=None, dtype=torch.float32):
             torch.randn(B, Hkv, S, Dv, device=DEVICE, dtype=dtype))
 
 
-def _check(q, k, v, score_mod=None, mask_mod=None, bs=64, B=None, H=None, tol=2e-5, enable_gqa=False, torch_too=False):
+def _check(q, k, v, score_mod=None, mask_mod=None, bs=64, B=None, H=None, tol=2e-5, enable_gqa=False, torch_too=False,
+           oracle_on="cpu"):
+    """The oracle runs where the mods' captured tensors live (``oracle_on``); torch's eager
+    flex_attention is compared on CPU runs (on a GPU its mods would need device-side captures)."""
     L, S = q.shape[2], k.shape[2]
     bm = create_block_mask(mask_mod, B, H, L, S, device=DEVICE, BLOCK_SIZE=bs) if mask_mod else None
     out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, return_lse=True, kernel_options=TRITON,
                               enable_gqa=enable_gqa)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
-    ro, rl = dense_attention(q.cpu(), k.cpu(), v.cpu(), score_mod, mask_mod, enable_gqa=enable_gqa)
+    ro, rl = dense_attention(q.to(oracle_on), k.to(oracle_on), v.to(oracle_on), score_mod, mask_mod,
+                             enable_gqa=enable_gqa)
+    ro, rl = ro.cpu(), rl.cpu()
     torch.testing.assert_close(out.cpu().double(), ro, atol=tol, rtol=tol)
     assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(rl))
     torch.testing.assert_close(lse.cpu().double(), rl, atol=tol, rtol=tol)
-    if torch_too:
+    if torch_too and DEVICE == "cpu":
         tbm = torch_flex.create_block_mask(mask_mod, B, H, L, S, device=DEVICE, BLOCK_SIZE=bs) if mask_mod else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -92,7 +97,7 @@ def test_gqa_and_kv_batch_broadcast():
     q, k, v = _qkv(2, 6, 90, 90, 16, Hkv=2)
     _check(q, k, v, alibi(6), causal_mask, enable_gqa=True, bs=32, torch_too=True)
     k1, v1 = k[:1], v[:1]
-    out = flex_attention(q, k1, v1, enable_gqa=True, kernel_options=TRITON)
+    out = flex_attention(q, k1, v1, enable_gqa=True, kernel_options=TRITON)  # no captured tensors here
     ref = flex_attention(q, k1, v1, enable_gqa=True, kernel_options={"BACKEND": "reference"})
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
@@ -140,7 +145,7 @@ def test_captured_tensors_indexed_by_b_h_q_and_kv():
         return allowed[kv_idx] | (q_idx == kv_idx)
 
     q, k, v = _qkv(B, H, L, L, 16)
-    _check(q, k, v, score_mod, mask_mod, B=B, H=H, bs=32)
+    _check(q, k, v, score_mod, mask_mod, B=B, H=H, bs=32, oracle_on=DEVICE)
 
 
 def test_out_of_range_buffer_reads_are_masked_not_performed():
@@ -198,12 +203,12 @@ def test_new_captured_values_generate_nothing_new():
         return score, sliding_window(w)
 
     score, mask = make(8, 5.0)
-    _check(q, k, v, score, mask, bs=32)
+    _check(q, k, v, score, mask, bs=32, oracle_on=DEVICE)
     before = STATS.generated
     slopes.copy_(torch.rand(2, device=DEVICE))
     for w, cap in ((17, 30.0), (3, 2.5)):
         score, mask = make(w, cap)
-        _check(q, k, v, score, mask, bs=32)
+        _check(q, k, v, score, mask, bs=32, oracle_on=DEVICE)
     assert STATS.generated == before
 
 

@@ -31,9 +31,16 @@ def _fwd_tile(
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     in_kv = offs_n < KV_LEN
-    kt = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                 mask=in_kv[None, :] & (offs_d[:, None] < D), other=0.0)
-    qk = tl.dot(q, kt, input_precision=PRECISION)
+    k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    # full blocks lie inside the sequence: their loads need no bounds (only a padded head dim does)
+    if APPLY_MASK:
+        k = tl.load(k_ptrs, mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
+    elif D == D_PAD:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]  # mods never see an out-of-range index
     if HAS_SCORE_MOD:
         qk = SCORE_MOD(qk * sm_scale, off_b, off_h, q_idx, kv_idx,
@@ -50,8 +57,12 @@ def _fwd_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if APPLY_MASK:
+        v = tl.load(v_ptrs, mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    elif DV == DV_PAD:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
