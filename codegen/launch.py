@@ -52,15 +52,22 @@ def _largest_pow2_dividing(n: int, cap: int) -> int:
     return p
 
 
-def forward_config(head_dim: int, sparse_q: int, sparse_kv: int, options: dict, interpret: bool) -> ForwardConfig:
-    """Default tiles (by head dim), overridden by torch's ``BLOCK_M`` / ``BLOCK_N`` / ``num_warps`` /
-    ``num_stages`` (or their ``fwd_`` forms) in ``kernel_options``; clipped to divide the mask's blocks."""
+def forward_config(head_dim: int, sparse_q: int, sparse_kv: int, options: dict, interpret: bool,
+                   heavy_mods: bool = False) -> ForwardConfig:
+    """Default tiles, overridden by torch's ``BLOCK_M`` / ``BLOCK_N`` / ``num_warps`` / ``num_stages``
+    (or their ``fwd_`` forms) in ``kernel_options``; clipped to divide the mask's blocks.
+
+    The defaults come from the H200 sweep in docs/performance.md (``python -m flexcomp.bench
+    --sweep``): at head dim 64, plain attention runs best on 128x64 tiles with 4 warps, while mods
+    with loads or transcendentals (``heavy_mods``) need the registers of 64x128 tiles; at 128,
+    128x128 tiles with 8 warps win across variants.
+    """
     if interpret:
         bm, bn, warps, stages = 64, 64, 4, 1
     elif head_dim <= 64:
-        bm, bn, warps, stages = 128, 64, 4, 3
+        bm, bn, warps, stages = (64, 128, 4, 3) if heavy_mods else (128, 64, 4, 3)
     elif head_dim <= 128:
-        bm, bn, warps, stages = 128, 64, 8, 3
+        bm, bn, warps, stages = 128, 128, 8, 3
     else:
         bm, bn, warps, stages = 64, 32, 4, 2
     get = lambda key, default: options.get("fwd_" + key, options.get(key, default))  # noqa: E731
@@ -137,7 +144,8 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
     if block_mask is None:
         block_mask = _full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
-    cfg = forward_config(D, sq, skv, torch_options, interpret)
+    heavy = score is not None or (mask is not None and bool(mask.graph.buffers))
+    cfg = forward_config(D, sq, skv, torch_options, interpret, heavy)
     nq = block_mask.kv_num_blocks.shape[-1]
     kv_num = block_mask.kv_num_blocks.expand(B, H, nq)
     kv_idx = block_mask.kv_indices.expand(B, H, nq, block_mask.kv_indices.shape[-1])
@@ -164,7 +172,7 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
         mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f,
         HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, HAS_FULL=has_full,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision,
+        D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision, EVEN_KV=S % skv == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

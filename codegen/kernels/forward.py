@@ -25,7 +25,7 @@ def _fwd_tile(
     MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -33,31 +33,38 @@ def _fwd_tile(
     in_kv = offs_n < KV_LEN
     k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    # full blocks lie inside the sequence: their loads need no bounds (only a padded head dim does)
-    if APPLY_MASK:
+    # full blocks lie inside the sequence, and so does every block when KV_LEN % SPARSE_KV == 0:
+    # their loads need no bounds (only a padded head dim does)
+    if APPLY_MASK and not EVEN_KV:
         k = tl.load(k_ptrs, mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
     elif D == D_PAD:
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]  # mods never see an out-of-range index
+    if EVEN_KV:
+        kv_idx = offs_n[None, :]
+    else:
+        kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]  # mods never see an out-of-range index
     if HAS_SCORE_MOD:
         qk = SCORE_MOD(qk * sm_scale, off_b, off_h, q_idx, kv_idx,
                        SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF) * LOG2E
     else:
         qk = qk * qk_scale
     if APPLY_MASK:
-        keep = in_kv[None, :]
         if HAS_MASK_MOD:
-            keep = keep & MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF)
-        qk = tl.where(keep, qk, float("-inf"))
+            keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF)
+            if not EVEN_KV:
+                keep = keep & in_kv[None, :]
+            qk = tl.where(keep, qk, float("-inf"))
+        elif not EVEN_KV:
+            qk = tl.where(in_kv[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if APPLY_MASK:
+    if APPLY_MASK and not EVEN_KV:
         v = tl.load(v_ptrs, mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     elif DV == DV_PAD:
         v = tl.load(v_ptrs)
@@ -75,7 +82,7 @@ def _fwd_blocks(
     MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
 ):
     """Every kv block listed in ``IDX[0:n_blocks]``, in BLOCK_N-wide tiles."""
     for i in range(n_blocks):
@@ -86,7 +93,7 @@ def _fwd_blocks(
                 KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
                 SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
                 MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
-                HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION)
+                HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
     return acc, l_i, m_i
 
 
@@ -108,7 +115,7 @@ def flex_fwd(
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -136,13 +143,13 @@ def flex_fwd(
             q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
             MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
-            HAS_SCORE_MOD, HAS_MASK_MOD, False, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION)
+            HAS_SCORE_MOD, HAS_MASK_MOD, False, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, KV_IDX + idx_off, tl.load(KV_NUM + num_off), stride_in,
         q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
         SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
         MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
-        HAS_SCORE_MOD, HAS_MASK_MOD, True, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION)
+        HAS_SCORE_MOD, HAS_MASK_MOD, True, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
