@@ -18,6 +18,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _load_rows(ptrs, in_rows, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """A [rows, D_PAD] tile: bounds on the rows only if asked, on the head dim only if padded."""
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)
+    elif D == D_PAD:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q, K_base, V_base, start_n, q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
@@ -33,14 +44,8 @@ def _fwd_tile(
     in_kv = offs_n < KV_LEN
     k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    # full blocks lie inside the sequence, and so does every block when KV_LEN % SPARSE_KV == 0:
-    # their loads need no bounds (only a padded head dim does)
-    if APPLY_MASK and not EVEN_KV:
-        k = tl.load(k_ptrs, mask=in_kv[:, None] & (offs_d[None, :] < D), other=0.0)
-    elif D == D_PAD:
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+    # full blocks lie inside the sequence, and so does every block when KV_LEN % SPARSE_KV == 0
+    k = _load_rows(k_ptrs, in_kv, offs_d, D, D_PAD, APPLY_MASK and not EVEN_KV)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if EVEN_KV:
         kv_idx = offs_n[None, :]
@@ -64,12 +69,7 @@ def _fwd_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if APPLY_MASK and not EVEN_KV:
-        v = tl.load(v_ptrs, mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    elif DV == DV_PAD:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+    v = _load_rows(v_ptrs, in_kv, offs_dv, DV, DV_PAD, APPLY_MASK and not EVEN_KV)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
