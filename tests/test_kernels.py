@@ -231,3 +231,29 @@ def test_triton_backend_refuses_training_until_backward_kernels_exist():
         flex_attention(q, k, v, kernel_options=TRITON)
     with torch.no_grad():
         flex_attention(q, k, v, kernel_options=TRITON)
+
+
+@pytest.mark.gpu
+def test_new_captured_values_compile_nothing_new_on_the_gpu():
+    """Triton's own kernel cache does not grow when only captured values change."""
+    from flexcomp.codegen.kernels.forward import flex_fwd
+
+    def compiled():
+        return sum(len(c[0]) for c in flex_fwd.device_caches.values())
+
+    q, k, v = _qkv(1, 2, 256, 256, 64, dtype=torch.bfloat16)
+    bias = torch.randn(2, device=DEVICE)
+
+    def run(w, cap):
+        def score(s, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(s / cap) + bias[h]
+
+        bm = create_block_mask(sliding_window(w), 1, 2, 256, 256, device=DEVICE)
+        return flex_attention(q, k, v, score_mod=score, block_mask=bm)
+
+    run(64, 30.0)
+    before = compiled()
+    bias.copy_(torch.randn(2, device=DEVICE))
+    for w, cap in ((100, 7.0), (3, 50.0), (255, 1.5)):
+        run(w, cap)
+    assert compiled() == before

@@ -140,7 +140,8 @@ def test_fuzz_compositions_against_the_oracle(case):
 @pytest.mark.parametrize("module", ["flexcomp.masks.causal", "flexcomp.masks.windows", "flexcomp.masks.documents",
                                     "flexcomp.masks.alibi", "flexcomp.masks.softcap", "flexcomp.blockmask",
                                     "flexcomp.api", "flexcomp.builder", "flexcomp.trace", "flexcomp.runtime",
-                                    "flexcomp.reference", "flexcomp.explain", "flexcomp.codegen.lower"])
+                                    "flexcomp.reference", "flexcomp.explain", "flexcomp.codegen.lower",
+                                    "flexcomp.derivative"])
 def test_docstring_examples_run(module):
     flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
     result = doctest.testmod(importlib.import_module(module), optionflags=flags)
