@@ -1,6 +1,6 @@
-"""flexcomp.codegen: lowering the IR to Triton (issue 3, "Code generation").
+"""flexcomp.codegen: the IR becomes Triton.
 
-This package is where traced score_mod / mask_mod graphs become generated ``@triton.jit`` helpers
-that the real flash-attention kernels call. Until it lands, the ``triton`` backend is not
-available and ``flex_attention`` says so when asked for it.
+``lower`` turns a traced mod into the source of one small ``@triton.jit`` function, ``modules``
+writes and imports it once per structure, ``kernels`` holds the real kernels that call it, and
+``launch`` passes strides, captured tensors and tile configs. See docs/architecture.md.
 """

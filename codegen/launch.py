@@ -25,13 +25,15 @@ class ForwardConfig:
     """Tile sizes and launch parameters of the forward kernel.
 
     ``block_m`` query rows and ``block_n`` keys per tile (powers of two dividing the BlockMask's
-    block sizes), ``num_warps`` and ``num_stages`` as in Triton.
+    block sizes), ``num_warps`` and ``num_stages`` as in Triton; ``static_sub``: unroll the tiles of
+    one BlockMask block (else loop over them, for shared memory's sake).
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    static_sub: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,33 +54,63 @@ def _largest_pow2_dividing(n: int, cap: int) -> int:
     return p
 
 
-def forward_config(head_dim: int, sparse_q: int, sparse_kv: int, options: dict, interpret: bool,
-                   heavy_mods: bool = False) -> ForwardConfig:
-    """Default tiles, overridden by torch's ``BLOCK_M`` / ``BLOCK_N`` / ``num_warps`` / ``num_stages``
-    (or their ``fwd_`` forms) in ``kernel_options``; clipped to divide the mask's blocks.
+def _smem_limit(device) -> int:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return getattr(props, "shared_memory_per_block_optin", 232448)
+    return 232448
 
-    The defaults come from the H200 sweep in docs/performance.md (``python -m flexcomp.bench
-    --sweep``): at head dim 64, plain attention runs best on 128x64 tiles with 4 warps, while mods
-    with loads or transcendentals (``heavy_mods``) need the registers of 64x128 tiles; at 128,
-    128x128 tiles with 8 warps win across variants.
+
+def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, sparse_kv: int, options: dict,
+                   interpret: bool, heavy_mods: bool = False, smem_limit: int = 232448) -> ForwardConfig:
+    """Tiles for the forward kernel.
+
+    Defaults come from the H200 sweep in docs/performance.md (``python -m flexcomp.bench --sweep``):
+    at head dim 64, plain attention runs best on 128x64 tiles with 4 warps, while mods with loads
+    or transcendentals (``heavy_mods``) need the registers of 64x128 tiles; at 128, 128x128 tiles
+    with 8 warps. torch's ``BLOCK_M`` / ``BLOCK_N`` / ``num_warps`` / ``num_stages`` (or ``fwd_``
+    forms) in ``kernel_options`` override them.
+
+    Shared memory: the tiles of one BlockMask block are unrolled, each with ``num_stages`` buffers
+    of K and V, so a config needs about ``q + stages * SPARSE_KV * (D + Dv) * elt`` bytes (measured
+    on H100/H200). Stages drop until that fits the device; if even one does not, the block's tiles
+    run in a loop (``static_sub`` False), which needs only ``BLOCK_N`` rows per stage.
     """
     if interpret:
         bm, bn, warps, stages = 64, 64, 4, 1
+    elif elt >= 4:  # float32 inputs: twice the bytes per tile, and ieee dots
+        bm, bn, warps, stages = 64, 64, 4, 2
     elif head_dim <= 64:
         bm, bn, warps, stages = (64, 128, 4, 3) if heavy_mods else (128, 64, 4, 3)
     elif head_dim <= 128:
         bm, bn, warps, stages = 128, 128, 8, 3
     else:
-        bm, bn, warps, stages = 64, 32, 4, 2
+        bm, bn, warps, stages = 64, 64, 4, 2
     get = lambda key, default: options.get("fwd_" + key, options.get(key, default))  # noqa: E731
-    bm, bn = get("BLOCK_M", bm), get("BLOCK_N", bn)
-    bm, bn = _largest_pow2_dividing(sparse_q, bm), _largest_pow2_dividing(sparse_kv, bn)
+    for key, default in (("BLOCK_M", bm), ("BLOCK_N", bn)):
+        v = get(key, default)
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise FlexcompError(f"kernel_options[{key!r}] must be a power of two >= 16, got {v!r}")
+    bm, bn = _largest_pow2_dividing(sparse_q, get("BLOCK_M", bm)), _largest_pow2_dividing(sparse_kv, get("BLOCK_N", bn))
     if bm < 16 or bn < 16:
         raise FlexcompError(
             f"the triton backend tiles the BlockMask's blocks with tiles of at least 16x16, but block_mask "
             f"has BLOCK_SIZE=({sparse_q}, {sparse_kv}); create it with block sizes that are multiples of 16 "
             f"(the default 128 is best)")
-    return ForwardConfig(bm, bn, get("num_warps", warps), get("num_stages", stages))
+    warps, stages = get("num_warps", warps), get("num_stages", stages)
+    d_pad, dv_pad = _pad(head_dim), _pad(value_dim)
+    q_bytes = bm * d_pad * elt
+    margin = bm * bn * 4 if elt == 4 else 0  # float32 inputs also stage the fp32 probabilities
+    per_stage = sparse_kv * (d_pad + dv_pad) * elt
+    static_sub = True
+    if not interpret:
+        while stages > 1 and q_bytes + margin + stages * per_stage > smem_limit:
+            stages -= 1
+        if q_bytes + margin + stages * per_stage > smem_limit:
+            static_sub = False
+            per_stage = bn * (d_pad + dv_pad) * elt
+            stages = max(1, min(stages, (smem_limit - q_bytes - margin) // max(1, per_stage)))
+    return ForwardConfig(bm, bn, warps, stages, static_sub)
 
 
 _SCALAR_TENSORS: dict = {}
@@ -86,7 +118,7 @@ _SCALAR_TENSORS: dict = {}
 
 def _scalar_tensor(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     """A small device tensor of captured numbers; reused while the values stay the same."""
-    key = (values, dtype, device)
+    key = (tuple(repr(v) for v in values), dtype, device)  # repr keeps 0.0 and -0.0 apart
     t = _SCALAR_TENSORS.get(key)
     if t is None:
         if len(_SCALAR_TENSORS) > 256:
@@ -140,12 +172,15 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
     if D > 256 or DV > 256:
         raise FlexcompError(f"the triton backend supports head dims up to 256, got query/key {D} and value {DV}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise FlexcompError(f"the triton backend runs float16, bfloat16 and float32 inputs, got {q.dtype}; "
+                            f"use kernel_options={{'BACKEND': 'reference'}} for {q.dtype}")
     device = q.device
     if block_mask is None:
         block_mask = _full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
     heavy = score is not None or (mask is not None and bool(mask.graph.buffers))
-    cfg = forward_config(D, sq, skv, torch_options, interpret, heavy)
+    cfg = forward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, heavy, _smem_limit(device))
     nq = block_mask.kv_num_blocks.shape[-1]
     kv_num = block_mask.kv_num_blocks.expand(B, H, nq)
     kv_idx = block_mask.kv_indices.expand(B, H, nq, block_mask.kv_indices.shape[-1])
@@ -172,7 +207,7 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
         mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f,
         HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, HAS_FULL=has_full,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision, EVEN_KV=S % skv == 0,
+        D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision, EVEN_KV=S % skv == 0, STATIC_SUB=cfg.static_sub,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

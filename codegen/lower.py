@@ -76,8 +76,11 @@ def _pow(g: Graph, n: Node, a: str, exp) -> str:
     """``a ** c`` for a constant integer c (repeated products) or 0.5 (sqrt); nothing else."""
     if isinstance(exp, Const) and float(exp.value).is_integer() and abs(exp.value) <= 16:
         e = int(exp.value)
+        if e < 0 and n.dtype.is_int:
+            raise CodegenError(f"{g.kind.value} {g.fn_name!r}: '{g.format_node(n)}' raises an integer to a negative "
+                               f"power, which torch refuses too; convert to float first (.float())")
         if e == 0:
-            return f"({a} * 0 + 1)"
+            return f"(1 + tl.zeros_like({a}))"  # 1 even for inf and nan, as torch
         prod = " * ".join([a] * abs(e))
         return f"({prod})" if e > 0 else f"(1.0 / ({prod}))"
     if isinstance(exp, Const) and exp.value == 0.5 and n.dtype is DType.F32:
@@ -135,8 +138,8 @@ def _body(g: Graph, lowered: "_Layout") -> list[str]:
     if g.kind is ModKind.SCORE:
         if isinstance(g.output, Const) or not _depends_on(g, g.output, "score"):
             out = f"({out} + tl.zeros_like(score))"  # a full tile, whatever the mod reads
-    elif isinstance(g.output, Const):
-        out = "((q_idx >= 0) & (kv_idx >= 0))" if g.output.value else "((q_idx < 0) & (kv_idx < 0))"
+    elif isinstance(g.output, Const):  # a constant mask, as a full [BLOCK_M, BLOCK_N] tile
+        out = "((q_idx >= 0) & (kv_idx >= 0))" if g.output.value else "((q_idx >= 0) & (kv_idx < 0))"
     lines.append(f"    return {out}")
     return lines
 
@@ -156,12 +159,15 @@ def _depends_on(g: Graph, a, name: str) -> bool:
 
 
 def _load(lowered: "_Layout", n: Node, a: list[str]) -> str:
+    """A masked gather: negative indices count from the end (as torch's indexing); indices still
+    outside the tensor read 0 (torch would raise; a kernel cannot). Offsets are 64-bit."""
     j = lowered.buffer_index[n.attr]
     if not a:
         return f"tl.load(BUFS[{j}]){lowered.load_cast[n.attr]}"
     s = lowered.stride_offsets[j]
-    ptr = " + ".join([f"BUFS[{j}]"] + [f"{x} * STRIDES[{s + d}]" for d, x in enumerate(a)])
-    mask = " & ".join(f"({x} >= 0) & ({x} < SIZES[{s + d}])" for d, x in enumerate(a))
+    idx = [f"ops.wrap_index({x}, SIZES[{s + d}])" for d, x in enumerate(a)]
+    ptr = " + ".join([f"BUFS[{j}]"] + [f"{x} * STRIDES[{s + d}]" for d, x in enumerate(idx)])
+    mask = " & ".join(f"ops.in_range({x}, SIZES[{s + d}])" for d, x in enumerate(a))
     return f"tl.load({ptr}, mask={mask}, other=0){lowered.load_cast[n.attr]}"
 
 

@@ -38,6 +38,19 @@ def pymod_f(a, b):
 
 
 @triton.jit
+def wrap_index(i, size):
+    """A captured-tensor index as 64 bits, negative ones counted from the end (torch's indexing)."""
+    i = i.to(tl.int64)
+    return tl.where(i < 0, i + size, i)
+
+
+@triton.jit
+def in_range(i, size):
+    """Whether ``i`` indexes a dim of ``size`` (after counting negatives from the end)."""
+    return (i >= -size) & (i < size)
+
+
+@triton.jit
 def sign(x):
     return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 

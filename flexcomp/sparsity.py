@@ -101,8 +101,8 @@ def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> _Interval:
         if (v.lo < 0).any() or (v.hi >= buf.shape[d]).any():
             return fallback  # negative or out-of-range indices: stay sound with the global bounds
     ranged = [d for d, v in enumerate(iv) if bool((v.lo != v.hi).any())]
-    if len(ranged) > 1:
-        return fallback
+    if len(ranged) > 1 or (ranged and buf.numel() > (1 << 24)):
+        return fallback  # (a sparse table of a huge tensor would cost more than it saves)
     if not ranged:
         idx = tuple(v.lo.long() for v in iv)
         val = _f(buf[idx])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from flexcomp.codegen.lower import CodegenError, lower
+from flexcomp.errors import FlexcompError
 from flexcomp.ir import ModKind
 from flexcomp.masks import alibi, causal_mask, document_mask, softcap, sliding_window
 from flexcomp.trace import trace
@@ -36,7 +37,8 @@ def test_window_is_an_int_scalar():
 
 def test_loads_are_bounds_masked_with_strides_and_sizes():
     body = _body(alibi(4), ModKind.SCORE)
-    assert "tl.load(BUFS[0] + h * STRIDES[0], mask=(h >= 0) & (h < SIZES[0]), other=0).to(tl.float32)" in body
+    assert ("tl.load(BUFS[0] + ops.wrap_index(h, SIZES[0]) * STRIDES[0], mask=ops.in_range(h, SIZES[0]), "
+            "other=0).to(tl.float32)") in body
     lowered = lower(trace(document_mask([3, 5]), ModKind.MASK).graph)
     assert lowered.stride_offsets == (0, 1)  # doc and start, one dim each
     assert "STRIDES[1]" in lowered.source and "SIZES[1]" in lowered.source
@@ -50,8 +52,8 @@ def test_two_dim_buffer_and_bool_buffer():
         return torch.where(allowed[kv_idx], score + table[h, kv_idx], score)
 
     body = _body(mod, ModKind.SCORE)
-    assert "BUFS[0] + kv_idx * STRIDES[0], mask=(kv_idx >= 0) & (kv_idx < SIZES[0]), other=0) != 0" in body
-    assert "BUFS[1] + h * STRIDES[1] + kv_idx * STRIDES[2]" in body
+    assert "mask=ops.in_range(kv_idx, SIZES[0]), other=0) != 0" in body
+    assert "BUFS[1] + ops.wrap_index(h, SIZES[1]) * STRIDES[1] + ops.wrap_index(kv_idx, SIZES[2]) * STRIDES[2]" in body
 
 
 def test_python_semantics_helpers_for_floor_division_and_remainder():
@@ -81,3 +83,23 @@ def test_integer_powers_unroll_and_others_refuse():
 def test_function_names_say_which_variant():
     name = lower(trace(softcap(5.0), ModKind.SCORE).graph).name
     assert name.startswith("score_mod_softcap_score_") and len(name.rsplit("_", 1)[1]) == 16
+
+
+def test_integer_to_negative_power_is_refused_and_power_zero_is_one():
+    with pytest.raises(CodegenError, match="integer to a negative power"):
+        lower(trace(lambda s, b, h, q, kv: s + (kv + 1) ** -1, ModKind.SCORE).graph)
+    assert "(1 + tl.zeros_like(" in _body(lambda s, b, h, q, kv: s + s ** 0, ModKind.SCORE)
+
+
+def test_forward_config_fits_shared_memory():
+    from flexcomp.codegen.launch import forward_config
+
+    smem = 232448  # H100 / H200 opt-in limit
+    bf16_128 = forward_config(128, 128, 2, 128, 128, {}, False, False, smem)
+    assert (bf16_128.block_m, bf16_128.block_n, bf16_128.num_stages, bf16_128.static_sub) == (128, 128, 3, True)
+    f32_128 = forward_config(128, 128, 4, 128, 128, {}, False, False, smem)
+    assert (f32_128.block_m, f32_128.num_stages) == (64, 1)  # two stages of 128 fp32 rows of K and V do not fit
+    f32_256 = forward_config(256, 256, 4, 128, 128, {}, False, True, smem)
+    assert not f32_256.static_sub  # not even one unrolled stage fits: the block's tiles loop
+    with pytest.raises(FlexcompError, match=r"kernel_options\['BLOCK_M'\] must be a power of two >= 16, got 8"):
+        forward_config(64, 64, 2, 128, 128, {"BLOCK_M": 8}, False)

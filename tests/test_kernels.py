@@ -257,3 +257,51 @@ def test_new_captured_values_compile_nothing_new_on_the_gpu():
     for w, cap in ((100, 7.0), (3, 50.0), (255, 1.5)):
         run(w, cap)
     assert compiled() == before
+
+
+def test_negative_capture_indices_count_from_the_end_as_in_torch():
+    table = torch.randn(79, device=DEVICE)
+
+    def rel(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx - kv_idx]  # negative above the diagonal
+
+    q, k, v = _qkv(1, 1, 40, 40, 16)
+    _check(q, k, v, rel, None, oracle_on=DEVICE)
+
+
+def test_full_blocks_hanging_over_the_end_are_bounded():
+    """A cropped mask (BlockMask._adjust) keeps full blocks that reach past KV_LEN."""
+    bm = create_block_mask(lambda b, h, q, kv: kv >= 0, 1, 1, 256, 256, device=DEVICE, BLOCK_SIZE=64)._adjust(100, 70)
+    q, k = torch.randn(1, 1, 100, 16, device=DEVICE), torch.randn(1, 1, 70, 16, device=DEVICE)
+    v = torch.randn(1, 1, 70, 16, device=DEVICE)
+    out = flex_attention(q, k, v, block_mask=bm, kernel_options=TRITON)
+    ref = flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "reference"})
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_float64_is_refused_with_a_pointer_to_the_reference_backend():
+    q, k, v = _qkv(1, 1, 16, 16, 16, dtype=torch.float64)
+    with pytest.raises(FlexcompError, match="runs float16, bfloat16 and float32 inputs, got torch.float64"):
+        flex_attention(q, k, v, kernel_options=TRITON)
+
+
+def test_captured_minus_zero_is_not_confused_with_zero():
+    def make(c):
+        return lambda s, b, h, q_idx, kv_idx: s + torch.sigmoid(1.0 / c + s * 0)
+
+    q, k, v = _qkv(1, 1, 32, 32, 16)
+    a = flex_attention(q, k, v, score_mod=make(0.0), kernel_options=TRITON)
+    b = flex_attention(q, k, v, score_mod=make(-0.0), kernel_options=TRITON)
+    ref = flex_attention(q, k, v, score_mod=make(-0.0), kernel_options={"BACKEND": "reference"})
+    torch.testing.assert_close(b, ref, atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("D", [64, 128, 192, 256])
+def test_every_head_dim_and_dtype_fits_the_device(dtype, D):
+    """Tile configs shrink to the device's shared memory (wide heads, float32, heavy mods)."""
+    q, k, v = _qkv(1, 2, 300, 300, D, dtype=dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    _check(q, k, v, softcap(20.0), document_mask([100, 200]), tol=tol)

@@ -44,8 +44,8 @@ def _fwd_tile(
     in_kv = offs_n < KV_LEN
     k_ptrs = K_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    # full blocks lie inside the sequence, and so does every block when KV_LEN % SPARSE_KV == 0
-    k = _load_rows(k_ptrs, in_kv, offs_d, D, D_PAD, APPLY_MASK and not EVEN_KV)
+    # every block lies inside the sequence when KV_LEN % SPARSE_KV == 0: then no bounds at all
+    k = _load_rows(k_ptrs, in_kv, offs_d, D, D_PAD, not EVEN_KV)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if EVEN_KV:
         kv_idx = offs_n[None, :]
@@ -56,20 +56,19 @@ def _fwd_tile(
                        SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF) * LOG2E
     else:
         qk = qk * qk_scale
-    if APPLY_MASK:
-        if HAS_MASK_MOD:
-            keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF)
-            if not EVEN_KV:
-                keep = keep & in_kv[None, :]
-            qk = tl.where(keep, qk, float("-inf"))
-        elif not EVEN_KV:
-            qk = tl.where(in_kv[None, :], qk, float("-inf"))
+    if APPLY_MASK and HAS_MASK_MOD:  # partial blocks: the mask_mod decides
+        keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF)
+        if not EVEN_KV:
+            keep = keep & in_kv[None, :]
+        qk = tl.where(keep, qk, float("-inf"))
+    elif not EVEN_KV:  # a block (full ones too, e.g. after BlockMask._adjust) may hang over the end
+        qk = tl.where(in_kv[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_ptrs, in_kv, offs_dv, DV, DV_PAD, APPLY_MASK and not EVEN_KV)
+    v = _load_rows(v_ptrs, in_kv, offs_dv, DV, DV_PAD, not EVEN_KV)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
@@ -83,17 +82,34 @@ def _fwd_blocks(
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
+    STATIC_SUB: tl.constexpr, NUM_KV_BLOCKS,
 ):
-    """Every kv block listed in ``IDX[0:n_blocks]``, in BLOCK_N-wide tiles."""
+    """Every kv block listed in ``IDX[0:n_blocks]``, in BLOCK_N-wide tiles.
+
+    ``STATIC_SUB`` unrolls a block's tiles (fastest; each unrolled tile has its own pipeline
+    buffers in shared memory), otherwise they run in a loop (for wide heads in float32).
+    Block numbers are clamped to the sequence, so no BlockMask can send a load outside K or V.
+    """
     for i in range(n_blocks):
-        kv_block = tl.load(IDX + i * stride_in)
-        for j in tl.static_range(SPARSE_KV // BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(
-                acc, l_i, m_i, q, K_base, V_base, kv_block * SPARSE_KV + j * BLOCK_N, q_idx, off_b, off_h,
-                KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
-                MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
-                HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
+        kv_block = tl.minimum(tl.maximum(tl.load(IDX + i * stride_in), 0), NUM_KV_BLOCKS - 1)
+        if STATIC_SUB:
+            for j in tl.static_range(SPARSE_KV // BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, K_base, V_base, kv_block * SPARSE_KV + j * BLOCK_N, q_idx, off_b, off_h,
+                    KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                    SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+                    MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+                    HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=APPLY_MASK, BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD,
+                    DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV)
+        else:
+            for j in range(SPARSE_KV // BLOCK_N):
+                acc, l_i, m_i = _fwd_tile(
+                    acc, l_i, m_i, q, K_base, V_base, kv_block * SPARSE_KV + j * BLOCK_N, q_idx, off_b, off_h,
+                    KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
+                    SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+                    MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+                    HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=APPLY_MASK, BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD,
+                    DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV)
     return acc, l_i, m_i
 
 
@@ -115,7 +131,7 @@ def flex_fwd(
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, STATIC_SUB: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -125,35 +141,41 @@ def flex_fwd(
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
     in_q = offs_m < Q_LEN
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    ob, oh = off_b.to(tl.int64), off_h.to(tl.int64)  # base offsets in 64 bits: large batches overflow 32
+    q = tl.load(Q + ob * stride_qb + oh * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
     q_idx = tl.minimum(offs_m, Q_LEN - 1)[:, None]
-    K_base = K + off_b * stride_kb + (off_h // GROUP) * stride_kh
-    V_base = V + off_b * stride_vb + (off_h // GROUP) * stride_vh
+    K_base = K + ob * stride_kb + (oh // GROUP) * stride_kh
+    V_base = V + ob * stride_vb + (oh // GROUP) * stride_vh
+    NUM_KV_BLOCKS = tl.cdiv(KV_LEN, SPARSE_KV)
     qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
     row = (pid_m * BLOCK_M) // SPARSE_Q
-    num_off = off_b * stride_nb + off_h * stride_nh + row * stride_nm
-    idx_off = off_b * stride_ib + off_h * stride_ih + row * stride_im
+    num_off = ob * stride_nb + oh * stride_nh + row * stride_nm
+    idx_off = ob * stride_ib + oh * stride_ih + row * stride_im
     if HAS_FULL:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_base, V_base, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), stride_in,
             q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
             SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
             MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
-            HAS_SCORE_MOD, HAS_MASK_MOD, False, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
+            HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=False, SPARSE_KV=SPARSE_KV, BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD,
+            DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV, STATIC_SUB=STATIC_SUB,
+            NUM_KV_BLOCKS=NUM_KV_BLOCKS)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, KV_IDX + idx_off, tl.load(KV_NUM + num_off), stride_in,
         q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
         SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
         MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
-        HAS_SCORE_MOD, HAS_MASK_MOD, True, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
+        HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=True, SPARSE_KV=SPARSE_KV, BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD,
+        DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV, STATIC_SUB=STATIC_SUB,
+        NUM_KV_BLOCKS=NUM_KV_BLOCKS)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
-    tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(O + ob * stride_ob + oh * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
-    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + offs_m * stride_lm, lse, mask=in_q)
+    tl.store(LSE + ob * stride_lb + oh * stride_lh + offs_m * stride_lm, lse, mask=in_q)
