@@ -141,6 +141,10 @@ def mod_args(tm: Optional[TracedMod], device) -> tuple[object, ModArgs]:
             t = t.to(device)
         if t.dtype == torch.bool:
             t = t.view(torch.int8)
+        if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31:
+            raise FlexcompError(
+                f"the captured tensor of shape {tuple(t.shape)} in {tm.graph.kind.value} {tm.graph.fn_name!r} spans "
+                f"2**31 elements or more; the triton backend indexes captured tensors with 32-bit offsets")
         bufs.append(t)
         strides += list(t.stride()) or [0]
         sizes += list(t.shape) or [1]

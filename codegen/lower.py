@@ -160,7 +160,7 @@ def _depends_on(g: Graph, a, name: str) -> bool:
 
 def _load(lowered: "_Layout", n: Node, a: list[str]) -> str:
     """A masked gather: negative indices count from the end (as torch's indexing); indices still
-    outside the tensor read 0 (torch would raise; a kernel cannot). Offsets are 64-bit."""
+    outside the tensor read 0 (torch would raise; a kernel cannot)."""
     j = lowered.buffer_index[n.attr]
     if not a:
         return f"tl.load(BUFS[{j}]){lowered.load_cast[n.attr]}"

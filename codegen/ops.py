@@ -39,8 +39,9 @@ def pymod_f(a, b):
 
 @triton.jit
 def wrap_index(i, size):
-    """A captured-tensor index as 64 bits, negative ones counted from the end (torch's indexing)."""
-    i = i.to(tl.int64)
+    """A captured-tensor index, negative ones counted from the end (torch's indexing).
+
+    32-bit: the launcher refuses captured tensors whose offsets need more."""
     return tl.where(i < 0, i + size, i)
 
 

@@ -287,7 +287,7 @@ def test_float64_is_refused_with_a_pointer_to_the_reference_backend():
 
 def test_captured_minus_zero_is_not_confused_with_zero():
     def make(c):
-        return lambda s, b, h, q_idx, kv_idx: s + torch.sigmoid(1.0 / c + s * 0)
+        return lambda s, b, h, q_idx, kv_idx: s * torch.sigmoid(1.0 / c + s * 0)  # s * 1 or s * 0
 
     q, k, v = _qkv(1, 1, 32, 32, 16)
     a = flex_attention(q, k, v, score_mod=make(0.0), kernel_options=TRITON)
