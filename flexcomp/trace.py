@@ -24,6 +24,7 @@ import numbers
 import re
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -291,8 +292,30 @@ def _check_signature(fn: Callable, kind: ModKind) -> None:
 # identity (their values are read at run time, so in-place updates need no retrace), functions
 # recursively. A function that captures anything else (an object whose attributes it may read,
 # a dict) is not cached and is traced on every call.
-_TRACES: "collections.OrderedDict[tuple, TracedMod]" = collections.OrderedDict()
+# Entries hold the captured tensors weakly: the cache never keeps a tensor (or a bias that a
+# training loop replaces every step) alive. A tensor's id cannot be reused while it lives, so a
+# live weak reference under a matching key is the very tensor the key saw.
+_TRACES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _TRACES_MAX = 512
+
+
+def _remember(key: tuple, tm: TracedMod, keep: list) -> None:
+    _TRACES[key] = (tm.graph, tuple(weakref.ref(t) for t in tm.buffers), tm.scalars, tuple(keep))
+    if len(_TRACES) > _TRACES_MAX:
+        _TRACES.popitem(last=False)
+
+
+def _cached(key: tuple, fn: Callable) -> TracedMod | None:
+    entry = _TRACES.get(key)
+    if entry is None:
+        return None
+    graph, refs, scalars, _ = entry
+    buffers = tuple(r() for r in refs)
+    if any(b is None for b in buffers):
+        del _TRACES[key]
+        return None
+    _TRACES.move_to_end(key)
+    return TracedMod(graph, buffers, scalars, fn)
 
 
 class _NoCache(Exception):
@@ -307,8 +330,14 @@ def _code_names(code: types.CodeType) -> list[str]:
     return names
 
 
-def fingerprint(value: Any, depth: int = 0) -> tuple:
-    """What a trace of ``value`` depends on, as a hashable key (raises _NoCache if unknowable)."""
+def fingerprint(value: Any, depth: int = 0, keep: list | None = None) -> tuple:
+    """What a trace of ``value`` depends on, as a hashable key (raises _NoCache if unknowable).
+
+    Objects named by id (code, modules, types) are appended to ``keep``: a cache entry holds them
+    so that their ids cannot be reused while the entry exists. Tensors are named by id too, but
+    entries hold them weakly (see ``_cached``).
+    """
+    keep = [] if keep is None else keep
     if depth > 12:
         raise _NoCache
     if value is None or isinstance(value, (bool, int, str)):
@@ -319,18 +348,20 @@ def fingerprint(value: Any, depth: int = 0) -> tuple:
         return ("tensor", id(value))
     if isinstance(value, types.FunctionType):
         code = value.__code__
-        cells = tuple(fingerprint(c.cell_contents, depth + 1) if _filled(c) else ("empty",)
+        keep.append(code)
+        cells = tuple(fingerprint(c.cell_contents, depth + 1, keep) if _filled(c) else ("empty",)
                       for c in (value.__closure__ or ()))
-        glob = tuple((n, fingerprint(value.__globals__[n], depth + 1))
+        glob = tuple((n, fingerprint(value.__globals__[n], depth + 1, keep))
                      for n in _code_names(code) if n in value.__globals__)
-        return ("fn", id(code), cells, glob, fingerprint(value.__defaults__, depth + 1))
+        return ("fn", id(code), cells, glob, fingerprint(value.__defaults__, depth + 1, keep))
     if isinstance(value, functools.partial):
-        return ("partial", fingerprint(value.func, depth + 1), fingerprint(value.args, depth + 1),
-                fingerprint(tuple(sorted(value.keywords.items())), depth + 1))
+        return ("partial", fingerprint(value.func, depth + 1, keep), fingerprint(value.args, depth + 1, keep),
+                fingerprint(tuple(sorted(value.keywords.items())), depth + 1, keep))
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(fingerprint(v, depth + 1) for v in value))
+        return (type(value).__name__, tuple(fingerprint(v, depth + 1, keep) for v in value))
     if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, type, torch.dtype)) or callable(value) and \
             type(value).__module__.startswith("torch") and not isinstance(value, torch.nn.Module):
+        keep.append(value)
         return ("const", id(value))
     raise _NoCache
 
@@ -358,13 +389,13 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
 
     if not callable(fn):
         raise FlexcompTraceError(f"{kind.value} must be callable, got {type(fn).__name__}")
+    keep: list = []
     try:
-        key = (kind, fingerprint(fn))
+        key = (kind, fingerprint(fn, keep=keep))
     except _NoCache:
         key = None
-    hit = _TRACES.get(key) if key is not None else None
+    hit = _cached(key, fn) if key is not None else None
     if hit is not None:
-        _TRACES.move_to_end(key)
         return hit
     _check_signature(fn, kind)
     baked: set[str] = set()
@@ -382,8 +413,6 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         tm = TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
                        tuple(value_of[c.name] for c in simple.scalars), fn)
         if key is not None and tracer.cacheable:
-            _TRACES[key] = tm
-            if len(_TRACES) > _TRACES_MAX:
-                _TRACES.popitem(last=False)
+            _remember(key, tm, keep)
         return tm
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")

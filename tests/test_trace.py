@@ -516,3 +516,22 @@ def test_closure_int_in_if_is_baked_in_and_others_stay_scalars():
     assert trace(make(3, 4.0), SCORE).key == tm.key
     tm0 = assert_traces_like_python(make(0, 2.5), SCORE, varies=True)
     assert tm0.key != tm.key
+
+
+def test_trace_cache_keeps_no_captured_tensor_alive():
+    import gc
+    import weakref
+
+    def make():
+        bias = torch.randn(1000)
+
+        def mod(score, b, h, q_idx, kv_idx):
+            return score + bias[kv_idx]
+
+        return mod, weakref.ref(bias)
+
+    mod, ref = make()
+    assert trace(mod, SCORE) is not None and trace(mod, SCORE).buffers[0] is ref()  # second call: a cache hit
+    del mod
+    gc.collect()
+    assert ref() is None
