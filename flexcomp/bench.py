@@ -94,10 +94,8 @@ SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (
          (128, 32, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)]
 
 
-def sweep(shapes: list[str], variants: list[str], dtype: torch.dtype) -> None:
-    """Time flexcomp's forward under each tile config of SWEEP (BLOCK_M, BLOCK_N, warps, stages)."""
-    import triton
-
+def _cases(shapes: list[str], variants: list[str], dtype: torch.dtype):
+    """Every (shape, variant): yields shape, its dims, fresh random q/k/v, the case and flexcomp's block mask."""
     import flexcomp
 
     device = torch.device("cuda")
@@ -107,20 +105,30 @@ def sweep(shapes: list[str], variants: list[str], dtype: torch.dtype) -> None:
         for name in variants:
             case = make_case(name, B, H, S, device)
             bm = flexcomp.create_block_mask(case.mask_mod, 1, 1, S, S, device=device) if case.mask_mod else None
-            times = {}
-            for bm_, bn, w, st in SWEEP:
-                opts = {"BLOCK_M": bm_, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-                try:
-                    with torch.no_grad():
-                        times[(bm_, bn, w, st)] = triton.testing.do_bench(
-                            lambda: flexcomp.flex_attention(q, k, v, score_mod=case.score_mod, block_mask=bm,
-                                                            kernel_options=opts), warmup=10, rep=40, return_mode="median")
-                except Exception as e:  # out of shared memory and the like: report and go on
-                    times[(bm_, bn, w, st)] = float("nan")
-                    print(f"  {shape} {case.name} {opts}: {type(e).__name__}", flush=True)
-            best = min((t, c) for c, t in times.items() if t == t)
-            print(json.dumps({"shape": shape, "variant": case.name, "best": best[1], "best_ms": best[0],
-                              "all_ms": {str(c): round(t, 4) for c, t in times.items()}}), flush=True)
+            yield shape, (B, H, S, D), (q, k, v), case, bm
+
+
+def sweep(shapes: list[str], variants: list[str], dtype: torch.dtype) -> None:
+    """Time flexcomp's forward under each tile config of SWEEP (BLOCK_M, BLOCK_N, warps, stages)."""
+    import triton
+
+    import flexcomp
+
+    for shape, _, (q, k, v), case, bm in _cases(shapes, variants, dtype):
+        times = {}
+        for bm_, bn, w, st in SWEEP:
+            opts = {"BLOCK_M": bm_, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+            try:
+                with torch.no_grad():
+                    times[(bm_, bn, w, st)] = triton.testing.do_bench(
+                        lambda: flexcomp.flex_attention(q, k, v, score_mod=case.score_mod, block_mask=bm,
+                                                        kernel_options=opts), warmup=10, rep=40, return_mode="median")
+            except Exception as e:  # out of shared memory and the like: report and go on
+                times[(bm_, bn, w, st)] = float("nan")
+                print(f"  {shape} {case.name} {opts}: {type(e).__name__}", flush=True)
+        best = min((t, c) for c, t in times.items() if t == t)
+        print(json.dumps({"shape": shape, "variant": case.name, "best": best[1], "best_ms": best[0],
+                          "all_ms": {str(c): round(t, 4) for c, t in times.items()}}), flush=True)
 
 
 def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool) -> list[dict]:
@@ -133,46 +141,41 @@ def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool)
     torch_flex = torch.compile(tf.flex_attention, dynamic=False)
     device = torch.device("cuda")
     rows = []
-    for shape in shapes:
-        B, H, S, D = (int(x) for x in shape.split("x"))
-        q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(3))
-        for name in variants:
-            case = make_case(name, B, H, S, device)
-            ours_bm = flexcomp.create_block_mask(case.mask_mod, 1, 1, S, S, device=device) if case.mask_mod else None
-            theirs_bm = tf.create_block_mask(case.mask_mod, 1, 1, S, S, device=device) if case.mask_mod else None
+    for shape, (B, H, S, D), (q, k, v), case, ours_bm in _cases(shapes, variants, dtype):
+        theirs_bm = tf.create_block_mask(case.mask_mod, 1, 1, S, S, device=device) if case.mask_mod else None
 
-            def ours():
-                return flexcomp.flex_attention(q, k, v, score_mod=case.score_mod, block_mask=ours_bm)
+        def ours():
+            return flexcomp.flex_attention(q, k, v, score_mod=case.score_mod, block_mask=ours_bm)
 
-            def theirs():
-                return torch_flex(q, k, v, score_mod=case.score_mod, block_mask=theirs_bm)
+        def theirs():
+            return torch_flex(q, k, v, score_mod=case.score_mod, block_mask=theirs_bm)
 
-            row = {"shape": shape, "variant": case.name, "dtype": str(dtype).replace("torch.", "")}
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                out = ours()
-                torch.cuda.synchronize()
-                row["flexcomp_first_call_s"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                tout = theirs()
-                torch.cuda.synchronize()
-                row["torch_first_call_s"] = time.perf_counter() - t0
-                if check:
-                    n = min(S, 2048)  # the float32 reference on the first queries keeps it quick
-                    ref = _reference_rows(flexcomp, q, k, v, case, n)
-                    row["flexcomp_rel_err"] = _rel(out[:, :, :n], ref)
-                    row["torch_rel_err"] = _rel(tout[:, :, :n], ref)
-                    row["nan"] = bool(torch.isnan(out).any())
-                density = _density(case.mask_mod, S, device)
-                flops = 4 * B * H * S * S * D * density
-                t_ours = triton.testing.do_bench(ours, warmup=25, rep=100, return_mode="median")
-                t_theirs = triton.testing.do_bench(theirs, warmup=25, rep=100, return_mode="median")
-                row["flexcomp_host_us"], row["torch_host_us"] = _host_us(ours), _host_us(theirs)
-            row.update(density=density, flexcomp_ms=t_ours, torch_ms=t_theirs,
-                       flexcomp_tflops=flops / t_ours / 1e9, torch_tflops=flops / t_theirs / 1e9,
-                       ratio=t_theirs / t_ours)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        row = {"shape": shape, "variant": case.name, "dtype": str(dtype).replace("torch.", "")}
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = ours()
+            torch.cuda.synchronize()
+            row["flexcomp_first_call_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            tout = theirs()
+            torch.cuda.synchronize()
+            row["torch_first_call_s"] = time.perf_counter() - t0
+            if check:
+                n = min(S, 2048)  # the float32 reference on the first queries keeps it quick
+                ref = _reference_rows(flexcomp, q, k, v, case, n)
+                row["flexcomp_rel_err"] = _rel(out[:, :, :n], ref)
+                row["torch_rel_err"] = _rel(tout[:, :, :n], ref)
+                row["nan"] = bool(torch.isnan(out).any())
+            density = _density(case.mask_mod, S, device)
+            flops = 4 * B * H * S * S * D * density
+            t_ours = triton.testing.do_bench(ours, warmup=25, rep=100, return_mode="median")
+            t_theirs = triton.testing.do_bench(theirs, warmup=25, rep=100, return_mode="median")
+            row["flexcomp_host_us"], row["torch_host_us"] = _host_us(ours), _host_us(theirs)
+        row.update(density=density, flexcomp_ms=t_ours, torch_ms=t_theirs,
+                   flexcomp_tflops=flops / t_ours / 1e9, torch_tflops=flops / t_theirs / 1e9,
+                   ratio=t_theirs / t_ours)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
