@@ -168,17 +168,22 @@ def _pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def check_inputs(q: torch.Tensor, D: int, DV: int) -> None:
+    """What the Triton kernels take: head dims up to 256, float16 / bfloat16 / float32."""
+    if D > 256 or DV > 256:
+        raise FlexcompError(f"the triton backend supports head dims up to 256, got query/key {D} and value {DV}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise FlexcompError(f"the triton backend runs float16, bfloat16 and float32 inputs, got {q.dtype}; "
+                            f"use kernel_options={{'BACKEND': 'reference'}} for {q.dtype}")
+
+
 def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optional[TracedMod],
                  mask: Optional[TracedMod], block_mask, scale: float, torch_options: dict,
                  interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the generated forward kernel: output ``[B, Hq, L, Ev]`` (input dtype), LSE float32."""
     B, H, L, D = q.shape
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
-    if D > 256 or DV > 256:
-        raise FlexcompError(f"the triton backend supports head dims up to 256, got query/key {D} and value {DV}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise FlexcompError(f"the triton backend runs float16, bfloat16 and float32 inputs, got {q.dtype}; "
-                            f"use kernel_options={{'BACKEND': 'reference'}} for {q.dtype}")
+    check_inputs(q, D, DV)
     device = q.device
     if block_mask is None:
         block_mask = _full_block_mask(L, S, device)

@@ -16,6 +16,7 @@ One line of Triton per IR node, each commented with the node it comes from.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -91,8 +92,9 @@ def _pow(g: Graph, n: Node, a: str, exp) -> str:
         "constant integer exponent")
 
 
-def _body(g: Graph, lowered: "_Layout") -> list[str]:
-    names: dict[int, str] = {}
+def _body(g: Graph, lowered: "_Layout", names: dict | None = None) -> list[str]:
+    """One line per node; ``names`` (filled in) maps node ids to the Triton variables."""
+    names = {} if names is None else names
     lines: list[str] = []
 
     def arg(a) -> str:
@@ -104,6 +106,8 @@ def _body(g: Graph, lowered: "_Layout") -> list[str]:
             continue
         var = f"v{len(lines)}"
         a = [arg(x) for x in n.args]
+        if a and all(isinstance(x, Const) for x in n.args):  # left unfolded (e.g. 1 // 0): compute on the device
+            a[0] = f"tl.full([], {a[0]}, {_TL_TYPES[g.dtype_of(n.args[0])]})"
         ts = [g.dtype_of(x) for x in n.args]
         if n.op is Op.SCALAR:
             slot = lowered.scalar_slot[n.attr]
@@ -134,14 +138,20 @@ def _body(g: Graph, lowered: "_Layout") -> list[str]:
             raise CodegenError(f"{g.kind.value} {g.fn_name!r}: cannot lower '{g.format_node(n)}'")
         lines.append(f"    {var} = {expr}  # {g.format_node(n)}")
         names[n.id] = var
-    out = arg(g.output)
-    if g.kind is ModKind.SCORE:
-        if isinstance(g.output, Const) or not _depends_on(g, g.output, "score"):
-            out = f"({out} + tl.zeros_like(score))"  # a full tile, whatever the mod reads
-    elif isinstance(g.output, Const):  # a constant mask, as a full [BLOCK_M, BLOCK_N] tile
-        out = "((q_idx >= 0) & (kv_idx >= 0))" if g.output.value else "((q_idx >= 0) & (kv_idx < 0))"
-    lines.append(f"    return {out}")
     return lines
+
+
+def _returns(g: Graph, names: dict) -> str:
+    outs = []
+    for a in g.outputs:
+        out = _const(a) if isinstance(a, Const) else names[a]
+        if g.kind is ModKind.SCORE:
+            if isinstance(a, Const) or not _depends_on(g, a, "score"):
+                out = f"({out} + tl.zeros_like(score))"  # a full tile, whatever the mod reads
+        elif isinstance(a, Const):  # a constant mask, as a full [BLOCK_M, BLOCK_N] tile
+            out = "((q_idx >= 0) & (kv_idx >= 0))" if a.value else "((q_idx >= 0) & (kv_idx < 0))"
+        outs.append(out)
+    return f"    return {', '.join(outs)}"
 
 
 def _depends_on(g: Graph, a, name: str) -> bool:
@@ -164,11 +174,17 @@ def _load(lowered: "_Layout", n: Node, a: list[str]) -> str:
     j = lowered.buffer_index[n.attr]
     if not a:
         return f"tl.load(BUFS[{j}]){lowered.load_cast[n.attr]}"
+    ptr, mask = _address(lowered, j, a, "BUFS", "STRIDES")
+    return f"tl.load({ptr}, mask={mask}, other=0){lowered.load_cast[n.attr]}"
+
+
+def _address(lowered: "_Layout", j: int, a: list[str], bufs: str, strides: str) -> tuple[str, str]:
+    """Pointer into ``bufs[j]`` at indices ``a`` (negatives wrapped) and the in-range mask."""
     s = lowered.stride_offsets[j]
     idx = [f"ops.wrap_index({x}, SIZES[{s + d}])" for d, x in enumerate(a)]
-    ptr = " + ".join([f"BUFS[{j}]"] + [f"{x} * STRIDES[{s + d}]" for d, x in enumerate(idx)])
+    ptr = " + ".join([f"{bufs}[{j}]"] + [f"{x} * {strides}[{s + d}]" for d, x in enumerate(idx)])
     mask = " & ".join(f"ops.in_range({x}, SIZES[{s + d}])" for d, x in enumerate(a))
-    return f"tl.load({ptr}, mask={mask}, other=0){lowered.load_cast[n.attr]}"
+    return ptr, mask
 
 
 @dataclass
@@ -201,7 +217,30 @@ def _layout(g: Graph) -> _Layout:
 
 
 def function_name(g: Graph) -> str:
-    return f"{g.kind.value}_{g.fn_name}_{g.structural_key()}"
+    """``score_mod_<fn>_<key>``, or ``score_grad_<fn>_<key>`` for a graph that also returns derivatives."""
+    kind = "score_grad" if g.extra_outputs else g.kind.value
+    return f"{kind}_{g.fn_name}_{g.structural_key()}"
+
+
+_MOD_PARAMS = "b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F"
+
+
+def _module(g: Graph, name: str, params: str, body: list[str], what: str) -> str:
+    ir = "\n".join("# " + line for line in str(g).splitlines())
+    return "\n".join([
+        f'"""flexcomp generated {what} of {g.kind.value} {g.fn_name!r}, structural key {g.structural_key()}."""',
+        ir,
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "from flexcomp.codegen import ops",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}({params}):",
+        *body,
+        "",
+    ])
 
 
 def lower(g: Graph) -> LoweredMod:
@@ -216,20 +255,64 @@ def lower(g: Graph) -> LoweredMod:
     """
     lay = _layout(g)
     name = function_name(g)
-    params = ("score, " if g.kind is ModKind.SCORE else "") + "b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F"
-    ir = "\n".join("# " + line for line in str(g).splitlines())
-    src = "\n".join([
-        f'"""flexcomp generated {g.kind.value} {g.fn_name!r}, structural key {g.structural_key()}."""',
-        ir,
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "from flexcomp.codegen import ops",
-        "",
-        "",
-        "@triton.jit",
-        f"def {name}({params}):",
-        *_body(g, lay),
-        "",
-    ])
-    return LoweredMod(name, src, g, lay.stride_offsets, lay.int_scalars, lay.float_scalars)
+    params = ("score, " if g.kind is ModKind.SCORE else "") + _MOD_PARAMS
+    names: dict = {}
+    body = _body(g, lay, names) + [_returns(g, names)]
+    what = "value and derivatives" if g.extra_outputs else "code"
+    return LoweredMod(name, _module(g, name, params, body, what), g, lay.stride_offsets, lay.int_scalars,
+                      lay.float_scalars)
+
+
+class Reduce(enum.IntEnum):
+    """How a captured-tensor gradient is summed in a tile before its atomic add, by what its
+    index depends on (see ``ops.scatter_grad``)."""
+
+    NONE = 0  # on (q_idx and kv_idx): one atomic per pair
+    ALL = 1  # on b and h only: one atomic per tile
+    PER_Q = 2  # on b, h, q_idx: one per query row
+    PER_KV = 3  # on b, h, kv_idx: one per key
+
+
+def _reduce_kind(g: Graph, load: Node) -> Reduce:
+    on_q = any(_depends_on(g, a, "q_idx") for a in load.args)
+    on_kv = any(_depends_on(g, a, "kv_idx") for a in load.args)
+    return {(False, False): Reduce.ALL, (True, False): Reduce.PER_Q, (False, True): Reduce.PER_KV}.get(
+        (on_q, on_kv), Reduce.NONE)
+
+
+def lower_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> LoweredMod:
+    """The gradient scatter of score_mod ``g`` into its captured tensors named in ``grad_buffers``.
+
+    For each float load of those tensors, ``grad * d score_mod / d load`` (derived by
+    :func:`flexcomp.derivative.value_and_derivatives`, sharing the forward nodes) is added into
+    ``GRADS[buffer]`` at the load's own (wrapped) index, for the ``valid`` pairs, by
+    ``ops.scatter_grad`` (atomics, or the two deterministic passes; ``MODE``)::
+
+        score_scatter_<fn>_<key>(score, grad, valid, <mod args>, GRADS, GSTRIDES, AUX, Q_AXIS, MODE)
+
+    ``GSTRIDES`` are the gradient buffers' strides, flat as ``STRIDES``; ``AUX`` one float32 per
+    buffer (largest contribution, then the fixed-point scale); ``Q_AXIS`` the tile axis of queries.
+    """
+    from flexcomp.derivative import float_loads, value_and_derivatives
+
+    loads = tuple(n for n in float_loads(g) if n.attr in grad_buffers)
+    joint = value_and_derivatives(g, loads)
+    joint_loads = [n for n in float_loads(joint) if n.attr in grad_buffers]
+    if len(joint_loads) != len(loads):  # pragma: no cover - re-emission keeps every load
+        raise CodegenError(f"score_mod {g.fn_name!r}: loads changed while deriving {[str(n) for n in loads]}")
+    lay = _layout(joint)
+    tag = "_".join(str(lay.buffer_index[b]) for b in grad_buffers)
+    name = f"score_scatter_{g.fn_name}_{g.structural_key()}_{tag}"
+    params = f"score, grad, valid, {_MOD_PARAMS}, GRADS, GSTRIDES, AUX, Q_AXIS: tl.constexpr, MODE: tl.constexpr"
+    names: dict = {}
+    body = _body(joint, lay, names)
+    for load, d in zip(joint_loads, joint.extra_outputs[1:]):  # extra_outputs[0] is d / d score
+        j = lay.buffer_index[load.attr]
+        idx = [_const(x) if isinstance(x, Const) else names[x] for x in load.args]
+        ptr, inb = _address(lay, j, idx, "GRADS", "GSTRIDES") if idx else (f"GRADS[{j}]", "(b >= 0)")
+        dval = _const(d) if isinstance(d, Const) else names[d]
+        body.append(f"    ops.scatter_grad({ptr}, {inb}, grad * {dval}, valid, AUX + {j}, "
+                    f"REDUCE={int(_reduce_kind(joint, load))}, Q_AXIS=Q_AXIS, MODE=MODE)"
+                    f"  # d/d {joint.format_node(load)}")
+    return LoweredMod(name, _module(joint, name, params, body, "gradient scatter"), joint, lay.stride_offsets,
+                      lay.int_scalars, lay.float_scalars)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from flexcomp.ir import Graph
 
-from .lower import LoweredMod, lower
+from .lower import LoweredMod, lower, lower_scatter
 
 
 @dataclass
@@ -47,13 +47,25 @@ def source_dir() -> str:
 
 
 def jit_function(g: Graph) -> tuple[LoweredMod, object]:
-    """The lowered mod and its ``@triton.jit`` function for ``g``: generated once per structure."""
-    key = (g.kind, g.structural_key())  # names do not matter: one function per structure
+    """The lowered mod and its ``@triton.jit`` function for ``g``: generated once per structure.
+
+    A graph with derivatives among its outputs (``value_and_derivatives``) becomes a function
+    returning all of them."""
+    return _jit((g.kind, g.structural_key()), lambda: lower(g))  # names do not matter, structure does
+
+
+def jit_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> tuple[LoweredMod, object]:
+    """The gradient scatter of score_mod ``g`` into its captured tensors ``grad_buffers``."""
+    pos = tuple(i for i, b in enumerate(g.buffers) if b.name in grad_buffers)
+    return _jit(("scatter", g.structural_key(), pos), lambda: lower_scatter(g, grad_buffers))
+
+
+def _jit(key: tuple, make) -> tuple[LoweredMod, object]:
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-        lowered = lower(g)
+        lowered = make()
         path = os.path.join(source_dir(), lowered.name + ".py")
         with open(path, "w") as f:
             f.write(lowered.source)

@@ -56,6 +56,37 @@ def sign(x):
     return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
 
+@triton.jit
+def scatter_grad(ptr, inb, contrib, valid, aux, REDUCE: tl.constexpr, Q_AXIS: tl.constexpr, MODE: tl.constexpr):
+    """Add one tile's gradient contributions ``contrib`` (zero where not ``valid``) into a captured
+    tensor's gradient at ``ptr`` (masked by ``inb``, the load's in-range mask).
+
+    ``REDUCE`` (``lower.Reduce``): when the index depends on b and h only, or on the query or the
+    key only, the tile is summed first, so one atomic serves a whole tile, row or column.
+    ``MODE``: 0 float32 atomic add (fast; the order of additions varies run to run); deterministic
+    mode runs 1 then 2: 1 records the largest ``|contribution|`` in ``aux``, 2 adds
+    ``round(contribution * scale)`` into an int64 buffer (``aux`` now holds the power-of-two scale),
+    and integer addition gives the same bits in any order.
+    """
+    c = tl.where(valid, contrib, 0.0)
+    if MODE == 1:
+        tl.atomic_max(aux, tl.max(tl.max(tl.abs(c), 1), 0))
+    else:
+        mask = inb
+        if REDUCE == 1:
+            c = tl.sum(tl.sum(c, 1), 0)
+        elif REDUCE == 2:
+            c = tl.sum(c, 1 - Q_AXIS, keep_dims=True)
+        elif REDUCE == 3:
+            c = tl.sum(c, Q_AXIS, keep_dims=True)
+        else:
+            mask = inb & valid
+        if MODE == 0:
+            tl.atomic_add(ptr, c, mask=mask, sem="relaxed")
+        else:
+            tl.atomic_add(ptr, tl.floor(c * tl.load(aux) + 0.5).to(tl.int64), mask=mask, sem="relaxed")
+
+
 if INTERPRET:
 
     @triton.jit

@@ -1,21 +1,31 @@
 """GPU benchmark: flexcomp's kernels beside torch's compiled flex_attention, in one run.
 
-    python -m flexcomp.bench                      # the anchors' shapes and variants, forward
+    python -m flexcomp.bench                      # the anchors' shapes and variants, forward + backward
+    python -m flexcomp.bench --no-bwd             # forward only
     python -m flexcomp.bench --shapes 4x16x4096x128 --variants causal,softcap
-    python -m flexcomp.bench --cold               # cold compile time of one variant, fresh caches
+    python -m flexcomp.bench --cold-only          # cold compile, forward + backward, fresh caches
+    python -m flexcomp.bench --cold --json out.json   # the benchmark, then the cold compile
+    python -m flexcomp.bench --sweep              # flexcomp's forward under several tile configs
+    python -m flexcomp.bench --sweep-bwd --shapes 4x16x4096x128 --variants causal,softcap
 
 For each shape and variant it first checks both libraries against flexcomp's float32 reference
-backend (relative error ``|out - ref| / |ref|``), then times each forward with
-``triton.testing.do_bench`` (median) and prints TFLOP/s counted as ``../shared/anchors.md`` does:
-``4 * B * H * S^2 * D * density / time``, density = the fraction of (q, kv) pairs the mask keeps.
-torch's ``flex_attention`` is wrapped in ``torch.compile(dynamic=False)`` with the recompile limit
-raised (at the default limit it silently falls back to an unfused path).
+backend (``|x - ref| / |ref|``): the output on the first 2,048 queries and (unless ``--no-bwd``) dq,
+dk, dv for a fixed random dO, at the full shape when ``B * H * S^2 <= 2**30``, else on the first
+batch element and the first heads that fit. Then it times each library with
+``triton.testing.do_bench`` (median) and prints TFLOP/s as ``../shared/anchors.md`` counts them,
+density = the fraction of (q, kv) pairs the mask keeps: forward ``4 * B * H * S^2 * D * density /
+t_fwd`` (no_grad); backward ``2.5 *`` that work ``/ (t_fwdbwd - t_fwd_grad)``, where ``t_fwdbwd``
+times ``torch.autograd.grad(out, (q, k, v), dO)`` with its forward and ``t_fwd_grad`` that forward
+alone, autograd recording. torch's ``flex_attention`` is wrapped in ``torch.compile(dynamic=False)``
+with the recompile limit raised (at the default limit it silently falls back to an unfused path).
+A step that raises is ``null`` in the JSON rows and ``err`` in the table, its first line printed.
 
 Not a test: it prints numbers; docs/performance.md keeps them with date, device and command.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,12 +33,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 ANCHOR_SHAPES = ["4x16x4096x64", "4x16x4096x128", "1x16x16384x128"]
 VARIANTS = ["full", "causal", "sliding", "alibi", "softcap", "document", "prefix"]
+COLD_SHAPE = "2x8x2048x64"  # anchors: cold compile of causal + soft-cap, bf16
+GRAD_CHECK_PAIRS = 2**30  # bound on B * H * S^2 for the float32 reference backward
+BWD_FLOP_FACTOR = 2.5  # backward work relative to the forward's (anchors.md)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,68 @@ def make_case(name: str, B: int, H: int, S: int, device) -> Case:
     raise SystemExit(f"unknown variant {name!r}; choose from {VARIANTS}")
 
 
+@dataclass(frozen=True)
+class Setup:
+    """One (shape, variant) to measure: ``q``, ``k``, ``v`` random ``[B, H, S, D]``, ``do`` a fixed
+    random output gradient, flexcomp's ``block_mask`` (None: no mask), ``density`` the fraction of
+    (q, kv) pairs kept."""
+
+    shape: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    do: torch.Tensor
+    case: Case
+    block_mask: Any
+    density: float
+
+    @property
+    def flops(self) -> float:
+        """The forward's work, ``4 * B * H * S^2 * D * density``."""
+        B, H, S, D = self.q.shape
+        return 4 * B * H * S * S * D * self.density
+
+
+@dataclass(frozen=True)
+class FwdTiles:
+    """A forward tile config for ``--sweep``, named as torch's ``kernel_options`` keys."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+    def kernel_options(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BwdTiles:
+    """A backward tile config for ``--sweep-bwd``, passed as torch's ``bwd_*`` ``kernel_options``.
+
+    dK/dV kernel: ``BLOCK_N1`` kv rows per program, ``BLOCK_M1`` query rows per inner tile.
+    dQ kernel: ``BLOCK_M2`` query rows per program, ``BLOCK_N2`` kv columns per tile.
+    """
+
+    BLOCK_M1: int
+    BLOCK_N1: int
+    BLOCK_M2: int
+    BLOCK_N2: int
+    num_warps: int
+    num_stages: int
+
+    def kernel_options(self) -> dict:
+        return {"bwd_" + key: value for key, value in dataclasses.asdict(self).items()}
+
+
+SWEEP = [FwdTiles(128, 64, 4, 3), FwdTiles(128, 64, 8, 3), FwdTiles(128, 128, 8, 3), FwdTiles(128, 128, 8, 2),
+         FwdTiles(64, 64, 4, 3), FwdTiles(128, 32, 4, 3), FwdTiles(64, 128, 4, 3), FwdTiles(128, 64, 8, 4)]
+SWEEP_BWD = [BwdTiles(m1, n1, m2, n2, warps, stages)
+             for m1, n1, m2, n2 in ((64, 128, 128, 64), (64, 64, 64, 64), (32, 128, 128, 32),
+                                    (64, 128, 64, 64), (128, 128, 128, 128))
+             for warps in (4, 8) for stages in (2, 3)]
+
+
 def _density(mask_mod, S: int, device) -> float:
     if mask_mod is None:
         return 1.0
@@ -82,6 +157,11 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.float() - ref.float()).norm() / ref.float().norm())
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def _setup_torch_compile():
     import torch._dynamo
 
@@ -90,49 +170,121 @@ def _setup_torch_compile():
             setattr(torch._dynamo.config, knob, 10_000)
 
 
-SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-         (128, 32, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4)]
-
-
-def _cases(shapes: list[str], variants: list[str], dtype: torch.dtype):
-    """Every (shape, variant): yields shape, its dims, fresh random q/k/v, the case and flexcomp's block mask."""
+def _cases(shapes: list[str], variants: list[str], dtype: torch.dtype, requires_grad: bool):
+    """Every (shape, variant) as a :class:`Setup`; inputs are drawn once per shape."""
     import flexcomp
 
     device = torch.device("cuda")
     for shape in shapes:
         B, H, S, D = (int(x) for x in shape.split("x"))
-        q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(3))
+        q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=requires_grad) for _ in range(3))
+        do = torch.randn(B, H, S, D, device=device, dtype=dtype)
         for name in variants:
             case = make_case(name, B, H, S, device)
             bm = flexcomp.create_block_mask(case.mask_mod, 1, 1, S, S, device=device) if case.mask_mod else None
-            yield shape, (B, H, S, D), (q, k, v), case, bm
+            yield Setup(shape=shape, q=q, k=k, v=v, do=do, case=case, block_mask=bm,
+                        density=_density(case.mask_mod, S, device))
 
 
-def sweep(shapes: list[str], variants: list[str], dtype: torch.dtype) -> None:
-    """Time flexcomp's forward under each tile config of SWEEP (BLOCK_M, BLOCK_N, warps, stages)."""
+def _bench(fn, warmup: int = 25, rep: int = 100) -> float:
     import triton
 
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def _fwdbwd(call: Callable, q, k, v, do) -> tuple:
+    """Forward then backward: (dq, dk, dv) by ``torch.autograd.grad`` (no ``.grad`` accumulates)."""
+    return torch.autograd.grad(call(q, k, v), (q, k, v), do)
+
+
+def _sweep_table(s: Setup, ranked: list[dict], work: float) -> str:
+    """Markdown table of one sweep: a row per config (fields and ``ms``), fastest first."""
+    lines = [f"{s.shape.replace('x', '×')} {s.case.name}:", "| " + " | ".join(ranked[0]) + " | TFLOP/s |",
+             "|" + "---|" * (len(ranked[0]) + 1)]
+    lines += ["| " + " | ".join(map(str, r.values())) + f" | {work / r['ms'] / 1e9:.0f} |" for r in ranked]
+    return "\n".join(lines)
+
+
+def _run_sweep(shapes, variants, dtype, backward: bool) -> None:
+    """Time flexcomp's forward (``SWEEP``) or backward (``SWEEP_BWD``) under each tile config.
+
+    The backward's time is ``t_fwdbwd - t_fwd_grad``, the forward run with default tiles (the
+    ``bwd_*`` keys do not reach the forward kernel). Configs that raise are reported and skipped.
+    """
     import flexcomp
 
-    for shape, _, (q, k, v), case, bm in _cases(shapes, variants, dtype):
+    for s in _cases(shapes, variants, dtype, requires_grad=backward):
+        def call(q, k, v, opts=None):
+            return flexcomp.flex_attention(q, k, v, score_mod=s.case.score_mod, block_mask=s.block_mask,
+                                           kernel_options=opts)
+
+        try:
+            t_fwd = _bench(lambda: call(s.q, s.k, s.v), warmup=10, rep=40) if backward else 0.0
+        except Exception as e:  # the forward with autograd recording
+            print(f"{s.shape} {s.case.name} forward: {_first_line(e)}", flush=True)
+            continue
         times = {}
-        for bm_, bn, w, st in SWEEP:
-            opts = {"BLOCK_M": bm_, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        for tiles in SWEEP_BWD if backward else SWEEP:
+            opts = tiles.kernel_options()
             try:
-                with torch.no_grad():
-                    times[(bm_, bn, w, st)] = triton.testing.do_bench(
-                        lambda: flexcomp.flex_attention(q, k, v, score_mod=case.score_mod, block_mask=bm,
-                                                        kernel_options=opts), warmup=10, rep=40, return_mode="median")
-            except Exception as e:  # out of shared memory and the like: report and go on
-                times[(bm_, bn, w, st)] = float("nan")
-                print(f"  {shape} {case.name} {opts}: {type(e).__name__}", flush=True)
-        best = min((t, c) for c, t in times.items() if t == t)
-        print(json.dumps({"shape": shape, "variant": case.name, "best": best[1], "best_ms": best[0],
-                          "all_ms": {str(c): round(t, 4) for c, t in times.items()}}), flush=True)
+                if backward:
+                    t = _bench(lambda: _fwdbwd(lambda q, k, v: call(q, k, v, opts), s.q, s.k, s.v, s.do),
+                               warmup=10, rep=40)
+                    times[tiles] = t - t_fwd
+                else:
+                    with torch.no_grad():
+                        times[tiles] = _bench(lambda: call(s.q, s.k, s.v, opts), warmup=10, rep=40)
+            except Exception as e:  # out of shared memory, a tile the kernel refuses: report and go on
+                print(f"  {s.shape} {s.case.name} {opts}: {_first_line(e)}", flush=True)
+        if not times:
+            print(f"{s.shape} {s.case.name}: every config raised", flush=True)
+            continue
+        ranked = [dict(dataclasses.asdict(c), ms=round(t, 4)) for c, t in sorted(times.items(), key=lambda i: i[1])]
+        print(json.dumps({"shape": s.shape, "variant": s.case.name, "pass": "backward" if backward else "forward",
+                          "fwd_grad_ms": t_fwd if backward else None, "ranked": ranked}), flush=True)
+        print(_sweep_table(s, ranked, s.flops * (BWD_FLOP_FACTOR if backward else 1.0)), flush=True)
 
 
-def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool) -> list[dict]:
-    import triton
+def _grad_check(impls: dict[str, Callable], reference: Callable, s: Setup) -> dict:
+    """dq, dk, dv of each library against the float32 reference, ``|g - ref| / |ref|``.
+
+    At the full shape when ``B * H * S^2 <= GRAD_CHECK_PAIRS``, else on the first batch element
+    and the first heads that fit (at least one): the libraries run on the same slice.
+    """
+    B, H, S, D = s.q.shape
+    nb = B if B * H * S * S <= GRAD_CHECK_PAIRS else 1
+    nh = H if nb * H * S * S <= GRAD_CHECK_PAIRS else min(H, max(1, GRAD_CHECK_PAIRS // (S * S)))
+    q, k, v, do = (t[:nb, :nh].detach().contiguous() for t in (s.q, s.k, s.v, s.do))
+    fp32 = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = _fwdbwd(reference, *fp32, do.float())
+    result: dict = {"grad_check_shape": f"{nb}x{nh}x{S}x{D}"}
+    for name, call in impls.items():
+        try:
+            grads = _fwdbwd(call, *(t.clone().requires_grad_() for t in (q, k, v)), do)
+        except Exception as e:
+            result[f"{name}_grad_error"], result[f"{name}_grad_rel_err_max"] = _first_line(e), None
+            print(f"  {s.shape} {s.case.name} {name} gradients: {_first_line(e)}", flush=True)
+            continue
+        errors = {g_name: _rel(g, r) for g_name, g, r in zip(("dq", "dk", "dv"), grads, ref)}
+        result[f"{name}_grad_rel_err"], result[f"{name}_grad_rel_err_max"] = errors, max(errors.values())
+    return result
+
+
+def _time_backward(n: str, call: Callable, s: Setup) -> dict:
+    """t_fwd_grad, t_fwdbwd and the backward's share; on an error, ``None`` times and the message.
+    (Compile times: :func:`cold_compile`; the gradient check may already have compiled here.)"""
+    try:
+        t_fwd = _bench(lambda: call(s.q, s.k, s.v))  # autograd recording, as in training
+        t_all = _bench(lambda: _fwdbwd(call, s.q, s.k, s.v, s.do))
+    except Exception as e:
+        print(f"  {s.shape} {s.case.name} {n} backward: {_first_line(e)}", flush=True)
+        return {f"{n}_bwd_error": _first_line(e), f"{n}_bwd_ms": None, f"{n}_bwd_tflops": None}
+    return {f"{n}_fwd_grad_ms": t_fwd, f"{n}_fwdbwd_ms": t_all, f"{n}_bwd_ms": t_all - t_fwd,
+            f"{n}_bwd_tflops": BWD_FLOP_FACTOR * s.flops / (t_all - t_fwd) / 1e9}
+
+
+def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool, bwd: bool = True) -> list[dict]:
+    """Check and time both libraries on every (shape, variant); returns (and prints) one dict per row."""
     from torch.nn.attention import flex_attention as tf
 
     import flexcomp
@@ -141,39 +293,50 @@ def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool)
     torch_flex = torch.compile(tf.flex_attention, dynamic=False)
     device = torch.device("cuda")
     rows = []
-    for shape, (B, H, S, D), (q, k, v), case, ours_bm in _cases(shapes, variants, dtype):
-        theirs_bm = tf.create_block_mask(case.mask_mod, 1, 1, S, S, device=device) if case.mask_mod else None
+    for s in _cases(shapes, variants, dtype, requires_grad=bwd):
+        S = s.q.shape[2]
+        theirs_bm = tf.create_block_mask(s.case.mask_mod, 1, 1, S, S, device=device) if s.case.mask_mod else None
 
-        def ours():
-            return flexcomp.flex_attention(q, k, v, score_mod=case.score_mod, block_mask=ours_bm)
+        def ours(q, k, v):
+            return flexcomp.flex_attention(q, k, v, score_mod=s.case.score_mod, block_mask=s.block_mask)
 
-        def theirs():
-            return torch_flex(q, k, v, score_mod=case.score_mod, block_mask=theirs_bm)
+        def theirs(q, k, v):
+            return torch_flex(q, k, v, score_mod=s.case.score_mod, block_mask=theirs_bm)
 
-        row = {"shape": shape, "variant": case.name, "dtype": str(dtype).replace("torch.", "")}
+        def reference(q, k, v):
+            return flexcomp.flex_attention(q, k, v, score_mod=s.case.score_mod, block_mask=s.block_mask,
+                                           kernel_options={"BACKEND": "reference"})
+
+        impls = {"flexcomp": ours, "torch": theirs}  # the name prefixes the row's keys
+        row = {"shape": s.shape, "variant": s.case.name, "dtype": str(dtype).replace("torch.", ""),
+               "density": s.density}
+        outs = {}
         with torch.no_grad():
-            t0 = time.perf_counter()
-            out = ours()
-            torch.cuda.synchronize()
-            row["flexcomp_first_call_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            tout = theirs()
-            torch.cuda.synchronize()
-            row["torch_first_call_s"] = time.perf_counter() - t0
+            for name, call in impls.items():
+                t0 = time.perf_counter()
+                outs[name] = call(s.q, s.k, s.v)
+                torch.cuda.synchronize()
+                row[f"{name}_first_call_s"] = time.perf_counter() - t0
             if check:
                 n = min(S, 2048)  # the float32 reference on the first queries keeps it quick
-                ref = _reference_rows(flexcomp, q, k, v, case, n)
-                row["flexcomp_rel_err"] = _rel(out[:, :, :n], ref)
-                row["torch_rel_err"] = _rel(tout[:, :, :n], ref)
-                row["nan"] = bool(torch.isnan(out).any())
-            density = _density(case.mask_mod, S, device)
-            flops = 4 * B * H * S * S * D * density
-            t_ours = triton.testing.do_bench(ours, warmup=25, rep=100, return_mode="median")
-            t_theirs = triton.testing.do_bench(theirs, warmup=25, rep=100, return_mode="median")
-            row["flexcomp_host_us"], row["torch_host_us"] = _host_us(ours), _host_us(theirs)
-        row.update(density=density, flexcomp_ms=t_ours, torch_ms=t_theirs,
-                   flexcomp_tflops=flops / t_ours / 1e9, torch_tflops=flops / t_theirs / 1e9,
-                   ratio=t_theirs / t_ours)
+                ref = _reference_rows(flexcomp, s.q, s.k, s.v, s.case, n)
+                for name, out in outs.items():
+                    row[f"{name}_rel_err"] = _rel(out[:, :, :n], ref)
+                row["nan"] = bool(torch.isnan(outs["flexcomp"]).any())
+        del outs
+        if check and bwd:
+            row.update(_grad_check(impls, reference, s))
+        for name, call in impls.items():
+            with torch.no_grad():
+                t = _bench(lambda: call(s.q, s.k, s.v))
+                row[f"{name}_ms"], row[f"{name}_tflops"] = t, s.flops / t / 1e9
+                row[f"{name}_host_us"] = _host_us(lambda: call(s.q, s.k, s.v))
+            if bwd:
+                row.update(_time_backward(name, call, s))
+        row["ratio"] = row["torch_ms"] / row["flexcomp_ms"]  # forward; > 1: flexcomp is faster
+        if bwd:
+            both = row["flexcomp_bwd_ms"] is not None and row["torch_bwd_ms"] is not None
+            row["bwd_ratio"] = row["torch_bwd_ms"] / row["flexcomp_bwd_ms"] if both else None
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -197,71 +360,130 @@ def _reference_rows(flexcomp, q, k, v, case: Case, rows: int) -> torch.Tensor:
                                    block_mask=ref_bm, kernel_options={"BACKEND": "reference"})
 
 
-def cold_compile() -> dict:
-    """First-call time of flexcomp and of torch.compile(flex_attention), each in a fresh process
-    with empty Triton / Inductor caches: causal + soft-cap, 2x8x2048x64 bf16, forward."""
-    code = r"""
-import os, sys, time, torch
-which = sys.argv[1]
-q, k, v = (torch.randn(2, 8, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+_COLD_CODE = r"""
+import json
+import sys
+import time
+
+import torch
+
+which, backward = sys.argv[1], sys.argv[2] == "bwd"
+B, H, S, D = (int(x) for x in sys.argv[3].split("x"))
+q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
+do = torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16)
 causal = lambda b, h, q_, kv: q_ >= kv
-soft = lambda s, b, h, q_, kv: 30 * torch.tanh(s / 30)
-torch.cuda.synchronize()
+softcap = lambda s, b, h, q_, kv: 50 * torch.tanh(s / 50)
 if which == "flexcomp":
-    import flexcomp
-    bm = flexcomp.create_block_mask(causal, 1, 1, 2048, 2048, device="cuda")
-    t0 = time.perf_counter(); flexcomp.flex_attention(q, k, v, score_mod=soft, block_mask=bm)
+    import flexcomp as lib
+    attend = lib.flex_attention
 else:
-    from torch.nn.attention import flex_attention as tf
-    bm = tf.create_block_mask(causal, 1, 1, 2048, 2048, device="cuda")
-    f = torch.compile(tf.flex_attention, dynamic=False)
-    t0 = time.perf_counter(); f(q, k, v, score_mod=soft, block_mask=bm)
-torch.cuda.synchronize(); print(time.perf_counter() - t0)
+    from torch.nn.attention import flex_attention as lib
+    attend = torch.compile(lib.flex_attention, dynamic=False)
+bm = lib.create_block_mask(causal, 1, 1, S, S, device="cuda")
+torch.cuda.synchronize()
+with torch.set_grad_enabled(backward):
+    t0 = time.perf_counter()
+    out = attend(q, k, v, score_mod=softcap, block_mask=bm)
+    torch.cuda.synchronize()
+print(json.dumps({"forward_s": time.perf_counter() - t0}), flush=True)
+if backward:
+    t0 = time.perf_counter()
+    torch.autograd.grad(out, (q, k, v), do)
+    torch.cuda.synchronize()
+    print(json.dumps({"backward_s": time.perf_counter() - t0}), flush=True)
 """
+
+
+def cold_compile(bwd: bool = True) -> dict:
+    """First-call times of flexcomp and of torch.compile(flex_attention), each in a fresh process
+    with empty Triton / Inductor caches: causal + soft-cap, ``COLD_SHAPE`` bf16. ``forward_s`` is
+    the first forward (autograd recording when ``bwd``), ``backward_s`` the first backward after it."""
     out = {}
     for which in ("flexcomp", "torch"):
         with tempfile.TemporaryDirectory() as d:
             env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(d, "triton"), TORCHINDUCTOR_CACHE_DIR=os.path.join(d, "ind"),
                        TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
-            r = subprocess.run([sys.executable, "-c", code, which], capture_output=True, text=True, env=env, timeout=600)
-            out[which] = float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else r.stderr[-2000:]
-    print(json.dumps({"cold_compile_forward_s": out}), flush=True)
+            r = subprocess.run([sys.executable, "-c", _COLD_CODE, which, "bwd" if bwd else "fwd", COLD_SHAPE],
+                               capture_output=True, text=True, env=env, timeout=600)
+            out[which] = {k: v for line in r.stdout.splitlines() if line.startswith("{")
+                          for k, v in json.loads(line).items()}
+            if r.returncode != 0:  # e.g. no backward yet: keep the forward time, say why
+                out[which]["error"] = "\n".join(r.stderr.strip().splitlines()[-5:])
+    print(json.dumps({"cold_compile_s": out, "case": f"causal + soft-cap {COLD_SHAPE} bfloat16"}), flush=True)
     return out
 
 
+def _fmt(value, spec: str) -> str:
+    """A table cell: ``err`` for None (the step raised)."""
+    return "err" if value is None else format(value, spec)
+
+
+def _pair(r: dict, key: str, spec: str) -> str:
+    """``flexcomp / torch`` cell for a row key suffix; empty when not measured."""
+    if f"flexcomp_{key}" not in r and f"torch_{key}" not in r:
+        return ""
+    return f"{_fmt(r.get(f'flexcomp_{key}'), spec)} / {_fmt(r.get(f'torch_{key}'), spec)}"
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| B×H×S×D | variant | flexcomp TFLOP/s | torch flex TFLOP/s | ratio | rel err flexcomp / torch | host µs flexcomp / torch |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table: forward and backward TFLOP/s with ratios (torch time / flexcomp time), errors."""
+    head = ["B×H×S×D", "variant", "fwd TFLOP/s flexcomp / torch", "fwd ratio", "bwd TFLOP/s flexcomp / torch",
+            "bwd ratio", "rel err out flexcomp / torch", "rel err grad (max dq, dk, dv) flexcomp / torch",
+            "host µs flexcomp / torch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        err = f"{r['flexcomp_rel_err']:.1e} / {r['torch_rel_err']:.1e}" if "flexcomp_rel_err" in r else ""
-        lines.append(f"| {r['shape'].replace('x', '×')} | {r['variant']} | {r['flexcomp_tflops']:.0f} | "
-                     f"{r['torch_tflops']:.0f} | {r['ratio']:.2f} | {err} | "
-                     f"{r['flexcomp_host_us']:.0f} / {r['torch_host_us']:.0f} |")
+        cells = [r["shape"].replace("x", "×"), r["variant"], _pair(r, "tflops", ".0f"), f"{r['ratio']:.2f}",
+                 _pair(r, "bwd_tflops", ".0f"), _fmt(r["bwd_ratio"], ".2f") if "bwd_ratio" in r else "",
+                 _pair(r, "rel_err", ".1e"), _pair(r, "grad_rel_err_max", ".1e"), _pair(r, "host_us", ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cold_table(cold: dict) -> str:
+    """Markdown table of :func:`cold_compile`'s result (seconds; ``err`` where the step raised)."""
+    lines = [f"Cold compile, causal + soft-cap {COLD_SHAPE} bf16, fresh caches:",
+             "| library | forward s | backward s | error |", "|---|---|---|---|"]
+    for which, r in cold.items():
+        err = r["error"].splitlines()[-1] if "error" in r else ""
+        cells = [_fmt(r.get(key), ".2f") if key in r or err else "" for key in ("forward_s", "backward_s")]
+        lines.append(f"| {which} | {' | '.join(cells)} | {err} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default=",".join(ANCHOR_SHAPES))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--shapes", default=",".join(ANCHOR_SHAPES), help="comma-separated BxHxSxD")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--no-check", action="store_true", help="skip the checks against the float32 reference")
+    p.add_argument("--no-bwd", action="store_true", help="forward only (benchmark and cold compile)")
     p.add_argument("--cold", action="store_true", help="also measure cold compile times")
-    p.add_argument("--json", help="write the rows to this file")
-    p.add_argument("--sweep", action="store_true", help="time flexcomp under several tile configs instead")
+    p.add_argument("--cold-only", action="store_true", help="only measure cold compile times")
+    p.add_argument("--json", help="write the rows (and cold compile times) to this file")
+    p.add_argument("--sweep", action="store_true", help="time flexcomp's forward under several tile configs instead")
+    p.add_argument("--sweep-bwd", action="store_true",
+                   help="time flexcomp's backward under several bwd_* tile configs instead")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("flexcomp.bench needs a CUDA GPU")
+        raise SystemExit("flexcomp.bench needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "it times GPU kernels and has no CPU mode")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    if a.sweep:
-        sweep(a.shapes.split(","), a.variants.split(","), getattr(torch, a.dtype))
+    shapes, variants, dtype = a.shapes.split(","), a.variants.split(","), getattr(torch, a.dtype)
+    if a.sweep or a.sweep_bwd:
+        if a.sweep:
+            _run_sweep(shapes, variants, dtype, backward=False)
+        if a.sweep_bwd:
+            _run_sweep(shapes, variants, dtype, backward=True)
         return 0
-    rows = run(a.shapes.split(","), a.variants.split(","), getattr(torch, a.dtype), not a.no_check)
-    cold = cold_compile() if a.cold else None
+    rows = [] if a.cold_only else run(shapes, variants, dtype, not a.no_check, not a.no_bwd)
+    cold = cold_compile(not a.no_bwd) if a.cold or a.cold_only else None
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "cold": cold, "device": torch.cuda.get_device_name()}, f, indent=1)
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if cold:
+        print(cold_table(cold))
     return 0
 
 

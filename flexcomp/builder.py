@@ -60,8 +60,10 @@ def _mod(a, b):
 
 
 def _truediv(a, b):
-    if b == 0:
-        raise ZeroDivisionError
+    if b == 0:  # IEEE, as torch: x / 0 is +-inf, 0 / 0 is nan
+        if a == 0 or math.isnan(a):
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
     return a / b
 
 
@@ -244,10 +246,10 @@ class GraphBuilder:
         return self.emit(Op.LOAD, buf.dtype, tuple(idx), buf.name)
 
     # ---- the end -------------------------------------------------------------------------
-    def finish(self, output: Arg) -> Graph:
+    def finish(self, output: Arg, extra_outputs: tuple[Arg, ...] = ()) -> Graph:
         """Drop dead nodes (and buffers and scalars nothing reads), renumber, return the :class:`Graph`."""
         live = set()
-        stack = [output] if not isinstance(output, Const) else []
+        stack = [a for a in (output, *extra_outputs) if not isinstance(a, Const)]
         while stack:
             i = stack.pop()
             if i in live:
@@ -262,11 +264,12 @@ class GraphBuilder:
                 args = tuple(a if isinstance(a, Const) else remap[a] for a in n.args)
                 nodes.append(Node(len(nodes), n.op, n.dtype, args, n.attr))
         out = output if isinstance(output, Const) else remap[output]
+        extras = tuple(a if isinstance(a, Const) else remap[a] for a in extra_outputs)
         loaded = {n.attr for n in nodes if n.op is Op.LOAD}
         used_scalars = {n.attr for n in nodes if n.op is Op.SCALAR}
         buffers = tuple(b for b in self.buffers if b.name in loaded)
         scalars = tuple(c for c in self.scalars if c.name in used_scalars)
-        return Graph(self.kind, self.fn_name, tuple(nodes), buffers, scalars, out)
+        return Graph(self.kind, self.fn_name, tuple(nodes), buffers, scalars, out, extras)
 
 
 Rewrite = Callable[[GraphBuilder, Node, tuple[Arg, ...], dict[int, Arg]], Union[Arg, None]]
@@ -293,5 +296,5 @@ def rebuild(g: Graph, rewrite: Rewrite | None = None) -> Graph:
         args = tuple(a if isinstance(a, Const) else new[a] for a in n.args)
         out = rewrite(gb, n, args, new) if rewrite is not None else None
         new[n.id] = out if out is not None else gb.emit(n.op, n.dtype, args, n.attr)
-    out = g.output if isinstance(g.output, Const) else new[g.output]
-    return gb.finish(out)
+    outs = [a if isinstance(a, Const) else new[a] for a in g.outputs]
+    return gb.finish(outs[0], tuple(outs[1:]))

@@ -210,6 +210,8 @@ class Graph:
         buffers: captured tensors, in the order their values are passed.
         scalars: captured numbers, in the order their values are passed (also SCALAR nodes).
         output: the node id (or constant) returned: ``f32`` for a score_mod, ``bool`` for a mask_mod.
+        extra_outputs: more ``f32`` values returned after ``output`` (derivatives, for the backward
+            kernels: :func:`flexcomp.derivative.value_and_derivatives`); empty for a traced mod.
     """
 
     kind: ModKind
@@ -218,6 +220,7 @@ class Graph:
     buffers: tuple[BufferSpec, ...]
     scalars: tuple[ScalarSpec, ...]
     output: Arg
+    extra_outputs: tuple[Arg, ...] = ()
     _names: dict = field(default=None, init=False, compare=False, repr=False, hash=False)
     _key: str = field(default=None, init=False, compare=False, repr=False, hash=False)
 
@@ -259,8 +262,13 @@ class Graph:
     def __str__(self) -> str:
         lines = [self.header()]
         lines += ["  " + self.format_node(n) for n in self.nodes if n.op not in (Op.INPUT, Op.SCALAR)]
-        lines.append(f"  return {self.fmt(self.output)}")
+        lines.append(f"  return {', '.join(self.fmt(a) for a in self.outputs)}")
         return "\n".join(lines)
+
+    @property
+    def outputs(self) -> tuple[Arg, ...]:
+        """``output`` followed by ``extra_outputs``."""
+        return (self.output, *self.extra_outputs)
 
     # ---- identity ------------------------------------------------------------------------
     def structural_key(self) -> str:
@@ -288,8 +296,8 @@ class Graph:
                 attr = n.attr or ""
             args = ",".join(f"{a.dtype.value}:{a.value!r}" if isinstance(a, Const) else str(a) for a in n.args)
             parts.append(f"{n.op.value}/{n.dtype.value}/{attr}/{args}")
-        out = self.output
-        parts.append(f"out {out.dtype.value}:{out.value!r}" if isinstance(out, Const) else f"out {out}")
+        for out in self.outputs:
+            parts.append(f"out {out.dtype.value}:{out.value!r}" if isinstance(out, Const) else f"out {out}")
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def dtype_of(self, a: Arg) -> DType:
@@ -297,7 +305,8 @@ class Graph:
 
     def uses_input(self, name: str) -> bool:
         ids = {n.id for n in self.nodes if n.op is Op.INPUT and n.attr == name}
-        return any(a in ids for n in self.nodes for a in n.args if not isinstance(a, Const)) or self.output in ids
+        return (any(a in ids for n in self.nodes for a in n.args if not isinstance(a, Const))
+                or any(o in ids for o in self.outputs if not isinstance(o, Const)))
 
     # ---- back to Python ------------------------------------------------------------------
     def to_python(self) -> str:
@@ -328,7 +337,7 @@ class Graph:
                 expr = PYTHON_TEMPLATES[n.op].format(*args, dtype=_TORCH_DTYPE_NAMES[n.dtype])
             lines.append(f"        {var} = {expr}  # {self.format_node(n)}")
             py[n.id] = var
-        lines.append(f"        return {_py_arg(self.output, py)}")
+        lines.append(f"        return {', '.join(_py_arg(a, py) for a in self.outputs)}")
         lines.append(f"    return {self.fn_name}")
         return "\n".join(lines) + "\n"
 
@@ -416,8 +425,13 @@ def verify(g: Graph) -> Graph:
         fail(f"inputs {seen_inputs}, expected {list(g.kind.input_names)}")
     if tuple(seen_scalars) != tuple(c.name for c in g.scalars):
         fail(f"scalar nodes {seen_scalars} do not match declared scalars")
+    for a in g.outputs:
+        if not isinstance(a, Const) and not (0 <= a < len(g.nodes)):
+            fail(f"output %{a} is not a node")
     out_t = g.dtype_of(g.output)
     want = DType.F32 if g.kind is ModKind.SCORE else DType.BOOL
     if out_t is not want:
         fail(f"output has type {out_t.value}, a {g.kind.value} must return {want.value}")
+    if any(g.dtype_of(a) is not DType.F32 for a in g.extra_outputs):
+        fail("extra outputs must be f32")
     return g

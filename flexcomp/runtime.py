@@ -45,7 +45,7 @@ TORCH_KERNEL_OPTIONS = frozenset({
     "FORCE_USE_FLEX_ATTENTION", "USE_TMA", "kpack", "matrix_instr_nonkdim", "waves_per_eu",
     "SPARSE_Q_BLOCK_SIZE", "SPARSE_KV_BLOCK_SIZE", "OUTPUT_MAX",
 })
-FLEXCOMP_KERNEL_OPTIONS = frozenset({"BACKEND", "CHUNK_ELEMENTS"})
+FLEXCOMP_KERNEL_OPTIONS = frozenset({"BACKEND", "CHUNK_ELEMENTS", "DETERMINISTIC"})
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,14 @@ class Options:
         backend: the chosen :class:`Backend` (None: choose by device).
         chunk_elements: score-tile size of the reference backend (memory bound).
         torch_options: torch's tuning keys as given (kept for the Triton backend's configs).
+        deterministic: captured-tensor gradients bit-identical run to run (Triton backend: fixed-point
+            accumulation instead of float atomics; the reference backend always is).
     """
 
     backend: Optional[Backend] = None
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     torch_options: tuple = ()
+    deterministic: bool = False
 
     @staticmethod
     def parse(kernel_options: Optional[Mapping[str, Any]]) -> "Options":
@@ -86,8 +89,11 @@ class Options:
         chunk = kernel_options.get("CHUNK_ELEMENTS", DEFAULT_CHUNK_ELEMENTS)
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
             raise FlexcompError(f"kernel_options['CHUNK_ELEMENTS'] must be a positive int, got {chunk!r}")
+        deterministic = kernel_options.get("DETERMINISTIC", False)
+        if not isinstance(deterministic, bool):
+            raise FlexcompError(f"kernel_options['DETERMINISTIC'] must be True or False, got {deterministic!r}")
         torch_opts = tuple(sorted((k, v) for k, v in kernel_options.items() if k not in FLEXCOMP_KERNEL_OPTIONS))
-        return Options(backend, chunk, torch_opts)
+        return Options(backend, chunk, torch_opts, deterministic)
 
 
 def _parse_backend(value: Optional[str], source: str) -> Optional[Backend]:
@@ -115,22 +121,58 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@dataclass(frozen=True)
+class TritonPlan:
+    """One Triton-backend call without its tensors (what the backward needs besides them)."""
+
+    score: Optional[TracedMod]
+    mask: Optional[TracedMod]
+    block_mask: Any
+    scale: float
+    torch_options: dict
+    interpret: bool
+    deterministic: bool
+
+
+class _TritonAttention(torch.autograd.Function):
+    """The generated forward kernel, and the generated backward kernels as its gradient."""
+
+    @staticmethod
+    def forward(ctx, plan: TritonPlan, q: Tensor, k: Tensor, v: Tensor, *score_buffers: Tensor):
+        from flexcomp.codegen.launch import flex_forward
+
+        out, lse = flex_forward(q, k, v, plan.score, plan.mask, plan.block_mask, plan.scale, plan.torch_options,
+                                plan.interpret)
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, lse, *score_buffers)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out: Optional[Tensor], d_lse: Optional[Tensor]):
+        from flexcomp.codegen.launch_backward import flex_backward
+
+        plan: TritonPlan = ctx.plan
+        q, k, v, out, lse, *bufs = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        wanted = tuple(n and b.is_floating_point() for b, n in zip(bufs, ctx.needs_input_grad[4:]))
+        dq, dk, dv, dbufs = flex_backward(
+            q, k, v, out, lse, d_out, d_lse, plan.score, plan.mask, plan.block_mask, plan.scale, plan.torch_options,
+            plan.interpret, wanted, plan.deterministic)
+        dbufs = [None if g is None else g.to(b.device) for g, b in zip(dbufs, bufs)]
+        need = ctx.needs_input_grad
+        return (None, dq if need[1] else None, dk if need[2] else None, dv if need[3] else None, *dbufs)
+
+
 def _run_triton(q, k, v, score, mask, block_mask, scale, options: Options):
     interpret = triton_interpret()
     if q.device.type != "cuda" and not interpret:
         raise FlexcompError(
             f"the 'triton' backend needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set before "
             f"flexcomp launches its first kernel (the Triton interpreter, slow, for tests)")
-    needs_grad = torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad
-        or (score is not None and any(t.requires_grad for t in score.buffers)))
-    if needs_grad:
-        raise FlexcompError(
-            "the 'triton' backend has no backward kernels yet (issue 4, 'Autograd'); call it under "
-            "torch.no_grad(), or use kernel_options={'BACKEND': 'reference'} to train")
-    from flexcomp.codegen.launch import flex_forward
-
-    return flex_forward(q, k, v, score, mask, block_mask, scale, dict(options.torch_options), interpret)
+    plan = TritonPlan(score, mask, block_mask, scale, dict(options.torch_options), interpret, options.deterministic)
+    return _TritonAttention.apply(plan, q, k, v, *(score.buffers if score is not None else ()))
 
 
 def block_map_of(block_mask, device) -> Optional[BlockMap]:

@@ -93,7 +93,7 @@ def canonicalize_int_arith(g: Graph) -> Graph:
     arith = {n.id for n in g.nodes if n.op in _ARITH and n.dtype.is_int}
     if not arith:
         return g
-    roots = set(arith) & ({g.output} if not isinstance(g.output, Const) else set())
+    roots = set(arith) & {a for a in g.outputs if not isinstance(a, Const)}
     for n in g.nodes:
         inner = n.id in arith and all(g.dtype_of(x) is n.dtype for x in n.args)
         for a in n.args:

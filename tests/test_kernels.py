@@ -225,14 +225,6 @@ def test_dump_dir_names_say_which_variant(tmp_path, monkeypatch):
     assert "@triton.jit" in (tmp_path / names[1]).read_text()
 
 
-def test_triton_backend_refuses_training_until_backward_kernels_exist():
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 1, 16, 16, 16))
-    with pytest.raises(FlexcompError, match="no backward kernels yet"):
-        flex_attention(q, k, v, kernel_options=TRITON)
-    with torch.no_grad():
-        flex_attention(q, k, v, kernel_options=TRITON)
-
-
 @pytest.mark.gpu
 def test_new_captured_values_compile_nothing_new_on_the_gpu():
     """Triton's own kernel cache does not grow when only captured values change."""

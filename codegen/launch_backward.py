@@ -1,0 +1,240 @@
+"""Launching the backward kernels: configs, gradient buffers, the deterministic scatter.
+
+As for the forward, q, k, v, dO and the BlockMask go to the kernels as strides, without copies.
+dK and dV come out per query batch when keys and values broadcast over the batch (batch 1), and
+are summed here. Gradients into captured tensors (the score_mod's float buffers that require
+grad) accumulate in float32 (atomics), or, with ``kernel_options={"DETERMINISTIC": True}``, in
+int64 fixed point, scaled per tensor by a power of two chosen from the largest contribution
+(recorded by the dQ pass), so that no sum can overflow and every run gives the same bits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from flexcomp.derivative import float_loads, value_and_derivatives
+from flexcomp.errors import FlexcompError
+from flexcomp.trace import TracedMod
+
+from .kernels.backward import flex_bwd_delta, flex_bwd_dkdv, flex_bwd_dq
+from .launch import _full_block_mask, _largest_pow2_dividing, _pad, _smem_limit, check_inputs, mod_args
+from .modules import jit_function, jit_scatter
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the two backward kernels.
+
+    dK/dV: each program owns ``block_n1`` keys and walks queries ``block_m1`` rows at a time;
+    dQ: each program owns ``block_m2`` queries and walks keys ``block_n2`` at a time. All four
+    are powers of two dividing the BlockMask's block sizes; ``num_warps`` and ``num_stages`` as
+    in Triton (both kernels).
+    """
+
+    block_m1: int
+    block_n1: int
+    block_m2: int
+    block_n2: int
+    num_warps: int
+    num_stages: int
+
+
+def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, sparse_kv: int, options: dict,
+                    interpret: bool, smem_limit: int = 232448) -> BackwardConfig:
+    """Tiles for the backward kernels; torch's ``BLOCK_M1 / BLOCK_N1 / BLOCK_M2 / BLOCK_N2``,
+    ``num_warps``, ``num_stages`` (or their ``bwd_`` forms) in ``kernel_options`` override them.
+
+    Defaults follow torch's Hopper choices (64/128/128/64 with 8 warps at head dim 128), see
+    docs/performance.md for the sweep. Stages drop until the pipelined tiles fit shared memory.
+    """
+    if interpret:  # large tiles: the interpreter's cost is per tile
+        m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 1
+    elif elt >= 4:
+        m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
+    elif max(head_dim, value_dim) <= 64:
+        m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 3
+    elif max(head_dim, value_dim) <= 128:
+        m1, n1, m2, n2, warps, stages = 64, 128, 128, 64, 8, 3
+    else:
+        m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
+    get = lambda key, default: options.get("bwd_" + key, options.get(key, default))  # noqa: E731
+    tiles = {}
+    for key, default, sparse in (("BLOCK_M1", m1, sparse_q), ("BLOCK_N1", n1, sparse_kv),
+                                 ("BLOCK_M2", m2, sparse_q), ("BLOCK_N2", n2, sparse_kv)):
+        v = get(key, default)
+        if not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise FlexcompError(f"kernel_options[{key!r}] must be a power of two >= 16, got {v!r}")
+        tiles[key] = _largest_pow2_dividing(sparse, v)
+        if tiles[key] < 16:
+            raise FlexcompError(
+                f"the triton backend tiles the BlockMask's blocks with tiles of at least 16x16, but block_mask "
+                f"has BLOCK_SIZE=({sparse_q}, {sparse_kv}); create it with block sizes that are multiples of 16")
+    warps, stages = get("num_warps", warps), get("num_stages", stages)
+    if not interpret:
+        d_pad, dv_pad = _pad(head_dim), _pad(value_dim)
+        # per stage, the dK/dV loop streams a q and a dO tile; k, v stay resident
+        resident = tiles["BLOCK_N1"] * (d_pad + dv_pad) * elt
+        per_stage = tiles["BLOCK_M1"] * (d_pad + dv_pad) * elt
+        while stages > 1 and resident + stages * per_stage > smem_limit:
+            stages -= 1
+    return BackwardConfig(tiles["BLOCK_M1"], tiles["BLOCK_N1"], tiles["BLOCK_M2"], tiles["BLOCK_N2"], warps, stages)
+
+
+@dataclass(frozen=True)
+class _Scatter:
+    """Gradient buffers for captured tensors: the generated scatter and what it writes."""
+
+    fn: object
+    grads: tuple  # one per score_mod buffer: float32 (atomics) or int64 (deterministic); dummies
+    gstrides: tuple
+    aux: torch.Tensor  # float32 per buffer: largest contribution, then the fixed-point scale
+    wanted: tuple  # per buffer: whether its gradient is asked for
+
+
+def _scatter(score: TracedMod, wanted: tuple, deterministic: bool, device) -> Optional[_Scatter]:
+    g = score.graph
+    names = tuple(b.name for b, w in zip(g.buffers, wanted) if w)
+    loaded = {n.attr for n in float_loads(g)}
+    names = tuple(n for n in names if n in loaded)
+    if not names:
+        return None
+    _, fn = jit_scatter(g, names)
+    grads, gstrides = [], []
+    for spec, t in zip(g.buffers, score.buffers):
+        if spec.name in names:
+            gt = torch.zeros(t.shape, dtype=torch.int64 if deterministic else torch.float32, device=device)
+        else:
+            gt = torch.zeros((), dtype=torch.float32, device=device)
+        grads.append(gt)
+        gstrides += list(gt.stride()) if spec.name in names and gt.dim() else [0] * max(1, t.dim())
+    return _Scatter(fn, tuple(grads), tuple(gstrides), torch.zeros(len(g.buffers), dtype=torch.float32, device=device),
+                    tuple(spec.name in names for spec in g.buffers))
+
+
+def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  d_out: torch.Tensor, d_lse: Optional[torch.Tensor], score: Optional[TracedMod],
+                  mask: Optional[TracedMod], block_mask, scale: float, torch_options: dict, interpret: bool,
+                  buffer_grads: tuple = (), deterministic: bool = False):
+    """Gradients ``(dq, dk, dv, [d buffer for each score_mod buffer, None where not asked])``.
+
+    ``buffer_grads`` says, per captured tensor of the score_mod, whether its gradient is wanted.
+    """
+    B, H, L, D = q.shape
+    Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
+    check_inputs(q, D, DV)
+    device = q.device
+    if block_mask is None:
+        block_mask = _full_block_mask(L, S, device)
+    sq, skv = block_mask.BLOCK_SIZE
+    cfg = backward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, _smem_limit(device))
+    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+    delta = torch.empty(B, H, L, dtype=torch.float32, device=device)
+    dl = d_lse if d_lse is not None else lse
+    flex_bwd_delta[(triton.cdiv(L, 64), B * H)](
+        out, d_out, dl, delta, *out.stride(), *d_out.stride(), *dl.stride(), H, L,
+        HAS_DLSE=d_lse is not None, BLOCK_M=64, DV=DV, DV_PAD=_pad(DV))
+
+    if score is not None:
+        joint = value_and_derivatives(score.graph)
+        lowered, score_fn = jit_function(joint)
+        ref_lowered, _ = jit_function(score.graph)
+        _, sa = mod_args(score, device)
+        if lowered.stride_offsets != ref_lowered.stride_offsets or lowered.int_scalars != ref_lowered.int_scalars:
+            raise FlexcompError("internal: the derivative of score_mod changed its captured inputs")  # pragma: no cover
+    else:
+        score_fn, sa = None, mod_args(None, device)[1]
+    mask_fn, ma = mod_args(mask, device)
+    sc = _scatter(score, tuple(buffer_grads), deterministic, device) if score is not None and any(buffer_grads) else None
+    if sc is None:
+        scatter_args = (None, sa.bufs, (0,), delta)
+        modes = (-1, -1)
+    else:
+        scatter_args = (sc.fn, sc.grads, sc.gstrides, sc.aux)
+        modes = (1, 2) if deterministic else (-1, 0)
+
+    kb = 0 if k.shape[0] == 1 and B > 1 else 1
+    mods = (score_fn, sa.bufs, sa.strides, sa.sizes, sa.scalars_i, sa.scalars_f,
+            mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f, *scatter_args)
+    flags = dict(HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, SPARSE_Q=sq, SPARSE_KV=skv,
+                 D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    # dQ: rows walk the kv block lists
+    nq = block_mask.kv_num_blocks.shape[-1]
+    kv_lists = _lists(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                      block_mask.full_kv_indices, B, H, nq)
+    dq = torch.empty_like(q)
+    flex_bwd_dq[(triton.cdiv(L, cfg.block_m2), B * H)](
+        q, k, v, d_out, dq, lse, delta,
+        *q.stride(), k.stride(0) * kb, *k.stride()[1:], v.stride(0) * kb, *v.stride()[1:], *d_out.stride(),
+        *dq.stride(), *lse.stride(),
+        *kv_lists.tensors, *kv_lists.num.stride(), *kv_lists.idx.stride(),
+        H, L, S, H // Hkv, scale, *mods,
+        HAS_FULL=kv_lists.has_full, SCATTER_MODE=modes[0], BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2,
+        EVEN_KV=S % skv == 0, **flags)
+
+    if sc is not None and deterministic:
+        n_pairs = B * H * L * S
+        e = 62 - math.ceil(math.log2(max(2, n_pairs))) - torch.ceil(torch.log2(sc.aux))
+        sc.aux.copy_(torch.exp2(torch.clamp(e, -100.0, 100.0)))
+
+    # dK, dV: keys walk the transposed (q) block lists, over every query head of their group
+    nkv = block_mask.q_num_blocks.shape[-1]
+    q_lists = _lists(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
+                     block_mask.full_q_indices, B, H, nkv)
+    Bk = B if kb == 0 else k.shape[0]
+    dk = torch.empty(Bk, Hkv, S, D, dtype=k.dtype if kb else torch.float32, device=device)
+    dv = torch.empty(Bk, Hkv, S, DV, dtype=v.dtype if kb else torch.float32, device=device)
+    flex_bwd_dkdv[(triton.cdiv(S, cfg.block_n1), B * Hkv)](
+        q, k, v, d_out, dk, dv, lse, delta,
+        *q.stride(), k.stride(0) * kb, *k.stride()[1:], v.stride(0) * kb, *v.stride()[1:], *d_out.stride(),
+        *dk.stride(), *dv.stride(), *lse.stride(),
+        *q_lists.tensors, *q_lists.num.stride(), *q_lists.idx.stride(),
+        Hkv, L, S, H // Hkv, scale, *mods,
+        HAS_FULL=q_lists.has_full, SCATTER_MODE=modes[1], BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1,
+        EVEN_Q=L % sq == 0, **flags)
+    if kb == 0:  # keys and values broadcast over the batch: sum their gradients
+        dk = dk.sum(0, keepdim=True).to(k.dtype)
+        dv = dv.sum(0, keepdim=True).to(v.dtype)
+
+    buf_grads = []
+    for i, t in enumerate(score.buffers if score is not None else ()):
+        if sc is None or not sc.wanted[i]:
+            buf_grads.append(None)
+            continue
+        gt = sc.grads[i]
+        if deterministic:
+            gt = gt.to(torch.float64) / sc.aux[i].to(torch.float64)
+        buf_grads.append(gt.to(t.dtype))
+    return dq, dk, dv, buf_grads
+
+
+@dataclass(frozen=True)
+class _Lists:
+    """One direction's block lists, expanded to ``[B, H, n]`` (strides only), partial and full."""
+
+    num: torch.Tensor
+    idx: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    has_full: bool
+
+    @property
+    def tensors(self) -> tuple:
+        return self.num, self.idx, self.full_num, self.full_idx
+
+
+def _lists(num, idx, full_num, full_idx, B: int, H: int, n: int) -> _Lists:
+    num = num.expand(B, H, n)
+    idx = idx.expand(B, H, n, idx.shape[-1])
+    has_full = full_num is not None
+    fnum = full_num.expand(B, H, n) if has_full else num
+    fidx = full_idx.expand(B, H, n, full_idx.shape[-1]) if has_full else idx
+    if has_full and (fnum.stride() != num.stride() or fidx.stride() != idx.stride()):
+        num, idx, fnum, fidx = num.contiguous(), idx.contiguous(), fnum.contiguous(), fidx.contiguous()
+    return _Lists(num, idx, fnum, fidx, has_full)
