@@ -16,13 +16,13 @@ from typing import Optional
 import torch
 import triton
 
-from flexcomp.derivative import float_loads, value_and_derivatives
+from flexcomp.derivative import float_loads
 from flexcomp.errors import FlexcompError
 from flexcomp.trace import TracedMod
 
-from .kernels.backward import flex_bwd_delta, flex_bwd_dkdv, flex_bwd_dq
+from .kernels.backward import flex_bwd, flex_bwd_delta
 from .launch import _full_block_mask, _largest_pow2_dividing, _pad, _smem_limit, check_inputs, mod_args
-from .modules import jit_function, jit_scatter
+from .modules import jit_function, jit_grad_function, jit_scatter
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,9 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
     """Tiles for the backward kernels; torch's ``BLOCK_M1 / BLOCK_N1 / BLOCK_M2 / BLOCK_N2``,
     ``num_warps``, ``num_stages`` (or their ``bwd_`` forms) in ``kernel_options`` override them.
 
-    Defaults follow torch's Hopper choices (64/128/128/64 with 8 warps at head dim 128), see
-    docs/performance.md for the sweep. Stages drop until the pipelined tiles fit shared memory.
+    Defaults come from the H200 sweep in docs/performance.md (``python -m flexcomp.bench
+    --sweep-bwd``): 64x64 tiles everywhere with 4 warps beat torch's Hopper choice (64/128/128/64,
+    8 warps) by 15% at head dim 128. Stages drop until the pipelined tiles fit shared memory.
     """
     if interpret:  # large tiles: the interpreter's cost is per tile
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 1
@@ -58,7 +59,7 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
     elif max(head_dim, value_dim) <= 64:
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 3
     elif max(head_dim, value_dim) <= 128:
-        m1, n1, m2, n2, warps, stages = 64, 128, 128, 64, 8, 3
+        m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 2
     else:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
     get = lambda key, default: options.get("bwd_" + key, options.get(key, default))  # noqa: E731
@@ -140,8 +141,7 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         HAS_DLSE=d_lse is not None, BLOCK_M=64, DV=DV, DV_PAD=_pad(DV))
 
     if score is not None:
-        joint = value_and_derivatives(score.graph)
-        lowered, score_fn = jit_function(joint)
+        lowered, score_fn = jit_grad_function(score.graph)
         ref_lowered, _ = jit_function(score.graph)
         _, sa = mod_args(score, device)
         if lowered.stride_offsets != ref_lowered.stride_offsets or lowered.int_scalars != ref_lowered.int_scalars:
@@ -150,54 +150,47 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         score_fn, sa = None, mod_args(None, device)[1]
     mask_fn, ma = mod_args(mask, device)
     sc = _scatter(score, tuple(buffer_grads), deterministic, device) if score is not None and any(buffer_grads) else None
-    if sc is None:
-        scatter_args = (None, sa.bufs, (0,), delta)
-        modes = (-1, -1)
-    else:
-        scatter_args = (sc.fn, sc.grads, sc.gstrides, sc.aux)
-        modes = (1, 2) if deterministic else (-1, 0)
+    scatter_args = (None, sa.bufs, (0,), delta) if sc is None else (sc.fn, sc.grads, sc.gstrides, sc.aux)
 
     kb = 0 if k.shape[0] == 1 and B > 1 else 1
-    mods = (score_fn, sa.bufs, sa.strides, sa.sizes, sa.scalars_i, sa.scalars_f,
-            mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f, *scatter_args)
-    flags = dict(HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, SPARSE_Q=sq, SPARSE_KV=skv,
-                 D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    # dQ: rows walk the kv block lists
-    nq = block_mask.kv_num_blocks.shape[-1]
     kv_lists = _lists(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
-                      block_mask.full_kv_indices, B, H, nq)
+                      block_mask.full_kv_indices, B, H, block_mask.kv_num_blocks.shape[-1])
+    q_lists = _lists(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
+                     block_mask.full_q_indices, B, H, block_mask.q_num_blocks.shape[-1])
+    Bk = B if kb == 0 else k.shape[0]
     dq = torch.empty_like(q)
-    flex_bwd_dq[(triton.cdiv(L, cfg.block_m2), B * H)](
-        q, k, v, d_out, dq, lse, delta,
-        *q.stride(), k.stride(0) * kb, *k.stride()[1:], v.stride(0) * kb, *v.stride()[1:], *d_out.stride(),
-        *dq.stride(), *lse.stride(),
-        *kv_lists.tensors, *kv_lists.num.stride(), *kv_lists.idx.stride(),
-        H, L, S, H // Hkv, scale, *mods,
-        HAS_FULL=kv_lists.has_full, SCATTER_MODE=modes[0], BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2,
-        EVEN_KV=S % skv == 0, **flags)
+    dk = torch.empty(Bk, Hkv, S, D, dtype=k.dtype if kb else torch.float32, device=device)
+    dv = torch.empty(Bk, Hkv, S, DV, dtype=v.dtype if kb else torch.float32, device=device)
+    n_kv, n_q = triton.cdiv(S, cfg.block_n1), triton.cdiv(L, cfg.block_m2)
+    G = H // Hkv
+
+    def launch(run_dq: bool, run_dkdv: bool, dq_scatter: int, dkdv_scatter: int):
+        grid = ((n_kv if run_dkdv else 0) + (G * n_q if run_dq else 0), B * Hkv)
+        flex_bwd[grid](
+            q, k, v, d_out, dq, dk, dv, lse, delta,
+            *q.stride(), k.stride(0) * kb, *k.stride()[1:], v.stride(0) * kb, *v.stride()[1:], *d_out.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
+            *kv_lists.tensors, *kv_lists.num.stride(), *kv_lists.idx.stride(),
+            *q_lists.tensors, *q_lists.num.stride(), *q_lists.idx.stride(),
+            Hkv, L, S, G, scale, n_kv, n_q,
+            score_fn, sa.bufs, sa.strides, sa.sizes, sa.scalars_i, sa.scalars_f,
+            mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f, *scatter_args,
+            HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None,
+            HAS_KV_FULL=kv_lists.has_full, HAS_Q_FULL=q_lists.has_full,
+            DQ_SCATTER=dq_scatter, DKDV_SCATTER=dkdv_scatter, RUN_DQ=run_dq, RUN_DKDV=run_dkdv,
+            SPARSE_Q=sq, SPARSE_KV=skv,
+            BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
+            D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision, EVEN_Q=L % sq == 0,
+            EVEN_KV=S % skv == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if sc is not None and deterministic:
+        launch(True, False, 1, -1)  # dQ, recording the largest captured-tensor contribution
         n_pairs = B * H * L * S
         e = 62 - math.ceil(math.log2(max(2, n_pairs))) - torch.ceil(torch.log2(sc.aux))
         sc.aux.copy_(torch.exp2(torch.clamp(e, -100.0, 100.0)))
-
-    # dK, dV: keys walk the transposed (q) block lists, over every query head of their group
-    nkv = block_mask.q_num_blocks.shape[-1]
-    q_lists = _lists(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
-                     block_mask.full_q_indices, B, H, nkv)
-    Bk = B if kb == 0 else k.shape[0]
-    dk = torch.empty(Bk, Hkv, S, D, dtype=k.dtype if kb else torch.float32, device=device)
-    dv = torch.empty(Bk, Hkv, S, DV, dtype=v.dtype if kb else torch.float32, device=device)
-    flex_bwd_dkdv[(triton.cdiv(S, cfg.block_n1), B * Hkv)](
-        q, k, v, d_out, dk, dv, lse, delta,
-        *q.stride(), k.stride(0) * kb, *k.stride()[1:], v.stride(0) * kb, *v.stride()[1:], *d_out.stride(),
-        *dk.stride(), *dv.stride(), *lse.stride(),
-        *q_lists.tensors, *q_lists.num.stride(), *q_lists.idx.stride(),
-        Hkv, L, S, H // Hkv, scale, *mods,
-        HAS_FULL=q_lists.has_full, SCATTER_MODE=modes[1], BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1,
-        EVEN_Q=L % sq == 0, **flags)
+        launch(False, True, -1, 2)  # dK, dV and the fixed-point scatter
+    else:
+        launch(True, True, -1, 0 if sc is not None else -1)
     if kb == 0:  # keys and values broadcast over the batch: sum their gradients
         dk = dk.sum(0, keepdim=True).to(k.dtype)
         dv = dv.sum(0, keepdim=True).to(v.dtype)

@@ -54,6 +54,14 @@ def jit_function(g: Graph) -> tuple[LoweredMod, object]:
     return _jit((g.kind, g.structural_key()), lambda: lower(g))  # names do not matter, structure does
 
 
+def jit_grad_function(g: Graph) -> tuple[LoweredMod, object]:
+    """The ``(value, d value / d score)`` function of score_mod ``g`` (the backward kernels' mod):
+    derived and generated once per structure."""
+    from flexcomp.derivative import value_and_derivatives
+
+    return _jit(("grad", g.structural_key()), lambda: lower(value_and_derivatives(g)))
+
+
 def jit_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> tuple[LoweredMod, object]:
     """The gradient scatter of score_mod ``g`` into its captured tensors ``grad_buffers``."""
     pos = tuple(i for i, b in enumerate(g.buffers) if b.name in grad_buffers)

@@ -34,17 +34,21 @@ def _grads(out, lse, inputs, w):
 
 def _check(q, k, v, score_mod=None, mask_mod=None, bs=64, B=None, H=None, extra=(), tol=5e-5, enable_gqa=False,
            options=None):
-    """Output, LSE and gradients into q, k, v and ``extra`` (captured tensors) vs the oracle."""
+    """Output, LSE and gradients into q, k, v and ``extra`` (captured tensors) vs the oracle.
+
+    Captured tensors live on the CPU (flexcomp moves them to the kernels' device, and sends
+    their gradients back), so the oracle runs on the CPU, on copies of q, k, v."""
     L, S = q.shape[2], k.shape[2]
     bm = create_block_mask(mask_mod, B, H, L, S, device=DEVICE, BLOCK_SIZE=bs) if mask_mod else None
-    inputs = (q, k, v, *extra)
     out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=bm, return_lse=True,
                               kernel_options=options or TRITON, enable_gqa=enable_gqa)
-    w = _loss_weights(out, lse)
-    got = _grads(out, lse, inputs, w)
-    ro, rl = dense_attention(q, k, v, score_mod, mask_mod, enable_gqa=enable_gqa)
-    want = _grads(ro, rl, inputs, w)
-    torch.testing.assert_close(out.double(), ro, atol=tol, rtol=tol)
+    w = _loss_weights(out.cpu(), lse.cpu())
+    got = _grads(out, lse, (q, k, v, *extra), [x.to(out.device) for x in w])
+    cq, ck, cv = (t.detach().cpu().requires_grad_() for t in (q, k, v))
+    ro, rl = dense_attention(cq, ck, cv, score_mod, mask_mod, enable_gqa=enable_gqa)
+    want = _grads(ro, rl, (cq, ck, cv, *extra), w)
+    got = [g.cpu() if g is not None else None for g in got]
+    torch.testing.assert_close(out.cpu().double(), ro, atol=tol, rtol=tol)
     for name, g, r in zip(["dq", "dk", "dv"] + [f"d extra[{i}]" for i in range(len(extra))], got, want):
         assert g is not None and r is not None, name
         assert not torch.isnan(g).any(), name
@@ -124,18 +128,18 @@ def test_lse_alone_is_differentiable_into_q_and_k():
 
 
 def _learnable(H, L, S, ndoc=3):
-    bias = torch.randn(H, L + S, device=DEVICE, requires_grad=True)  # relative position bias
-    table = torch.randn(2, ndoc, ndoc, device=DEVICE, requires_grad=True)  # per batch, per document pair
-    scale = torch.rand(H, device=DEVICE, requires_grad=True)  # per head
-    doc = torch.randint(0, ndoc, (max(L, S),), device=DEVICE)
+    bias = torch.randn(H, L + S, requires_grad=True)  # relative position bias
+    table = torch.randn(2, ndoc, ndoc, requires_grad=True)  # per batch, per document pair
+    scale = torch.rand(H, requires_grad=True)  # per head
+    doc = torch.randint(0, ndoc, (max(L, S),))
     return bias, table, scale, doc
 
 
 def test_gradients_into_captured_tensors_with_several_reads_of_one_table():
     q, k, v = _leaves((2, 2, 100, 16), (2, 2, 90, 16), (2, 2, 90, 16))
     bias, table, scale, doc = _learnable(2, 100, 90)
-    qrow = torch.randn(100, device=DEVICE, requires_grad=True)  # per query
-    kcol = torch.randn(90, device=DEVICE, requires_grad=True)  # per key
+    qrow = torch.randn(100, requires_grad=True)  # per query
+    kcol = torch.randn(90, requires_grad=True)  # per key
 
     def score(s, b, h, q_idx, kv_idx):
         rel = bias[h, q_idx - kv_idx + 89] + 0.5 * bias[h, kv_idx]  # two reads of one tensor
@@ -159,6 +163,7 @@ def test_deterministic_mode_is_bit_identical_and_agrees_with_atomics():
     atomics = _check(q, k, v, score, causal_mask, bs=32, extra=extra)
     for a, b in zip(runs[0], atomics):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(g.device.type == "cpu" for g in runs[0][3:])  # captured on the CPU, gradients there too
 
 
 def test_tensor_captured_only_by_the_mask_gets_no_gradient():

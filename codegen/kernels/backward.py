@@ -1,14 +1,15 @@
 """The flash-attention backward kernels, driven by a BlockMask.
 
-Three launches, as in FlashAttention-2 (no atomics on dQ, dK or dV):
+Two launches, as in FlashAttention-2 (no atomics on dQ, dK or dV):
 
 1. ``flex_bwd_delta``: ``delta = rowsum(dO * O) - dLSE`` per query row (``dLSE`` is the gradient of
    the returned LSE: ``d lse / d s = p``, so it enters exactly where ``delta`` does).
-2. ``flex_bwd_dq``: one program per ``BLOCK_M`` query rows walks the row's kv blocks (full blocks
-   without mask_mod, then partial ones) and accumulates ``dQ``.
-3. ``flex_bwd_dkdv``: one program per ``BLOCK_N`` keys walks the transposed block lists
-   (``q_num_blocks / q_indices``, ``full_q_*``) for every query head of its GQA group, so dK and dV
-   sum over the group in registers, without copies.
+2. ``flex_bwd``, two kinds of programs in one grid:
+   - dQ (``_dq_program``): one program per ``BLOCK_M2`` query rows walks the rows' kv blocks (full
+     blocks without mask_mod, then partial ones) and accumulates ``dQ``;
+   - dK/dV (``_dkdv_program``): one program per ``BLOCK_N1`` keys walks the transposed block lists
+     (``q_num_blocks / q_indices``, ``full_q_*``) for every query head of its GQA group, so dK and
+     dV sum over the group in registers, without copies.
 
 Per tile, with ``s = q k^T * scale`` and ``s' = score_mod(s)``: ``p = exp(s' - lse)``,
 ``dP = dO v^T``, ``dS' = p * (dP - delta)`` (the gradient wrt the modified score) and
@@ -151,8 +152,8 @@ def _dq_blocks(
 
 
 @triton.jit
-def flex_bwd_dq(
-    Q, K, V, DO, GRAD_Q, LSE, DELTA,
+def _dq_program(
+    pid_m, off_b, off_h, Q, K, V, DO, GRAD_Q, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -172,10 +173,8 @@ def flex_bwd_dq(
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_b = off_hz // H
-    off_h = off_hz % H
+    """dQ for ``BLOCK_M`` query rows of one (batch, query head)."""
+    off_hz = off_b * H + off_h
     ob, oh = off_b.to(tl.int64), off_h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
@@ -296,8 +295,8 @@ def _dkdv_blocks(
 
 
 @triton.jit
-def flex_bwd_dkdv(
-    Q, K, V, DO, GRAD_K, GRAD_V, LSE, DELTA,
+def _dkdv_program(
+    pid_n, off_b, off_hkv, Q, K, V, DO, GRAD_K, GRAD_V, LSE, DELTA,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -318,10 +317,7 @@ def flex_bwd_dkdv(
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_Q: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_b = off_hz // HKV
-    off_hkv = off_hz % HKV
+    """dK and dV for ``BLOCK_N`` keys of one (batch, key/value head), summed over its query heads."""
     ob = off_b.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -372,3 +368,72 @@ def flex_bwd_dkdv(
              + offs_d[None, :] * stride_dkd, dk.to(GRAD_K.dtype.element_ty), mask=store_mask & (offs_d[None, :] < D))
     tl.store(GRAD_V + ob * stride_dvb + off_hkv.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvn
              + offs_dv[None, :] * stride_dvd, dv.to(GRAD_V.dtype.element_ty), mask=store_mask & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def flex_bwd(
+    Q, K, V, DO, GRAD_Q, GRAD_K, GRAD_V, LSE, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_lb, stride_lh, stride_lm,
+    KV_NUM, KV_IDX, KV_FULL_NUM, KV_FULL_IDX,
+    stride_kv_nb, stride_kv_nh, stride_kv_nm,
+    stride_kv_ib, stride_kv_ih, stride_kv_im, stride_kv_in,
+    Q_NUM, Q_IDX, Q_FULL_NUM, Q_FULL_IDX,
+    stride_q_nb, stride_q_nh, stride_q_nn,
+    stride_q_ib, stride_q_ih, stride_q_in, stride_q_im,
+    HKV, Q_LEN, KV_LEN, GROUP, sm_scale, N_KV_PROGRAMS, N_Q_PROGRAMS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    SCATTER: tl.constexpr, GRADS, GSTRIDES, AUX,
+    HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_KV_FULL: tl.constexpr, HAS_Q_FULL: tl.constexpr,
+    DQ_SCATTER: tl.constexpr, DKDV_SCATTER: tl.constexpr, RUN_DQ: tl.constexpr, RUN_DKDV: tl.constexpr,
+    SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr,
+):
+    """dQ and dK/dV programs in one launch (grid ``(N_KV_PROGRAMS + GROUP * N_Q_PROGRAMS, B * HKV)``
+    when both run): the first ``N_KV_PROGRAMS`` of each (batch, kv head) are dK/dV programs, the
+    rest dQ programs of the group's query heads, so the two kinds fill the GPU together.
+    Deterministic mode launches the dQ half (``RUN_DQ``) before the dK/dV half (``RUN_DKDV``)."""
+    pid = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_b = off_hz // HKV
+    off_hkv = off_hz % HKV
+    if RUN_DKDV and pid < N_KV_PROGRAMS:
+        _dkdv_program(
+            pid, off_b, off_hkv, Q, K, V, DO, GRAD_K, GRAD_V, LSE, DELTA,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+            stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            stride_lb, stride_lh, stride_lm,
+            Q_NUM, Q_IDX, Q_FULL_NUM, Q_FULL_IDX, stride_q_nb, stride_q_nh, stride_q_nn,
+            stride_q_ib, stride_q_ih, stride_q_in, stride_q_im,
+            HKV, Q_LEN, KV_LEN, GROUP, sm_scale,
+            SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            SCATTER, GRADS, GSTRIDES, AUX,
+            HAS_SCORE_MOD, HAS_MASK_MOD, HAS_Q_FULL, DKDV_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M1, BLOCK_N1,
+            D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q)
+    elif RUN_DQ:
+        off_pid = pid - N_KV_PROGRAMS if RUN_DKDV else pid
+        _dq_program(
+            off_pid % N_Q_PROGRAMS, off_b, off_hkv * GROUP + off_pid // N_Q_PROGRAMS,
+            Q, K, V, DO, GRAD_Q, LSE, DELTA,
+            stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+            stride_dqb, stride_dqh, stride_dqm, stride_dqd, stride_lb, stride_lh, stride_lm,
+            KV_NUM, KV_IDX, KV_FULL_NUM, KV_FULL_IDX, stride_kv_nb, stride_kv_nh, stride_kv_nm,
+            stride_kv_ib, stride_kv_ih, stride_kv_im, stride_kv_in,
+            HKV * GROUP, Q_LEN, KV_LEN, GROUP, sm_scale,
+            SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            SCATTER, GRADS, GSTRIDES, AUX,
+            HAS_SCORE_MOD, HAS_MASK_MOD, HAS_KV_FULL, DQ_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M2, BLOCK_N2,
+            D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
