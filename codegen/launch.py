@@ -7,6 +7,7 @@ broadcast).
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,6 +55,7 @@ def _largest_pow2_dividing(n: int, cap: int) -> int:
     return p
 
 
+@functools.lru_cache(maxsize=16)
 def _smem_limit(device) -> int:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -113,6 +115,19 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
     return ForwardConfig(bm, bn, warps, stages, static_sub)
 
 
+_MEMO: dict = {}
+
+
+def memo(key: tuple, make):
+    """``make()`` once per key: configs and the like, so a call's host time stays small."""
+    hit = _MEMO.get(key)
+    if hit is None:
+        if len(_MEMO) > 1024:
+            _MEMO.clear()
+        hit = _MEMO[key] = make()
+    return hit
+
+
 _SCALAR_TENSORS: dict = {}
 
 
@@ -129,29 +144,35 @@ def _scalar_tensor(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def mod_args(tm: Optional[TracedMod], device) -> tuple[object, ModArgs]:
-    """The jitted mod function (None if no mod) and its run-time arguments."""
+    """The jitted mod function (None if no mod) and its run-time arguments.
+
+    Buffers are read afresh each call (in-place updates show; nothing holds them); the function
+    and the captured numbers' device tensors are kept with the trace (``launch_cache``)."""
     if tm is None:
         z = _scalar_tensor((), torch.int64, device)
         return None, ModArgs((z,), (0,), (1,), z, _scalar_tensor((), torch.float32, device))
-    lowered, fn = jit_function(tm.graph)
     bufs, strides, sizes = [], [], []
     for t in tm.buffers:
-        t = t.detach()
         if t.device != device:
             t = t.to(device)
         if t.dtype == torch.bool:
             t = t.view(torch.int8)
-        if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31:
-            raise FlexcompError(
-                f"the captured tensor of shape {tuple(t.shape)} in {tm.graph.kind.value} {tm.graph.fn_name!r} spans "
-                f"2**31 elements or more; the triton backend indexes captured tensors with 32-bit offsets")
+        strides += t.stride() or (0,)
+        sizes += t.shape or (1,)
         bufs.append(t)
-        strides += list(t.stride()) or [0]
-        sizes += list(t.shape) or [1]
-    ints = tuple(int(v) for v, slot in zip(tm.scalars, lowered.int_scalars) if slot >= 0)
-    floats = tuple(float(v) for v, slot in zip(tm.scalars, lowered.float_scalars) if slot >= 0)
-    si = _scalar_tensor(ints, torch.int64, device)
-    sf = _scalar_tensor(floats, torch.float32, device)
+    hit = tm.launch_cache.get(("mod_args", device))
+    if hit is None:
+        for t in bufs:
+            if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31:
+                raise FlexcompError(
+                    f"the captured tensor of shape {tuple(t.shape)} in {tm.graph.kind.value} {tm.graph.fn_name!r} "
+                    f"spans 2**31 elements or more; the triton backend indexes captured tensors with 32-bit offsets")
+        lowered, fn = jit_function(tm.graph)
+        ints = tuple(int(v) for v, slot in zip(tm.scalars, lowered.int_scalars) if slot >= 0)
+        floats = tuple(float(v) for v, slot in zip(tm.scalars, lowered.float_scalars) if slot >= 0)
+        hit = (fn, _scalar_tensor(ints, torch.int64, device), _scalar_tensor(floats, torch.float32, device))
+        tm.launch_cache[("mod_args", device)] = hit
+    fn, si, sf = hit
     if not bufs:
         bufs, strides, sizes = [si], [0], [1]
     return fn, ModArgs(tuple(bufs), tuple(strides), tuple(sizes), si, sf)
@@ -165,7 +186,8 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device):
 
 
 def _pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    """Head dims padded to a power of two (at least 16) for the kernels' tiles."""
+    return max(16, 1 << (d - 1).bit_length())
 
 
 def check_inputs(q: torch.Tensor, D: int, DV: int) -> None:
@@ -189,16 +211,10 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
         block_mask = _full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
     heavy = score is not None or (mask is not None and bool(mask.graph.buffers))
-    cfg = forward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, heavy, _smem_limit(device))
-    nq = block_mask.kv_num_blocks.shape[-1]
-    kv_num = block_mask.kv_num_blocks.expand(B, H, nq)
-    kv_idx = block_mask.kv_indices.expand(B, H, nq, block_mask.kv_indices.shape[-1])
-    has_full = block_mask.full_kv_num_blocks is not None
-    full_num = block_mask.full_kv_num_blocks.expand(B, H, nq) if has_full else kv_num
-    full_idx = block_mask.full_kv_indices.expand(kv_idx.shape) if has_full else kv_idx
-    if has_full and (full_num.stride() != kv_num.stride() or full_idx.stride() != kv_idx.stride()):
-        full_num, full_idx = full_num.contiguous(), full_idx.contiguous()
-        kv_num, kv_idx = kv_num.contiguous(), kv_idx.contiguous()
+    cfg = memo(("fwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret, heavy, device),
+               lambda: forward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, heavy,
+                                      _smem_limit(device)))
+    lists = block_lists(block_mask, B, H, transposed=False)
     score_fn, sa = mod_args(score, device)
     mask_fn, ma = mod_args(mask, device)
     out = torch.empty(B, H, L, DV, dtype=q.dtype, device=device)
@@ -210,14 +226,62 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
         q, k, v, out, lse,
         *q.stride(), k.stride(0) * kb, *k.stride()[1:], v.stride(0) * kb, *v.stride()[1:], *out.stride(),
         *lse.stride(),
-        kv_num, kv_idx, full_num, full_idx, *kv_num.stride(), *kv_idx.stride(),
+        *lists.tensors, *lists.num.stride(), *lists.idx.stride(),
         H, L, S, H // Hkv, scale,
         score_fn, sa.bufs, sa.strides, sa.sizes, sa.scalars_i, sa.scalars_f,
         mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f,
-        HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, HAS_FULL=has_full,
+        HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, HAS_FULL=lists.has_full,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision, EVEN_KV=S % skv == 0, STATIC_SUB=cfg.static_sub,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
+
+@dataclass(frozen=True)
+class _Lists:
+    """One direction's block lists, expanded to ``[B, H, n]`` (strides only), partial and full."""
+
+    num: torch.Tensor
+    idx: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    has_full: bool
+
+    @property
+    def tensors(self) -> tuple:
+        return self.num, self.idx, self.full_num, self.full_idx
+
+
+_LISTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def block_lists(block_mask, B: int, H: int, transposed: bool) -> "_Lists":
+    """The BlockMask's kv lists (``transposed``: its q lists) for a ``[B, H]`` launch, as strides;
+    kept per BlockMask while its tensors stay the same objects (host time per call matters)."""
+    fields = ((block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks, block_mask.full_q_indices)
+              if transposed else
+              (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+               block_mask.full_kv_indices))
+    key = (B, H, *map(id, fields))
+    try:
+        per_mask = _LISTS.setdefault(block_mask, {})
+    except TypeError:  # not weakly referenceable: no cache
+        per_mask = {}
+    hit = per_mask.get(key)
+    if hit is None:
+        if len(per_mask) > 8:
+            per_mask.clear()
+        hit = per_mask[key] = _lists(*fields, B, H, fields[0].shape[-1])
+    return hit
+
+
+def _lists(num, idx, full_num, full_idx, B: int, H: int, n: int) -> _Lists:
+    num = num.expand(B, H, n)
+    idx = idx.expand(B, H, n, idx.shape[-1])
+    has_full = full_num is not None
+    fnum = full_num.expand(B, H, n) if has_full else num
+    fidx = full_idx.expand(B, H, n, full_idx.shape[-1]) if has_full else idx
+    if has_full and (fnum.stride() != num.stride() or fidx.stride() != idx.stride()):
+        num, idx, fnum, fidx = num.contiguous(), idx.contiguous(), fnum.contiguous(), fidx.contiguous()
+    return _Lists(num, idx, fnum, fidx, has_full)

@@ -21,7 +21,7 @@ from flexcomp.errors import FlexcompError
 from flexcomp.trace import TracedMod
 
 from .kernels.backward import flex_bwd, flex_bwd_delta
-from .launch import _full_block_mask, _largest_pow2_dividing, _pad, _smem_limit, check_inputs, mod_args
+from .launch import _full_block_mask, block_lists, _largest_pow2_dividing, _pad, _smem_limit, check_inputs, memo, mod_args
 from .modules import jit_function, jit_grad_function, jit_scatter
 
 
@@ -131,7 +131,8 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     if block_mask is None:
         block_mask = _full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
-    cfg = backward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, _smem_limit(device))
+    cfg = memo(("bwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret, device),
+               lambda: backward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, _smem_limit(device)))
     precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
     delta = torch.empty(B, H, L, dtype=torch.float32, device=device)
@@ -153,10 +154,8 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     scatter_args = (None, sa.bufs, (0,), delta) if sc is None else (sc.fn, sc.grads, sc.gstrides, sc.aux)
 
     kb = 0 if k.shape[0] == 1 and B > 1 else 1
-    kv_lists = _lists(block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
-                      block_mask.full_kv_indices, B, H, block_mask.kv_num_blocks.shape[-1])
-    q_lists = _lists(block_mask.q_num_blocks, block_mask.q_indices, block_mask.full_q_num_blocks,
-                     block_mask.full_q_indices, B, H, block_mask.q_num_blocks.shape[-1])
+    kv_lists = block_lists(block_mask, B, H, transposed=False)
+    q_lists = block_lists(block_mask, B, H, transposed=True)
     Bk = B if kb == 0 else k.shape[0]
     dq = torch.empty_like(q)
     dk = torch.empty(Bk, Hkv, S, D, dtype=k.dtype if kb else torch.float32, device=device)
@@ -205,29 +204,3 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
             gt = gt.to(torch.float64) / sc.aux[i].to(torch.float64)
         buf_grads.append(gt.to(t.dtype))
     return dq, dk, dv, buf_grads
-
-
-@dataclass(frozen=True)
-class _Lists:
-    """One direction's block lists, expanded to ``[B, H, n]`` (strides only), partial and full."""
-
-    num: torch.Tensor
-    idx: torch.Tensor
-    full_num: torch.Tensor
-    full_idx: torch.Tensor
-    has_full: bool
-
-    @property
-    def tensors(self) -> tuple:
-        return self.num, self.idx, self.full_num, self.full_idx
-
-
-def _lists(num, idx, full_num, full_idx, B: int, H: int, n: int) -> _Lists:
-    num = num.expand(B, H, n)
-    idx = idx.expand(B, H, n, idx.shape[-1])
-    has_full = full_num is not None
-    fnum = full_num.expand(B, H, n) if has_full else num
-    fidx = full_idx.expand(B, H, n, full_idx.shape[-1]) if has_full else idx
-    if has_full and (fnum.stride() != num.stride() or fidx.stride() != idx.stride()):
-        num, idx, fnum, fidx = num.contiguous(), idx.contiguous(), fnum.contiguous(), fidx.contiguous()
-    return _Lists(num, idx, fnum, fidx, has_full)

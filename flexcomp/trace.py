@@ -25,7 +25,7 @@ import re
 import sys
 import types
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 import torch
@@ -49,12 +49,15 @@ class TracedMod:
         buffers: captured tensors, one per ``graph.buffers`` entry, in order.
         scalars: captured Python numbers, one per ``graph.scalars`` entry, in order.
         fn: the user's function.
+        launch_cache: what the Triton launcher derived from these values (kernel arguments),
+            kept with them so that a cached trace launches without recomputing it.
     """
 
     graph: Graph
     buffers: tuple[torch.Tensor, ...]
     scalars: tuple[Number, ...]
     fn: Callable
+    launch_cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -300,7 +303,7 @@ _TRACES_MAX = 512
 
 
 def _remember(key: tuple, tm: TracedMod, keep: list) -> None:
-    _TRACES[key] = (tm.graph, tuple(weakref.ref(t) for t in tm.buffers), tm.scalars, tuple(keep))
+    _TRACES[key] = (tm.graph, tuple(weakref.ref(t) for t in tm.buffers), tm.scalars, tuple(keep), tm.launch_cache)
     if len(_TRACES) > _TRACES_MAX:
         _TRACES.popitem(last=False)
 
@@ -309,13 +312,13 @@ def _cached(key: tuple, fn: Callable) -> TracedMod | None:
     entry = _TRACES.get(key)
     if entry is None:
         return None
-    graph, refs, scalars, _ = entry
+    graph, refs, scalars, _, launch_cache = entry
     buffers = tuple(r() for r in refs)
     if any(b is None for b in buffers):
         del _TRACES[key]
         return None
     _TRACES.move_to_end(key)
-    return TracedMod(graph, buffers, scalars, fn)
+    return TracedMod(graph, buffers, scalars, fn, launch_cache)
 
 
 class _NoCache(Exception):

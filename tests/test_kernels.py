@@ -213,10 +213,14 @@ def test_new_captured_values_generate_nothing_new():
 
 
 def test_dump_dir_names_say_which_variant(tmp_path, monkeypatch):
+    import collections
+
     import flexcomp.codegen.modules as modules
+    import flexcomp.trace as trace_module
 
     monkeypatch.setenv("FLEXCOMP_DUMP_DIR", str(tmp_path))
     monkeypatch.setattr(modules, "_CACHE", {})
+    monkeypatch.setattr(trace_module, "_TRACES", collections.OrderedDict())  # traces keep their launch args
     q, k, v = _qkv(1, 1, 32, 32, 16)
     bm = create_block_mask(causal_mask, 1, 1, 32, 32, device=DEVICE, BLOCK_SIZE=32)
     flex_attention(q, k, v, score_mod=softcap(3.0), block_mask=bm, kernel_options=TRITON)
