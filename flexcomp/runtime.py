@@ -46,6 +46,8 @@ TORCH_KERNEL_OPTIONS = frozenset({
     "SPARSE_Q_BLOCK_SIZE", "SPARSE_KV_BLOCK_SIZE", "OUTPUT_MAX",
 })
 FLEXCOMP_KERNEL_OPTIONS = frozenset({"BACKEND", "CHUNK_ELEMENTS", "DETERMINISTIC"})
+# flexcomp's own tuning keys: passed to the Triton backend's configs with torch's
+FLEXCOMP_TUNING_OPTIONS = frozenset({"BWD_SPLIT"})
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,12 @@ class Options:
         if not isinstance(kernel_options, Mapping):
             raise FlexcompError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
         unknown = [k for k in kernel_options
-                   if k not in TORCH_KERNEL_OPTIONS | FLEXCOMP_KERNEL_OPTIONS
+                   if k not in TORCH_KERNEL_OPTIONS | FLEXCOMP_KERNEL_OPTIONS | FLEXCOMP_TUNING_OPTIONS
                    and not (k[:4] in ("fwd_", "bwd_") and k[4:] in TORCH_KERNEL_OPTIONS)]
         if unknown:
             raise FlexcompError(
-                f"kernel_options has unknown keys {unknown}; expected flexcomp's {sorted(FLEXCOMP_KERNEL_OPTIONS)} "
+                f"kernel_options has unknown keys {unknown}; expected flexcomp's "
+                f"{sorted(FLEXCOMP_KERNEL_OPTIONS | FLEXCOMP_TUNING_OPTIONS)} "
                 f"or torch's FlexKernelOptions keys ({', '.join(sorted(TORCH_KERNEL_OPTIONS))})")
         backend = _parse_backend(kernel_options.get("BACKEND"), "kernel_options['BACKEND']")
         if backend is None:
