@@ -5,8 +5,8 @@
 For each variant it prints the traced IR and the block map, runs forward and backward on the
 reference backend and compares output, LSE and dq/dk/dv with the dense float64 oracle
 (:mod:`flexcomp.testing`) and the forward with torch's eager ``flex_attention``; then it runs the
-generated Triton forward kernel (on a GPU, or in Triton's interpreter on a CPU) and compares it
-too. It ends with a 65,536-token block mask and a 16,384-token CPU training step. Exit status 1
+generated Triton kernels, forward and backward (on a GPU, or in Triton's interpreter on a CPU),
+and compares them too. It ends with a 65,536-token block mask and a 16,384-token CPU training step. Exit status 1
 if any check fails.
 """
 from __future__ import annotations
@@ -103,20 +103,21 @@ def check(v: Variant, B: int, H: int, S: int, D: int, show: bool) -> bool:
     errs = {"out": err(out, ro), "lse": err(lse, rl), "dq": err(got[0], want[0]), "dk": err(got[1], want[1]),
             "dv": err(got[2], want[2]), "torch out": err(out, to), "torch lse": err(lse, tl)}
     ok = all(e < 1e-9 for e in errs.values())
-    # the generated Triton forward kernel, in float32 (the interpreter has no float64 dot on GPUs either)
+    # the generated Triton kernels, forward and backward, in float32 (no float64 dot on GPUs either)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    q32, k32, v32 = (t.detach().float().to(dev) for t in (q, k, val))
+    q32, k32, v32 = (t.detach().float().to(dev).requires_grad_() for t in (q, k, val))
     bm32 = create_block_mask(v.mask_mod, B, H, S, S, device=dev, BLOCK_SIZE=64) if v.mask_mod else None
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        tout, tlse = flex_attention(q32, k32, v32, score_mod=v.score_mod, block_mask=bm32, return_lse=True,
-                                    kernel_options={"BACKEND": "triton"})
-        t_triton = time.perf_counter() - t0
-    kerr = {"triton out": err(tout.double().cpu(), ro), "triton lse": err(tlse.double().cpu(), rl)}
+    t0 = time.perf_counter()
+    tout, tlse = flex_attention(q32, k32, v32, score_mod=v.score_mod, block_mask=bm32, return_lse=True,
+                                kernel_options={"BACKEND": "triton"})
+    tgot = [g.double().cpu() for g in grads((tout, tlse), (q32, k32, v32))]
+    t_triton = time.perf_counter() - t0
+    kerr = {"triton out": err(tout.detach().double().cpu(), ro), "triton lse": err(tlse.detach().double().cpu(), rl),
+            "triton dq": err(tgot[0], want[0]), "triton dk": err(tgot[1], want[1]), "triton dv": err(tgot[2], want[2])}
     ok = ok and all(e < 1e-4 for e in kerr.values())
     errs.update(kerr)
     sparsity = f"{bm.sparsity():5.1f}%" if bm is not None else "  0.0%"
-    print(f"sparsity {sparsity}  reference fwd+bwd {elapsed * 1e3:6.1f} ms  triton fwd {t_triton * 1e3:6.0f} ms"
+    print(f"sparsity {sparsity}  reference fwd+bwd {elapsed * 1e3:6.1f} ms  triton fwd+bwd {t_triton * 1e3:6.0f} ms"
           f"{' (interpreter)' if dev == 'cpu' else ''}\n  max |error| " +
           "  ".join(f"{k} {e:.1e}" for k, e in errs.items()) + ("  OK" if ok else "  FAIL"))
     return ok

@@ -174,6 +174,8 @@ def test_bad_options_scale_and_mods():
         flex_attention(q, k, v, kernel_options={"BLOK_M": 64})
     with pytest.raises(FlexcompError, match="kernel_options\\['BACKEND'\\] must be 'reference', 'triton' or 'auto', got 'fast'"):
         flex_attention(q, k, v, kernel_options={"BACKEND": "fast"})
+    with pytest.raises(FlexcompError, match=r"kernel_options\['DETERMINISTIC'\] must be True or False, got 'yes'"):
+        flex_attention(q, k, v, kernel_options={"DETERMINISTIC": "yes"})
     with pytest.raises(FlexcompError, match="scale must be a finite float or None, got nan"):
         flex_attention(q, k, v, scale=float("nan"))
     with pytest.raises(FlexcompError, match="score_mod must be callable or None, got int"):

@@ -103,3 +103,44 @@ def test_forward_config_fits_shared_memory():
     assert not f32_256.static_sub  # not even one unrolled stage fits: the block's tiles loop
     with pytest.raises(FlexcompError, match=r"kernel_options\['BLOCK_M'\] must be a power of two >= 16, got 8"):
         forward_config(64, 64, 2, 128, 128, {"BLOCK_M": 8}, False)
+
+
+def test_joint_function_returns_the_value_and_its_derivative_sharing_tanh():
+    from flexcomp.derivative import value_and_derivatives
+
+    body = lower(value_and_derivatives(trace(softcap(30.0), ModKind.SCORE).graph)).source
+    assert body.count("ops.tanh(") == 1
+    assert body.rstrip().endswith("return v3, v8")
+    assert "def score_grad_softcap_score_" in body
+
+
+def test_scatter_sums_a_tile_by_what_the_index_depends_on():
+    from flexcomp.codegen.lower import Reduce, lower_scatter
+
+    per_head, per_q, per_kv, pair = (torch.randn(4), torch.randn(64), torch.randn(64), torch.randn(64, 64))
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s * per_head[h] + per_q[q_idx] + per_kv[kv_idx] + pair[q_idx, kv_idx]
+
+    g = trace(score, ModKind.SCORE).graph
+    src = lower_scatter(g, tuple(b.name for b in g.buffers)).source
+    reduces = [line.split("REDUCE=")[1][0] for line in src.splitlines() if "ops.scatter_grad(" in line]
+    assert reduces == [str(int(r)) for r in (Reduce.ALL, Reduce.PER_Q, Reduce.PER_KV, Reduce.NONE)]
+    assert "grad * score, valid, AUX + 0, REDUCE=1" in src  # d(s * per_head[h]) / d per_head[h] = s
+    only_pair = lower_scatter(g, ("pair",)).source
+    assert only_pair.count("ops.scatter_grad(") == 1  # tensors that need no gradient get no atomics
+
+
+def test_backward_config_choices_and_errors():
+    from flexcomp.codegen.launch_backward import backward_config
+
+    plain = backward_config(128, 128, 2, 128, 128, {}, False)
+    assert (plain.block_m1, plain.block_n1, plain.num_warps, plain.split) == (64, 64, 4, False)
+    capped = backward_config(128, 128, 2, 128, 128, {}, False, score_mod=True, transcendental=True)
+    assert (capped.block_m1, capped.block_n1, capped.block_m2, capped.block_n2, capped.split) == (32, 64, 64, 32, True)
+    tuned = backward_config(128, 128, 2, 64, 64, {"bwd_BLOCK_N1": 128, "BWD_SPLIT": True}, False)
+    assert tuned.block_n1 == 64 and tuned.split  # tiles never exceed the BlockMask's blocks
+    with pytest.raises(FlexcompError, match=r"kernel_options\['BWD_SPLIT'\] must be True or False, got 1"):
+        backward_config(64, 64, 2, 128, 128, {"BWD_SPLIT": 1}, False)
+    with pytest.raises(FlexcompError, match=r"kernel_options\['BLOCK_M2'\] must be a power of two >= 16, got 24"):
+        backward_config(64, 64, 2, 128, 128, {"bwd_BLOCK_M2": 24}, False)
