@@ -120,6 +120,7 @@ class BwdTiles:
 
     dK/dV kernel: ``BLOCK_N1`` kv rows per program, ``BLOCK_M1`` query rows per inner tile.
     dQ kernel: ``BLOCK_M2`` query rows per program, ``BLOCK_N2`` kv columns per tile.
+    ``BWD_SPLIT``: the dQ and dK/dV programs as two launches instead of one grid.
     """
 
     BLOCK_M1: int
@@ -128,17 +129,18 @@ class BwdTiles:
     BLOCK_N2: int
     num_warps: int
     num_stages: int
+    BWD_SPLIT: bool = False
 
     def kernel_options(self) -> dict:
-        return {"bwd_" + key: value for key, value in dataclasses.asdict(self).items()}
+        opts = {"bwd_" + key: value for key, value in dataclasses.asdict(self).items() if key != "BWD_SPLIT"}
+        return {**opts, "BWD_SPLIT": self.BWD_SPLIT}
 
 
 SWEEP = [FwdTiles(128, 64, 4, 3), FwdTiles(128, 64, 8, 3), FwdTiles(128, 128, 8, 3), FwdTiles(128, 128, 8, 2),
          FwdTiles(64, 64, 4, 3), FwdTiles(128, 32, 4, 3), FwdTiles(64, 128, 4, 3), FwdTiles(128, 64, 8, 4)]
-SWEEP_BWD = [BwdTiles(m1, n1, m2, n2, warps, stages)
-             for m1, n1, m2, n2 in ((64, 128, 128, 64), (64, 64, 64, 64), (32, 128, 128, 32),
-                                    (64, 128, 64, 64), (128, 128, 128, 128))
-             for warps in (4, 8) for stages in (2, 3)]
+SWEEP_BWD = [BwdTiles(m1, n1, m2, n2, warps, stages, split)
+             for m1, n1, m2, n2 in ((64, 128, 128, 64), (64, 64, 64, 64), (32, 64, 64, 32), (32, 128, 128, 32))
+             for warps in (4, 8) for stages in (2, 3) for split in (False, True)]
 
 
 def _density(mask_mod, S: int, device) -> float:

@@ -7,19 +7,21 @@ from .ir import ModKind
 from .trace import TracedMod, trace
 
 
-def generated_source(tm: TracedMod) -> str:
-    """The Triton source flexcomp generates for a traced mod (a message if Triton is missing)."""
+def generated_source(tm: TracedMod, backward: bool = False) -> str:
+    """The Triton source flexcomp generates for a traced mod (a message if Triton is missing);
+    ``backward``: the score_mod's joint (value, d value / d score) function of the backward kernels."""
     try:
-        from flexcomp.codegen.modules import jit_function
+        from flexcomp.codegen.modules import jit_function, jit_grad_function
     except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
         return f"# (no Triton here: {e})"
-    return jit_function(tm.graph)[0].source
+    return (jit_grad_function if backward else jit_function)(tm.graph)[0].source
 
 
 def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] = None,
             Q_LEN: int = 1024, KV_LEN: int = 1024, BLOCK_SIZE=128, print_fn: Callable = print) -> str:
     """Print (and return) the IR of each mod, its structural key, its captured inputs, the
-    generated Triton source and, for a mask_mod, the block map at ``Q_LEN x KV_LEN``.
+    generated Triton source (for a score_mod also the backward's value-and-derivative function)
+    and, for a mask_mod, the block map at ``Q_LEN x KV_LEN``.
 
     >>> from flexcomp.masks import causal_mask
     >>> text = explain(mask_mod=causal_mask, Q_LEN=256, KV_LEN=256, print_fn=lambda s: None)
@@ -41,6 +43,9 @@ def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] =
             parts.append(f"#   scalar {spec.name} = {v!r}")
         parts.append(f"# generated Triton source ({kind.value}):")
         parts.append(generated_source(tm))
+        if kind is ModKind.SCORE:
+            parts.append("# generated Triton source (score_mod and its derivative, for the backward):")
+            parts.append(generated_source(tm, backward=True))
         if kind is ModKind.MASK:
             bm = create_block_mask(fn, 1, 1, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=BLOCK_SIZE)
             parts.append(f"# block map {Q_LEN}x{KV_LEN}, BLOCK_SIZE={bm.BLOCK_SIZE}, "
