@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexcomp import and_masks, create_block_mask, flex_attention, or_masks
-from flexcomp.masks import alibi, causal_mask, document_mask, padding_mask, prefix_lm, sliding_window, softcap
+from flexcomp.masks import alibi, causal_mask, document_mask, prefix_lm, sliding_window, softcap
 from flexcomp.testing import dense_attention
+from variants import MASKS, scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = {"BACKEND": "triton"}
@@ -58,17 +59,7 @@ def _check(q, k, v, score_mod=None, mask_mod=None, bs=64, B=None, H=None, extra=
     return got
 
 
-MASKS = {
-    "none": None,
-    "causal": causal_mask,
-    "sliding": sliding_window(37),
-    "prefix": prefix_lm(50),
-    "document": document_mask([50, 90, 60]),
-    "padding": padding_mask([150, 61]),
-    "and": and_masks(causal_mask, sliding_window(64), document_mask([120, 80])),
-    "or": or_masks(prefix_lm(16), sliding_window(8)),
-}
-SCORES = {"none": None, "alibi": alibi(2), "softcap": softcap(4.0)}
+SCORES = scores(2)
 
 
 @pytest.mark.parametrize("mask", MASKS)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
-from flexcomp import FlexcompError, and_masks, create_block_mask, flex_attention, or_masks
-from flexcomp.masks import alibi, causal_mask, document_mask, padding_mask, prefix_lm, sliding_window, softcap
+from flexcomp import FlexcompError, and_masks, create_block_mask, flex_attention
+from flexcomp.masks import alibi, causal_mask, document_mask, sliding_window, softcap
 from flexcomp.testing import dense_attention
+from variants import MASKS, scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = {"BACKEND": "triton"}
@@ -48,17 +49,7 @@ def _check(q, k, v, score_mod=None, mask_mod=None, bs=64, B=None, H=None, tol=2e
     return out, lse
 
 
-MASKS = {
-    "none": None,
-    "causal": causal_mask,
-    "sliding": sliding_window(37),
-    "prefix": prefix_lm(50),
-    "document": document_mask([50, 90, 60]),
-    "padding": padding_mask([150, 61]),
-    "and": and_masks(causal_mask, sliding_window(64), document_mask([120, 80])),
-    "or": or_masks(prefix_lm(16), sliding_window(8)),
-}
-SCORES = {"none": None, "alibi": alibi(3), "softcap": softcap(4.0)}
+SCORES = scores(3)
 
 
 @pytest.mark.parametrize("mask", MASKS)
