@@ -118,6 +118,12 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
 _MEMO: dict = {}
 
 
+def memo_set(key: tuple, value):
+    """Replace what :func:`memo` keeps under ``key`` (a config that did not fit, say)."""
+    _MEMO[key] = value
+    return value
+
+
 def memo(key: tuple, make):
     """``make()`` once per key: configs and the like, so a call's host time stays small."""
     hit = _MEMO.get(key)

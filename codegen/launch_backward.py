@@ -10,11 +10,12 @@ int64 fixed point, scaled per tensor by a power of two chosen from the largest c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from flexcomp.derivative import float_loads
 from flexcomp.errors import FlexcompError
@@ -22,7 +23,8 @@ from flexcomp.ir import Op
 from flexcomp.trace import TracedMod
 
 from .kernels.backward import flex_bwd, flex_bwd_delta
-from .launch import _full_block_mask, block_lists, _largest_pow2_dividing, _pad, _smem_limit, check_inputs, memo, mod_args
+from .launch import (_full_block_mask, _largest_pow2_dividing, _pad, _smem_limit, block_lists, check_inputs, memo,
+                     memo_set, mod_args)
 from .modules import jit_function, jit_grad_function, jit_scatter
 
 
@@ -52,7 +54,7 @@ class BackwardConfig:
 
 def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, sparse_kv: int, options: dict,
                     interpret: bool, smem_limit: int = 232448, score_mod: bool = False,
-                    transcendental: bool = False) -> BackwardConfig:
+                    transcendental: bool = False, scatter: bool = False) -> BackwardConfig:
     """Tiles for the backward kernels; torch's ``BLOCK_M1 / BLOCK_N1 / BLOCK_M2 / BLOCK_N2``,
     ``num_warps``, ``num_stages`` (or their ``bwd_`` forms) in ``kernel_options`` override them.
 
@@ -63,7 +65,12 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
       faster than torch's Hopper choice, 64/128/128/64 with 8 warps);
     - arithmetic score_mods (ALiBi) at head dim 128: torch's choice, 64/128/128/64, 8 warps, 3 stages;
     - transcendental score_mods (soft-cap): 32/64/64/32, 4 warps, 2 stages, and the dQ and dK/dV
-      programs as two launches (``split``), 6% faster than one grid.
+      programs as two launches (``split``), 6% faster than one grid;
+    - gradients into captured tensors (``scatter``): the scatter's layout conversions need shared
+      memory, so the 64x64 tiles (torch's 64/128/128/64 ran out of it on a relative-position bias).
+
+    If a config still runs out of shared memory when compiled, :func:`flex_backward` retries with
+    fewer stages, then smaller tiles (``_smaller``), and remembers what fitted.
 
     ``kernel_options={"BWD_SPLIT": ...}`` overrides the launch choice. Stages drop until the
     pipelined tiles fit shared memory.
@@ -77,7 +84,7 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 2
     elif max(head_dim, value_dim) <= 64:
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 2
-    elif max(head_dim, value_dim) <= 128 and score_mod:
+    elif max(head_dim, value_dim) <= 128 and score_mod and not scatter:
         m1, n1, m2, n2, warps, stages = 64, 128, 128, 64, 8, 3
     elif max(head_dim, value_dim) <= 128:
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 2
@@ -108,6 +115,16 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
             stages -= 1
     return BackwardConfig(tiles["BLOCK_M1"], tiles["BLOCK_N1"], tiles["BLOCK_M2"], tiles["BLOCK_N2"], warps, stages,
                           split)
+
+
+def _smaller(cfg: BackwardConfig) -> Optional[BackwardConfig]:
+    """The next config down when ``cfg`` does not fit the device: fewer stages, then halved tiles."""
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    tiles = [max(16, t // 2) for t in (cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2)]
+    if tiles == [cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2]:
+        return None
+    return replace(cfg, block_m1=tiles[0], block_n1=tiles[1], block_m2=tiles[2], block_n2=tiles[3], num_warps=4)
 
 
 @dataclass(frozen=True)
@@ -157,10 +174,11 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         block_mask = _full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
     heavy = score is not None and any(n.op in TRANSCENDENTAL for n in score.graph.nodes)
-    cfg = memo(("bwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret,
-                score is not None, heavy, device),
-               lambda: backward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, _smem_limit(device),
-                                       score is not None, heavy))
+    scatter = score is not None and any(buffer_grads)
+    cfg_key = ("bwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret,
+               score is not None, heavy, scatter, device)
+    cfg = memo(cfg_key, lambda: backward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret,
+                                                _smem_limit(device), score is not None, heavy, scatter))
     precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
     delta = torch.empty(B, H, L, dtype=torch.float32, device=device)
@@ -188,10 +206,21 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     dq = torch.empty_like(q)
     dk = torch.empty(Bk, Hkv, S, D, dtype=k.dtype if kb else torch.float32, device=device)
     dv = torch.empty(Bk, Hkv, S, DV, dtype=v.dtype if kb else torch.float32, device=device)
-    n_kv, n_q = triton.cdiv(S, cfg.block_n1), triton.cdiv(L, cfg.block_m2)
     G = H // Hkv
 
     def launch(run_dq: bool, run_dkdv: bool, dq_scatter: int, dkdv_scatter: int):
+        nonlocal cfg
+        while True:
+            try:
+                return launch_with(cfg, run_dq, run_dkdv, dq_scatter, dkdv_scatter)
+            except OutOfResources:  # e.g. a wide scatter's layout conversions: smaller tiles, remembered
+                smaller = _smaller(cfg)
+                if smaller is None:
+                    raise
+                cfg = memo_set(cfg_key, smaller)
+
+    def launch_with(cfg: BackwardConfig, run_dq: bool, run_dkdv: bool, dq_scatter: int, dkdv_scatter: int):
+        n_kv, n_q = triton.cdiv(S, cfg.block_n1), triton.cdiv(L, cfg.block_m2)
         grid = ((n_kv if run_dkdv else 0) + (G * n_q if run_dq else 0), B * Hkv)
         flex_bwd[grid](
             q, k, v, d_out, dq, dk, dv, lse, delta,

@@ -259,3 +259,42 @@ def test_bf16_at_realistic_sizes_against_float32_reference(score, mask):
     for name, g, r in zip("qkv", got, want):
         rel = ((g.float() - r).norm() / r.norm()).item()
         assert rel < 1e-2, f"d{name}: relative error {rel:.2e}"
+
+
+def test_a_config_out_of_shared_memory_is_retried_smaller_and_remembered(monkeypatch):
+    """Triton refuses a config at compile time (OutOfResources): the backward retries with fewer
+    stages, then halved tiles, and keeps what fitted."""
+    from triton.runtime.errors import OutOfResources
+
+    import flexcomp.codegen.launch_backward as lb
+
+    real, tried = lb.flex_bwd, []
+
+    class Picky:  # a device with little shared memory: only 32-row dK/dV tiles fit
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                tried.append((kwargs["BLOCK_N1"], kwargs["num_stages"]))
+                if kwargs["BLOCK_N1"] > 32:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(lb, "flex_bwd", Picky())
+    q, k, v = _leaves((1, 2, 64, 16), (1, 2, 64, 16), (1, 2, 64, 16))
+    _check(q, k, v, alibi(2), causal_mask, bs=64)
+    assert tried[0][0] == 64 and tried[-1][0] == 32
+    tried.clear()
+    _check(q, k, v, alibi(2), causal_mask, bs=64)
+    assert [n1 for n1, _ in tried] == [32]  # remembered
+
+
+def test_smaller_configs_step_down_to_the_smallest_tiles():
+    from flexcomp.codegen.launch_backward import BackwardConfig, _smaller
+
+    cfg = BackwardConfig(64, 128, 128, 64, 8, 2)
+    steps = []
+    while cfg is not None:
+        steps.append(cfg)
+        cfg = _smaller(cfg)
+    assert [(c.block_n1, c.num_stages, c.num_warps) for c in steps] == [
+        (128, 2, 8), (128, 1, 8), (64, 1, 4), (32, 1, 4), (16, 1, 4)]
