@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from flexcomp.errors import FlexcompError
 from flexcomp.trace import TracedMod
@@ -210,16 +211,16 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
                  interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the generated forward kernel: output ``[B, Hq, L, Ev]`` (input dtype), LSE float32."""
     B, H, L, D = q.shape
-    Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
+    S, DV = k.shape[2], v.shape[3]
     check_inputs(q, D, DV)
     device = q.device
     if block_mask is None:
         block_mask = _full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
     heavy = score is not None or (mask is not None and bool(mask.graph.buffers))
-    cfg = memo(("fwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret, heavy, device),
-               lambda: forward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, heavy,
-                                      _smem_limit(device)))
+    cfg_key = ("fwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret, heavy, device)
+    cfg = memo(cfg_key, lambda: forward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, heavy,
+                                               _smem_limit(device)))
     lists = block_lists(block_mask, B, H, transposed=False)
     score_fn, sa = mod_args(score, device)
     mask_fn, ma = mod_args(mask, device)
@@ -227,6 +228,34 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
     lse = torch.empty(B, H, L, dtype=torch.float32, device=device)
     kb = 0 if k.shape[0] == 1 and B > 1 else 1
     precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    while True:
+        try:
+            _launch_forward(cfg, q, k, v, out, lse, kb, lists, scale, score_fn, sa, mask_fn, ma, sq, skv, precision)
+            return out, lse
+        except OutOfResources:  # e.g. a gathered bias needs shared memory for its layout: smaller, remembered
+            smaller = _smaller_forward(cfg)
+            if smaller is None:
+                raise
+            cfg = memo_set(cfg_key, smaller)
+
+
+def _smaller_forward(cfg: ForwardConfig) -> Optional[ForwardConfig]:
+    """The next forward config down when ``cfg`` does not fit: fewer stages, then looped sub-tiles,
+    then halved tiles."""
+    if cfg.num_stages > 1:
+        return replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.static_sub:
+        return replace(cfg, static_sub=False)
+    if cfg.block_n > 16:
+        return replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.block_m > 16:
+        return replace(cfg, block_m=cfg.block_m // 2, num_warps=4)
+    return None
+
+
+def _launch_forward(cfg, q, k, v, out, lse, kb, lists, scale, score_fn, sa, mask_fn, ma, sq, skv, precision):
+    B, H, L, D = q.shape
+    Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
     grid = (triton.cdiv(L, cfg.block_m), B * H)
     flex_fwd[grid](
         q, k, v, out, lse,
@@ -241,7 +270,6 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
         D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision, EVEN_KV=S % skv == 0, STATIC_SUB=cfg.static_sub,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse
 
 
 @dataclass(frozen=True)

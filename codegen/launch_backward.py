@@ -90,22 +90,18 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 2
     else:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
+    check_backward_options(options)
     get = lambda key, default: options.get("bwd_" + key, options.get(key, default))  # noqa: E731
     tiles = {}
     for key, default, sparse in (("BLOCK_M1", m1, sparse_q), ("BLOCK_N1", n1, sparse_kv),
                                  ("BLOCK_M2", m2, sparse_q), ("BLOCK_N2", n2, sparse_kv)):
-        v = get(key, default)
-        if not isinstance(v, int) or v < 16 or v & (v - 1):
-            raise FlexcompError(f"kernel_options[{key!r}] must be a power of two >= 16, got {v!r}")
-        tiles[key] = _largest_pow2_dividing(sparse, v)
+        tiles[key] = _largest_pow2_dividing(sparse, get(key, default))
         if tiles[key] < 16:
             raise FlexcompError(
                 f"the triton backend tiles the BlockMask's blocks with tiles of at least 16x16, but block_mask "
                 f"has BLOCK_SIZE=({sparse_q}, {sparse_kv}); create it with block sizes that are multiples of 16")
     warps, stages = get("num_warps", warps), get("num_stages", stages)
     split = options.get("BWD_SPLIT", split)
-    if not isinstance(split, bool):
-        raise FlexcompError(f"kernel_options['BWD_SPLIT'] must be True or False, got {split!r}")
     if not interpret:
         d_pad, dv_pad = _pad(head_dim), _pad(value_dim)
         # per stage, the dK/dV loop streams a q and a dO tile; k, v stay resident
@@ -115,6 +111,18 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
             stages -= 1
     return BackwardConfig(tiles["BLOCK_M1"], tiles["BLOCK_N1"], tiles["BLOCK_M2"], tiles["BLOCK_N2"], warps, stages,
                           split)
+
+
+def check_backward_options(options: dict) -> None:
+    """The backward's ``kernel_options``, checked when the forward is called (not at ``.backward()``)."""
+    for key in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
+        for name in (key, "bwd_" + key):
+            v = options.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1)):
+                raise FlexcompError(f"kernel_options[{name!r}] must be a power of two >= 16, got {v!r}")
+    split = options.get("BWD_SPLIT", False)
+    if not isinstance(split, bool):
+        raise FlexcompError(f"kernel_options['BWD_SPLIT'] must be True or False, got {split!r}")
 
 
 def _smaller(cfg: BackwardConfig) -> Optional[BackwardConfig]:
@@ -136,6 +144,7 @@ class _Scatter:
     gstrides: tuple
     aux: torch.Tensor  # float32 per buffer: largest contribution, then the fixed-point scale
     wanted: tuple  # per buffer: whether its gradient is asked for
+    loads_per_buffer: tuple  # per buffer: how many differentiated loads read it
 
 
 def _scatter(score: TracedMod, wanted: tuple, deterministic: bool, device) -> Optional[_Scatter]:
@@ -154,8 +163,9 @@ def _scatter(score: TracedMod, wanted: tuple, deterministic: bool, device) -> Op
             gt = torch.zeros((), dtype=torch.float32, device=device)
         grads.append(gt)
         gstrides += list(gt.stride()) if spec.name in names and gt.dim() else [0] * max(1, t.dim())
+    loads = [n.attr for n in float_loads(g)]
     return _Scatter(fn, tuple(grads), tuple(gstrides), torch.zeros(len(g.buffers), dtype=torch.float32, device=device),
-                    tuple(spec.name in names for spec in g.buffers))
+                    tuple(spec.name in names for spec in g.buffers), tuple(loads.count(spec.name) for spec in g.buffers))
 
 
 def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -241,8 +251,10 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
     if sc is not None and deterministic:
         launch(True, False, 1, -1)  # dQ, recording the largest captured-tensor contribution
-        n_pairs = B * H * L * S
-        e = 62 - math.ceil(math.log2(max(2, n_pairs))) - torch.ceil(torch.log2(sc.aux))
+        # every (b, h, q, kv) pair adds at most |max| once per load of a tensor into each element
+        terms = torch.tensor([math.ceil(math.log2(max(2, B * H * L * S * n))) for n in sc.loads_per_buffer],
+                             dtype=torch.float32, device=device)
+        e = 62 - terms - torch.ceil(torch.log2(sc.aux))
         sc.aux.copy_(torch.exp2(torch.clamp(e, -100.0, 100.0)))
         launch(False, True, -1, 2)  # dK, dV and the fixed-point scatter
     elif cfg.split:

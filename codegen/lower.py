@@ -174,17 +174,17 @@ def _load(lowered: "_Layout", n: Node, a: list[str]) -> str:
     j = lowered.buffer_index[n.attr]
     if not a:
         return f"tl.load(BUFS[{j}]){lowered.load_cast[n.attr]}"
-    ptr, mask = _address(lowered, j, a, "BUFS", "STRIDES")
-    return f"tl.load({ptr}, mask={mask}, other=0){lowered.load_cast[n.attr]}"
+    off, mask = _address(lowered, j, a, "STRIDES")
+    return f"tl.load(BUFS[{j}] + {off}, mask={mask}, other=0){lowered.load_cast[n.attr]}"
 
 
-def _address(lowered: "_Layout", j: int, a: list[str], bufs: str, strides: str) -> tuple[str, str]:
-    """Pointer into ``bufs[j]`` at indices ``a`` (negatives wrapped) and the in-range mask."""
+def _address(lowered: "_Layout", j: int, a: list[str], strides: str) -> tuple[str, str]:
+    """Element offset into buffer ``j`` at indices ``a`` (negatives wrapped) and the in-range mask."""
     s = lowered.stride_offsets[j]
     idx = [f"ops.wrap_index({x}, SIZES[{s + d}])" for d, x in enumerate(a)]
-    ptr = " + ".join([f"{bufs}[{j}]"] + [f"{x} * {strides}[{s + d}]" for d, x in enumerate(idx)])
+    off = " + ".join(f"{x} * {strides}[{s + d}]" for d, x in enumerate(idx))
     mask = " & ".join(f"ops.in_range({x}, SIZES[{s + d}])" for d, x in enumerate(a))
-    return ptr, mask
+    return off, mask
 
 
 @dataclass
@@ -274,6 +274,8 @@ class Reduce(enum.IntEnum):
 
 
 def _reduce_kind(g: Graph, load: Node) -> Reduce:
+    if any(_depends_on(g, a, "score") for a in load.args):  # an index computed from the score: per pair
+        return Reduce.NONE
     on_q = any(_depends_on(g, a, "q_idx") for a in load.args)
     on_kv = any(_depends_on(g, a, "kv_idx") for a in load.args)
     return {(False, False): Reduce.ALL, (True, False): Reduce.PER_Q, (False, True): Reduce.PER_KV}.get(
@@ -309,9 +311,9 @@ def lower_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> LoweredMod:
     for load, d in zip(joint_loads, joint.extra_outputs[1:]):  # extra_outputs[0] is d / d score
         j = lay.buffer_index[load.attr]
         idx = [_const(x) if isinstance(x, Const) else names[x] for x in load.args]
-        ptr, inb = _address(lay, j, idx, "GRADS", "GSTRIDES") if idx else (f"GRADS[{j}]", "(b >= 0)")
+        off, inb = _address(lay, j, idx, "GSTRIDES") if idx else ("0", "(b >= 0)")
         dval = _const(d) if isinstance(d, Const) else names[d]
-        body.append(f"    ops.scatter_grad({ptr}, {inb}, grad * {dval}, valid, AUX + {j}, "
+        body.append(f"    ops.scatter_grad(GRADS[{j}], {off}, {inb}, grad * {dval}, valid, AUX + {j}, "
                     f"REDUCE={int(_reduce_kind(joint, load))}, Q_AXIS=Q_AXIS, MODE=MODE)"
                     f"  # d/d {joint.format_node(load)}")
     return LoweredMod(name, _module(joint, name, params, body, "gradient scatter"), joint, lay.stride_offsets,

@@ -57,12 +57,14 @@ def sign(x):
 
 
 @triton.jit
-def scatter_grad(ptr, inb, contrib, valid, aux, REDUCE: tl.constexpr, Q_AXIS: tl.constexpr, MODE: tl.constexpr):
+def scatter_grad(base, off, inb, contrib, valid, aux, REDUCE: tl.constexpr, Q_AXIS: tl.constexpr, MODE: tl.constexpr):
     """Add one tile's gradient contributions ``contrib`` (zero where not ``valid``) into a captured
-    tensor's gradient at ``ptr`` (masked by ``inb``, the load's in-range mask).
+    tensor's gradient at ``base + off`` (masked by ``inb``, the load's in-range mask).
 
     ``REDUCE`` (``lower.Reduce``): when the index depends on b and h only, or on the query or the
-    key only, the tile is summed first, so one atomic serves a whole tile, row or column.
+    key only, the tile is summed first, so one atomic serves a whole tile, row or column. Otherwise
+    a tile whose kept pairs all hit one element (a table indexed by document pair, inside one pair
+    of documents) is summed to one atomic too, checked at run time; the rest add pair by pair.
     ``MODE``: 0 float32 atomic add (fast; the order of additions varies run to run); deterministic
     mode runs 1 then 2: 1 records the largest ``|contribution|`` in ``aux``, 2 adds
     ``round(contribution * scale)`` into an int64 buffer (``aux`` now holds the power-of-two scale),
@@ -71,20 +73,30 @@ def scatter_grad(ptr, inb, contrib, valid, aux, REDUCE: tl.constexpr, Q_AXIS: tl
     c = tl.where(valid, contrib, 0.0)
     if MODE == 1:
         tl.atomic_max(aux, tl.max(tl.max(tl.abs(c), 1), 0))
+    elif REDUCE == 0:
+        mask = inb & valid
+        lo = tl.min(tl.min(tl.where(mask, off, 2147483647), 1), 0)
+        hi = tl.max(tl.max(tl.where(mask, off, -1), 1), 0)
+        if lo == hi:
+            _atomic_add(base + hi, tl.sum(tl.sum(c, 1), 0), hi >= 0, aux, MODE)
+        else:
+            _atomic_add(base + off, c, mask, aux, MODE)
     else:
-        mask = inb
         if REDUCE == 1:
             c = tl.sum(tl.sum(c, 1), 0)
         elif REDUCE == 2:
             c = tl.sum(c, 1 - Q_AXIS, keep_dims=True)
-        elif REDUCE == 3:
+        else:
             c = tl.sum(c, Q_AXIS, keep_dims=True)
-        else:
-            mask = inb & valid
-        if MODE == 0:
-            tl.atomic_add(ptr, c, mask=mask, sem="relaxed")
-        else:
-            tl.atomic_add(ptr, tl.floor(c * tl.load(aux) + 0.5).to(tl.int64), mask=mask, sem="relaxed")
+        _atomic_add(base + off, c, inb, aux, MODE)
+
+
+@triton.jit
+def _atomic_add(ptr, c, mask, aux, MODE: tl.constexpr):
+    if MODE == 0:
+        tl.atomic_add(ptr, c, mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptr, tl.floor(c * tl.load(aux) + 0.5).to(tl.int64), mask=mask, sem="relaxed")
 
 
 if INTERPRET:

@@ -111,7 +111,9 @@ def _rule(gb: GraphBuilder, n: Node, a, out, t) -> Optional[Arg]:
         return add(t[0], neg(scale(t[1], fl)))
     if op is Op.POW:
         base, exp = a
-        if t[0] is not None:
+        if t[0] is not None and isinstance(exp, Const) and exp.value == 0.5:  # sqrt: 0.5 / out, lowerable
+            first = mul(gb.emit(Op.TRUEDIV, F, (Const(0.5, F), out)), t[0])
+        elif t[0] is not None:
             dbase = mul(exp, gb.emit(Op.POW, F, (base, gb.emit(Op.SUB, F, (exp, _ONE)))))
             first = mul(dbase, t[0])
         else:

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .blockmask import _ordered_to_dense
 from .errors import FlexcompError
@@ -152,6 +153,7 @@ class _TritonAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # a gradient of the gradient raises instead of silently being zero
     def backward(ctx, d_out: Optional[Tensor], d_lse: Optional[Tensor]):
         from flexcomp.codegen.launch_backward import flex_backward
 
@@ -175,6 +177,9 @@ def _run_triton(q, k, v, score, mask, block_mask, scale, options: Options):
             f"the 'triton' backend needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set before "
             f"flexcomp launches its first kernel (the Triton interpreter, slow, for tests)")
     plan = TritonPlan(score, mask, block_mask, scale, dict(options.torch_options), interpret, options.deterministic)
+    from flexcomp.codegen.launch_backward import check_backward_options
+
+    check_backward_options(plan.torch_options)  # at the forward call, not only when backward runs
     return _TritonAttention.apply(plan, q, k, v, *(score.buffers if score is not None else ()))
 
 

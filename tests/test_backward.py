@@ -298,3 +298,53 @@ def test_smaller_configs_step_down_to_the_smallest_tiles():
         cfg = _smaller(cfg)
     assert [(c.block_n1, c.num_stages, c.num_warps) for c in steps] == [
         (128, 2, 8), (128, 1, 8), (64, 1, 4), (32, 1, 4), (16, 1, 4)]
+
+
+def test_captured_tensor_indexed_by_the_score_gets_per_pair_gradients():
+    """An index computed from the score is different at every pair: nothing may be summed first."""
+    q, k, v = _leaves((1, 2, 64, 16), (1, 2, 64, 16), (1, 2, 64, 16))
+    table = torch.randn(3, requires_grad=True)
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s + table[(s > 0).to(torch.int64) + (s > 1).to(torch.int64)]
+
+    _check(q, k, v, score, causal_mask, bs=32, extra=(table,))
+
+
+def test_deterministic_sums_cannot_overflow_when_several_loads_hit_one_element():
+    q = torch.zeros(1, 2, 64, 16, device=DEVICE, requires_grad=True)  # p = 1/64 everywhere: largest sums
+    k, v = torch.randn(1, 2, 64, 16, device=DEVICE), torch.randn(1, 2, 64, 16, device=DEVICE)
+    w = torch.zeros(1, requires_grad=True)
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s + w[b] + w[h // 4] + w[h // 8]  # three loads, all of w[0]
+
+    got = []
+    for options in ({**TRITON, "DETERMINISTIC": True}, {"BACKEND": "reference"}):
+        _, lse = flex_attention(q, k, v, score_mod=score, return_lse=True, kernel_options=options)
+        got.append(torch.autograd.grad(63.99 * lse.sum(), (w,))[0])
+    torch.testing.assert_close(got[0], got[1], atol=1e-3, rtol=1e-5)
+
+
+def test_square_root_score_mod_trains():
+    q, k, v = _leaves((1, 2, 64, 16), (1, 2, 64, 16), (1, 2, 64, 16))
+    _check(q, k, v, lambda s, b, h, q_idx, kv_idx: (s * s + 1.0) ** 0.5, causal_mask, bs=32)
+
+
+def test_backward_options_are_checked_at_the_forward_call():
+    from flexcomp import FlexcompError
+
+    q, k, v = _leaves((1, 1, 32, 16), (1, 1, 32, 16), (1, 1, 32, 16))
+    with pytest.raises(FlexcompError, match=r"kernel_options\['BWD_SPLIT'\] must be True or False, got 1"):
+        flex_attention(q, k, v, kernel_options={**TRITON, "BWD_SPLIT": 1})
+    with pytest.raises(FlexcompError, match=r"kernel_options\['BLOCK_M1'\] must be a power of two >= 16, got 24"):
+        flex_attention(q, k, v, kernel_options={**TRITON, "BLOCK_M1": 24})
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_gradient_of_the_gradient_raises_instead_of_vanishing(backend):
+    q, k, v = _leaves((1, 1, 32, 16), (1, 1, 32, 16), (1, 1, 32, 16))
+    out = flex_attention(q, k, v, kernel_options={"BACKEND": backend})
+    (dq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        dq.sum().backward()

@@ -142,5 +142,5 @@ def test_backward_config_choices_and_errors():
     assert tuned.block_n1 == 64 and tuned.split  # tiles never exceed the BlockMask's blocks
     with pytest.raises(FlexcompError, match=r"kernel_options\['BWD_SPLIT'\] must be True or False, got 1"):
         backward_config(64, 64, 2, 128, 128, {"BWD_SPLIT": 1}, False)
-    with pytest.raises(FlexcompError, match=r"kernel_options\['BLOCK_M2'\] must be a power of two >= 16, got 24"):
+    with pytest.raises(FlexcompError, match=r"kernel_options\['bwd_BLOCK_M2'\] must be a power of two >= 16, got 24"):
         backward_config(64, 64, 2, 128, 128, {"bwd_BLOCK_M2": 24}, False)

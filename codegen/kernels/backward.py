@@ -1,6 +1,7 @@
 """The flash-attention backward kernels, driven by a BlockMask.
 
-Two launches, as in FlashAttention-2 (no atomics on dQ, dK or dV):
+Two launches (three when the dQ and dK/dV programs run apart: ``BWD_SPLIT``, deterministic mode),
+as in FlashAttention-2 (no atomics on dQ, dK or dV):
 
 1. ``flex_bwd_delta``: ``delta = rowsum(dO * O) - dLSE`` per query row (``dLSE`` is the gradient of
    the returned LSE: ``d lse / d s = p``, so it enters exactly where ``delta`` does).
