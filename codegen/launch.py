@@ -49,7 +49,7 @@ class ModArgs:
     scalars_f: torch.Tensor
 
 
-def _largest_pow2_dividing(n: int, cap: int) -> int:
+def largest_pow2_dividing(n: int, cap: int) -> int:
     p = 1
     while p * 2 <= cap and n % (p * 2) == 0:
         p *= 2
@@ -57,7 +57,7 @@ def _largest_pow2_dividing(n: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _smem_limit(device) -> int:
+def smem_limit_of(device) -> int:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return getattr(props, "shared_memory_per_block_optin", 232448)
@@ -94,14 +94,14 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
         v = get(key, default)
         if not isinstance(v, int) or v < 16 or v & (v - 1):
             raise FlexcompError(f"kernel_options[{key!r}] must be a power of two >= 16, got {v!r}")
-    bm, bn = _largest_pow2_dividing(sparse_q, get("BLOCK_M", bm)), _largest_pow2_dividing(sparse_kv, get("BLOCK_N", bn))
+    bm, bn = largest_pow2_dividing(sparse_q, get("BLOCK_M", bm)), largest_pow2_dividing(sparse_kv, get("BLOCK_N", bn))
     if bm < 16 or bn < 16:
         raise FlexcompError(
             f"the triton backend tiles the BlockMask's blocks with tiles of at least 16x16, but block_mask "
             f"has BLOCK_SIZE=({sparse_q}, {sparse_kv}); create it with block sizes that are multiples of 16 "
             f"(the default 128 is best)")
     warps, stages = get("num_warps", warps), get("num_stages", stages)
-    d_pad, dv_pad = _pad(head_dim), _pad(value_dim)
+    d_pad, dv_pad = pad_dim(head_dim), pad_dim(value_dim)
     q_bytes = bm * d_pad * elt
     margin = bm * bn * 4 if elt == 4 else 0  # float32 inputs also stage the fp32 probabilities
     per_stage = sparse_kv * (d_pad + dv_pad) * elt
@@ -186,13 +186,13 @@ def mod_args(tm: Optional[TracedMod], device) -> tuple[object, ModArgs]:
 
 
 @functools.lru_cache(maxsize=64)
-def _full_block_mask(q_len: int, kv_len: int, device: torch.device):
+def full_block_mask(q_len: int, kv_len: int, device: torch.device):
     from flexcomp.blockmask import create_block_mask, noop_mask
 
     return create_block_mask(noop_mask, 1, 1, q_len, kv_len, device=device)
 
 
-def _pad(d: int) -> int:
+def pad_dim(d: int) -> int:
     """Head dims padded to a power of two (at least 16) for the kernels' tiles."""
     return max(16, 1 << (d - 1).bit_length())
 
@@ -215,12 +215,12 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
     check_inputs(q, D, DV)
     device = q.device
     if block_mask is None:
-        block_mask = _full_block_mask(L, S, device)
+        block_mask = full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
     heavy = score is not None or (mask is not None and bool(mask.graph.buffers))
     cfg_key = ("fwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret, heavy, device)
     cfg = memo(cfg_key, lambda: forward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, heavy,
-                                               _smem_limit(device)))
+                                               smem_limit_of(device)))
     lists = block_lists(block_mask, B, H, transposed=False)
     score_fn, sa = mod_args(score, device)
     mask_fn, ma = mod_args(mask, device)
@@ -267,7 +267,7 @@ def _launch_forward(cfg, q, k, v, out, lse, kb, lists, scale, score_fn, sa, mask
         mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f,
         HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, HAS_FULL=lists.has_full,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision, EVEN_KV=S % skv == 0, STATIC_SUB=cfg.static_sub,
+        D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV), PRECISION=precision, EVEN_KV=S % skv == 0, STATIC_SUB=cfg.static_sub,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

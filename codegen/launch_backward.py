@@ -23,7 +23,7 @@ from flexcomp.ir import Op
 from flexcomp.trace import TracedMod
 
 from .kernels.backward import flex_bwd, flex_bwd_delta
-from .launch import (_full_block_mask, _largest_pow2_dividing, _pad, _smem_limit, block_lists, check_inputs, memo,
+from .launch import (full_block_mask, largest_pow2_dividing, pad_dim, smem_limit_of, block_lists, check_inputs, memo,
                      memo_set, mod_args)
 from .modules import jit_function, jit_grad_function, jit_scatter
 
@@ -95,7 +95,7 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
     tiles = {}
     for key, default, sparse in (("BLOCK_M1", m1, sparse_q), ("BLOCK_N1", n1, sparse_kv),
                                  ("BLOCK_M2", m2, sparse_q), ("BLOCK_N2", n2, sparse_kv)):
-        tiles[key] = _largest_pow2_dividing(sparse, get(key, default))
+        tiles[key] = largest_pow2_dividing(sparse, get(key, default))
         if tiles[key] < 16:
             raise FlexcompError(
                 f"the triton backend tiles the BlockMask's blocks with tiles of at least 16x16, but block_mask "
@@ -103,7 +103,7 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
     warps, stages = get("num_warps", warps), get("num_stages", stages)
     split = options.get("BWD_SPLIT", split)
     if not interpret:
-        d_pad, dv_pad = _pad(head_dim), _pad(value_dim)
+        d_pad, dv_pad = pad_dim(head_dim), pad_dim(value_dim)
         # per stage, the dK/dV loop streams a q and a dO tile; k, v stay resident
         resident = tiles["BLOCK_N1"] * (d_pad + dv_pad) * elt
         per_stage = tiles["BLOCK_M1"] * (d_pad + dv_pad) * elt
@@ -181,21 +181,21 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     check_inputs(q, D, DV)
     device = q.device
     if block_mask is None:
-        block_mask = _full_block_mask(L, S, device)
+        block_mask = full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
     heavy = score is not None and any(n.op in TRANSCENDENTAL for n in score.graph.nodes)
     scatter = score is not None and any(buffer_grads)
     cfg_key = ("bwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret,
                score is not None, heavy, scatter, device)
     cfg = memo(cfg_key, lambda: backward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret,
-                                                _smem_limit(device), score is not None, heavy, scatter))
+                                                smem_limit_of(device), score is not None, heavy, scatter))
     precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
     delta = torch.empty(B, H, L, dtype=torch.float32, device=device)
     dl = d_lse if d_lse is not None else lse
     flex_bwd_delta[(triton.cdiv(L, 64), B * H)](
         out, d_out, dl, delta, *out.stride(), *d_out.stride(), *dl.stride(), H, L,
-        HAS_DLSE=d_lse is not None, BLOCK_M=64, DV=DV, DV_PAD=_pad(DV))
+        HAS_DLSE=d_lse is not None, BLOCK_M=64, DV=DV, DV_PAD=pad_dim(DV))
 
     if score is not None:
         lowered, score_fn = jit_grad_function(score.graph)
@@ -246,7 +246,7 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
             DQ_SCATTER=dq_scatter, DKDV_SCATTER=dkdv_scatter, RUN_DQ=run_dq, RUN_DKDV=run_dkdv,
             SPARSE_Q=sq, SPARSE_KV=skv,
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-            D=D, D_PAD=_pad(D), DV=DV, DV_PAD=_pad(DV), PRECISION=precision, EVEN_Q=L % sq == 0,
+            D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV), PRECISION=precision, EVEN_Q=L % sq == 0,
             EVEN_KV=S % skv == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if sc is not None and deterministic:
