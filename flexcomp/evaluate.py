@@ -6,7 +6,7 @@ runs is the recorded graph.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -68,6 +68,7 @@ def evaluate(
     buffers: Sequence[torch.Tensor],
     scalars: Sequence[Number],
     float_dtype: torch.dtype = torch.float32,
+    grad_keep: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Evaluate ``g`` on broadcastable tensors.
 
@@ -76,6 +77,9 @@ def evaluate(
             e.g. ``[B,1,1,1], [1,H,1,1], [1,1,Q,1], [1,1,1,KV]``).
         buffers, scalars: values for ``g.buffers`` and ``g.scalars``, in order.
         float_dtype: the working float (``f32`` nodes); gradients flow into float buffers.
+        grad_keep: the pairs whose gradients count (bool, broadcastable): a differentiable load is
+            expanded to its shape and gets no gradient elsewhere, so masked pairs, where a mod may
+            be NaN (``log`` of a negative distance), send nothing into captured tensors.
 
     Returns the output, broadcast over the inputs' shapes as far as the graph uses them (a graph
     that ignores ``kv_idx`` returns a tensor without that extent; callers expand).
@@ -100,6 +104,9 @@ def evaluate(
             idx = tuple(arg(a).long() for a in n.args)
             try:
                 vals[n.id] = t[idx].to(torch_dtype(n.dtype, float_dtype))
+                if grad_keep is not None and vals[n.id].requires_grad:
+                    vals[n.id] = vals[n.id].expand(torch.broadcast_shapes(vals[n.id].shape, grad_keep.shape))
+                    vals[n.id].register_hook(lambda gr, keep=grad_keep: torch.where(keep, gr, 0.0))
             except IndexError:
                 bad = [f"dim {d}: {int(i.min())}..{int(i.max())} of {t.shape[d]}" for d, i in enumerate(idx)
                        if i.numel() and (int(i.min()) < -t.shape[d] or int(i.max()) >= t.shape[d])]

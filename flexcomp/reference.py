@@ -107,7 +107,7 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
             # masked pairs send no gradient into score_mod (0 * NaN would, where the mod is NaN there)
             s.register_hook(lambda g, keep=keep: torch.where(keep, g, 0.0))
         s = torch.broadcast_to(evaluate(plan.score.graph, {"score": s, **idx}, score_buffers,
-                                        plan.score.scalars, wd), s.shape)
+                                        plan.score.scalars, wd, grad_keep=keep), s.shape)
     if keep is not None:
         s = torch.where(keep, s, -torch.inf)
     m = s.detach().amax(dim=-1, keepdim=True) if KV else s.new_full((B, Hq, c, 1), -torch.inf)

@@ -348,3 +348,22 @@ def test_a_gradient_of_the_gradient_raises_instead_of_vanishing(backend):
     (dq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         dq.sum().backward()
+
+
+def test_masked_pairs_send_nothing_into_captured_tensors_on_either_backend():
+    """log(q - kv + 1) is NaN above the diagonal, where the causal mask drops every pair: neither
+    backend may let it into alpha's gradient (the dense oracle, which evaluates everywhere, would)."""
+    q, k, v = _leaves((1, 2, 64, 16), (1, 2, 64, 16), (1, 2, 64, 16))
+    alpha = torch.rand(2, requires_grad=True)
+
+    def score(s, b, h, q_idx, kv_idx):
+        return s - alpha[h] * torch.log((q_idx - kv_idx + 1).to(torch.float32))
+
+    bm = create_block_mask(causal_mask, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=32)
+    got = []
+    for backend in ("triton", "reference"):
+        out = flex_attention(q, k, v, score_mod=score, block_mask=bm, kernel_options={"BACKEND": backend})
+        got.append(torch.autograd.grad(out.sum() + (out * out).sum(), (q, alpha)))
+    for a, b in zip(*got):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        torch.testing.assert_close(a.cpu(), b.cpu(), atol=5e-5, rtol=5e-5)
