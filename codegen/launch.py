@@ -19,6 +19,7 @@ from flexcomp.errors import FlexcompError
 from flexcomp.trace import TracedMod
 
 from .kernels.forward import flex_fwd
+from .lower import gathers_per_pair
 from .modules import jit_function
 
 
@@ -65,14 +66,17 @@ def smem_limit_of(device) -> int:
 
 
 def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, sparse_kv: int, options: dict,
-                   interpret: bool, heavy_mods: bool = False, smem_limit: int = 232448) -> ForwardConfig:
+                   interpret: bool, heavy_mods: bool = False, smem_limit: int = 232448,
+                   pair_gathers: bool = False) -> ForwardConfig:
     """Tiles for the forward kernel.
 
     Defaults come from the H200 sweep in docs/performance.md (``python -m flexcomp.bench --sweep``):
     at head dim 64, plain attention runs best on 128x64 tiles with 4 warps, while mods with loads
     or transcendentals (``heavy_mods``) need the registers of 64x128 tiles; at 128, 128x128 tiles
-    with 8 warps. torch's ``BLOCK_M`` / ``BLOCK_N`` / ``num_warps`` / ``num_stages`` (or ``fwd_``
-    forms) in ``kernel_options`` override them.
+    with 8 warps, except for a score_mod gathering a captured tensor pair by pair (``pair_gathers``,
+    ``table[b, doc[q], doc[kv]]``): 128x64 (4.4 ms against 5.6 ms on H200 at 4x16x4096x128).
+    torch's ``BLOCK_M`` / ``BLOCK_N`` / ``num_warps`` / ``num_stages`` (or ``fwd_`` forms) in
+    ``kernel_options`` override them.
 
     Shared memory: the tiles of one BlockMask block are unrolled, each with ``num_stages`` buffers
     of K and V, so a config needs about ``q + stages * SPARSE_KV * (D + Dv) * elt`` bytes (measured
@@ -86,7 +90,7 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
     elif head_dim <= 64:
         bm, bn, warps, stages = (64, 128, 4, 3) if heavy_mods else (128, 64, 4, 3)
     elif head_dim <= 128:
-        bm, bn, warps, stages = 128, 128, 8, 3
+        bm, bn, warps, stages = (128, 64, 8, 3) if pair_gathers else (128, 128, 8, 3)
     else:
         bm, bn, warps, stages = 64, 64, 4, 2
     get = lambda key, default: options.get("fwd_" + key, options.get(key, default))  # noqa: E731
@@ -218,9 +222,11 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
         block_mask = full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
     heavy = score is not None or (mask is not None and bool(mask.graph.buffers))
-    cfg_key = ("fwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret, heavy, device)
+    pairs = score is not None and memo(("pairs", score.graph.structural_key()), lambda: gathers_per_pair(score.graph))
+    cfg_key = ("fwd", D, DV, q.element_size(), sq, skv, tuple(sorted(torch_options.items())), interpret, heavy, pairs,
+               device)
     cfg = memo(cfg_key, lambda: forward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, heavy,
-                                               smem_limit_of(device)))
+                                               smem_limit_of(device), pairs))
     lists = block_lists(block_mask, B, H, transposed=False)
     score_fn, sa = mod_args(score, device)
     mask_fn, ma = mod_args(mask, device)

@@ -282,6 +282,12 @@ def _reduce_kind(g: Graph, load: Node) -> Reduce:
         (on_q, on_kv), Reduce.NONE)
 
 
+def gathers_per_pair(g: Graph) -> bool:
+    """Whether ``g`` reads a captured tensor at an index that differs pair by pair (a bias table
+    indexed by query and key): such mods favour narrower forward tiles (``launch.forward_config``)."""
+    return any(_reduce_kind(g, n) is Reduce.NONE for n in g.nodes if n.op is Op.LOAD)
+
+
 def lower_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> LoweredMod:
     """The gradient scatter of score_mod ``g`` into its captured tensors named in ``grad_buffers``.
 

@@ -103,6 +103,17 @@ def test_forward_config_fits_shared_memory():
     assert not f32_256.static_sub  # not even one unrolled stage fits: the block's tiles loop
     with pytest.raises(FlexcompError, match=r"kernel_options\['BLOCK_M'\] must be a power of two >= 16, got 8"):
         forward_config(64, 64, 2, 128, 128, {"BLOCK_M": 8}, False)
+    gathering = forward_config(128, 128, 2, 128, 128, {}, False, True, smem, pair_gathers=True)
+    assert (gathering.block_m, gathering.block_n, gathering.num_warps) == (128, 64, 8)
+
+
+def test_pair_gathers_are_told_apart_from_per_head_and_per_row_reads():
+    from flexcomp.codegen.lower import gathers_per_pair
+
+    table, doc, slopes = torch.randn(8, 8), torch.arange(64) // 8, torch.rand(4)
+    pair = trace(lambda s, b, h, q, kv: s + table[doc[q], doc[kv]], ModKind.SCORE).graph
+    head = trace(lambda s, b, h, q, kv: s + slopes[h] * (kv - q), ModKind.SCORE).graph
+    assert gathers_per_pair(pair) and not gathers_per_pair(head)
 
 
 def test_joint_function_returns_the_value_and_its_derivative_sharing_tanh():
