@@ -228,7 +228,7 @@ MASK_PARTS = {"causal": causal_mask, "sliding": sliding_window(20), "prefix": pr
               "document": document_mask([20, 30, 14])}
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scores=st.lists(st.sampled_from(sorted(MOD_PARTS)), max_size=2),
        masks=st.lists(st.sampled_from(sorted(MASK_PARTS)), min_size=1, max_size=2),
        combine=st.sampled_from(["and", "or"]), L=st.integers(1, 64), S=st.integers(1, 64))
