@@ -138,14 +138,16 @@ class _ChunkedAttention(torch.autograd.Function):
             outs.append(o)
             lses.append(lse)
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, *score_buffers)
+        ctx.n_score = len(score_buffers)  # the mask's captures are saved too, for torch's in-place check
+        ctx.save_for_backward(q, k, v, *score_buffers, *plan.mask_buffers)
         return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a gradient of the gradient raises, never silently 0
     def backward(ctx, d_out: Tensor, d_lse: Tensor):
         plan: ReferencePlan = ctx.plan
-        q, k, v, *bufs = ctx.saved_tensors
+        q, k, v, *saved = ctx.saved_tensors
+        bufs = saved[:ctx.n_score]
         needs = ctx.needs_input_grad[1:]
         step = _chunk_len(plan, q, k)
         with torch.enable_grad():

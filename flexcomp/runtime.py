@@ -148,7 +148,10 @@ class _TritonAttention(torch.autograd.Function):
         out, lse = flex_forward(q, k, v, plan.score, plan.mask, plan.block_mask, plan.scale, plan.torch_options,
                                 plan.interpret)
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, out, lse, *score_buffers)
+        # the mask's captures are saved too: changing one in place before backward raises torch's error
+        ctx.n_score = len(score_buffers)
+        mask_buffers = plan.mask.buffers if plan.mask is not None else ()
+        ctx.save_for_backward(q, k, v, out, lse, *score_buffers, *mask_buffers)
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -158,7 +161,8 @@ class _TritonAttention(torch.autograd.Function):
         from flexcomp.codegen.launch_backward import flex_backward
 
         plan: TritonPlan = ctx.plan
-        q, k, v, out, lse, *bufs = ctx.saved_tensors
+        q, k, v, out, lse, *saved = ctx.saved_tensors
+        bufs = saved[:ctx.n_score]
         if d_out is None:
             d_out = torch.zeros_like(out)
         wanted = tuple(n and b.is_floating_point() for b, n in zip(bufs, ctx.needs_input_grad[4:]))

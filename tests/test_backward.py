@@ -367,3 +367,18 @@ def test_masked_pairs_send_nothing_into_captured_tensors_on_either_backend():
     for a, b in zip(*got):
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         torch.testing.assert_close(a.cpu(), b.cpu(), atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_changing_a_mask_capture_in_place_before_backward_raises(backend):
+    q, k, v = _leaves((1, 1, 32, 16), (1, 1, 32, 16), (1, 1, 32, 16))
+    limit = torch.tensor([20])
+
+    def mask(b, h, q_idx, kv_idx):
+        return kv_idx < limit[0]
+
+    out = flex_attention(q, k, v, block_mask=create_block_mask(mask, None, None, 32, 32, device=DEVICE, BLOCK_SIZE=16),
+                         kernel_options={"BACKEND": backend})
+    limit += 5
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
