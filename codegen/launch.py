@@ -49,11 +49,6 @@ class ModArgs:
     scalars_i: torch.Tensor
     scalars_f: torch.Tensor
 
-    @property
-    def packed(self) -> tuple:
-        """The ``ARGS`` tuple a generated mod takes: ``(BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F)``."""
-        return self.bufs, self.strides, self.sizes, self.scalars_i, self.scalars_f
-
 
 def largest_pow2_dividing(n: int, cap: int) -> int:
     p = 1
@@ -274,7 +269,8 @@ def _launch_forward(cfg, q, k, v, out, lse, kb, lists, scale, score_fn, sa, mask
         *lse.stride(),
         *lists.tensors, *lists.num.stride(), *lists.idx.stride(),
         H, L, S, H // Hkv, scale,
-        score_fn, sa.packed, mask_fn, ma.packed,
+        score_fn, sa.bufs, sa.strides, sa.sizes, sa.scalars_i, sa.scalars_f,
+        mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f,
         HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, HAS_FULL=lists.has_full,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV), PRECISION=precision, EVEN_KV=S % skv == 0, STATIC_SUB=cfg.static_sub,

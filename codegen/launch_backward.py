@@ -207,7 +207,7 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
         score_fn, sa = None, mod_args(None, device)[1]
     mask_fn, ma = mod_args(mask, device)
     sc = _scatter(score, tuple(buffer_grads), deterministic, device) if score is not None and any(buffer_grads) else None
-    scatter_fn, grad_args = (None, (sa.bufs, (0,), delta)) if sc is None else (sc.fn, (sc.grads, sc.gstrides, sc.aux))
+    scatter_args = (None, sa.bufs, (0,), delta) if sc is None else (sc.fn, sc.grads, sc.gstrides, sc.aux)
 
     kb = 0 if k.shape[0] == 1 and B > 1 else 1
     kv_lists = block_lists(block_mask, B, H, transposed=False)
@@ -239,7 +239,8 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
             *kv_lists.tensors, *kv_lists.num.stride(), *kv_lists.idx.stride(),
             *q_lists.tensors, *q_lists.num.stride(), *q_lists.idx.stride(),
             Hkv, L, S, G, scale, n_kv, n_q,
-            score_fn, sa.packed, mask_fn, ma.packed, scatter_fn, grad_args,
+            score_fn, sa.bufs, sa.strides, sa.sizes, sa.scalars_i, sa.scalars_f,
+            mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f, *scatter_args,
             HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None,
             HAS_KV_FULL=kv_lists.has_full, HAS_Q_FULL=q_lists.has_full,
             DQ_SCATTER=dq_scatter, DKDV_SCATTER=dkdv_scatter, RUN_DQ=run_dq, RUN_DKDV=run_dkdv,

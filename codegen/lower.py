@@ -2,12 +2,11 @@
 
 Every mod, whatever it captures, gets one signature, so the kernels call it the same way::
 
-    score_mod_<name>_<key>(score, b, h, q_idx, kv_idx, ARGS)
-    mask_mod_<name>_<key>(b, h, q_idx, kv_idx, ARGS)
+    score_mod_<name>_<key>(score, b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F)
+    mask_mod_<name>_<key>(b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F)
 
 ``score``, ``q_idx`` and ``kv_idx`` are tiles (``[BLOCK_M, 1]`` / ``[1, BLOCK_N]`` indices), ``b`` and
-``h`` scalars. ``ARGS`` is the tuple ``(BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F)``, unpacked by
-the function's first line. ``BUFS`` is a tuple of pointers to the captured tensors; ``STRIDES`` and ``SIZES``
+``h`` scalars. ``BUFS`` is a tuple of pointers to the captured tensors; ``STRIDES`` and ``SIZES``
 are flat tuples, each buffer's dims at the offsets :class:`LoweredMod` records; captured numbers are
 read from two small device tensors (``SCALARS_I`` int64, ``SCALARS_F`` float32), so their values
 never enter a compiled kernel's specialisation. Loads are masked to each buffer's extent: no index
@@ -223,8 +222,7 @@ def function_name(g: Graph) -> str:
     return f"{kind}_{g.fn_name}_{g.structural_key()}"
 
 
-_MOD_PARAMS = "b, h, q_idx, kv_idx, ARGS"
-_UNPACK = "    BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F = ARGS"
+_MOD_PARAMS = "b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F"
 
 
 def _module(g: Graph, name: str, params: str, body: list[str], what: str) -> str:
@@ -251,8 +249,7 @@ def lower(g: Graph) -> LoweredMod:
     >>> from flexcomp.trace import trace
     >>> from flexcomp.masks import causal_mask
     >>> print(lower(trace(causal_mask, ModKind.MASK).graph).source.split("@triton.jit")[1].strip())
-    def mask_mod_causal_mask_...(b, h, q_idx, kv_idx, ARGS):
-        BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F = ARGS
+    def mask_mod_causal_mask_...(b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F):
         v0 = (q_idx >= kv_idx)  # %0 = ge q_idx, kv_idx : bool
         return v0
     """
@@ -260,7 +257,7 @@ def lower(g: Graph) -> LoweredMod:
     name = function_name(g)
     params = ("score, " if g.kind is ModKind.SCORE else "") + _MOD_PARAMS
     names: dict = {}
-    body = [_UNPACK] + _body(g, lay, names) + [_returns(g, names)]
+    body = _body(g, lay, names) + [_returns(g, names)]
     what = "value and derivatives" if g.extra_outputs else "code"
     return LoweredMod(name, _module(g, name, params, body, what), g, lay.stride_offsets, lay.int_scalars,
                       lay.float_scalars)
@@ -299,11 +296,10 @@ def lower_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> LoweredMod:
     ``GRADS[buffer]`` at the load's own (wrapped) index, for the ``valid`` pairs, by
     ``ops.scatter_grad`` (atomics, or the two deterministic passes; ``MODE``)::
 
-        score_scatter_<fn>_<key>(score, grad, valid, b, h, q_idx, kv_idx, ARGS, GRAD_ARGS, Q_AXIS, MODE)
+        score_scatter_<fn>_<key>(score, grad, valid, <mod args>, GRADS, GSTRIDES, AUX, Q_AXIS, MODE)
 
-    ``GRAD_ARGS`` is ``(GRADS, GSTRIDES, AUX)``: the gradient buffers, their strides (flat as
-    ``STRIDES``) and one float32 per buffer (largest contribution, then the fixed-point scale);
-    ``Q_AXIS`` is the tile axis of queries.
+    ``GSTRIDES`` are the gradient buffers' strides, flat as ``STRIDES``; ``AUX`` one float32 per
+    buffer (largest contribution, then the fixed-point scale); ``Q_AXIS`` the tile axis of queries.
     """
     from flexcomp.derivative import float_loads, value_and_derivatives
 
@@ -315,9 +311,9 @@ def lower_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> LoweredMod:
     lay = _layout(joint)
     tag = "_".join(str(lay.buffer_index[b]) for b in grad_buffers)
     name = f"score_scatter_{g.fn_name}_{g.structural_key()}_{tag}"
-    params = f"score, grad, valid, {_MOD_PARAMS}, GRAD_ARGS, Q_AXIS: tl.constexpr, MODE: tl.constexpr"
+    params = f"score, grad, valid, {_MOD_PARAMS}, GRADS, GSTRIDES, AUX, Q_AXIS: tl.constexpr, MODE: tl.constexpr"
     names: dict = {}
-    body = [_UNPACK, "    GRADS, GSTRIDES, AUX = GRAD_ARGS"] + _body(joint, lay, names)
+    body = _body(joint, lay, names)
     for load, d in zip(joint_loads, joint.extra_outputs[1:]):  # extra_outputs[0] is d / d score
         j = lay.buffer_index[load.attr]
         idx = [_const(x) if isinstance(x, Const) else names[x] for x in load.args]

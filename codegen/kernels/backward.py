@@ -62,19 +62,21 @@ def flex_bwd_delta(
 @triton.jit
 def _scores(
     s, off_b, off_h, q_idx, kv_idx, in_bounds,
-    SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     CHECK_BOUNDS: tl.constexpr,
 ):
     """The modified scores on the exp2 scale (-inf where masked), ``d s' / d s`` and the kept pairs."""
     if HAS_SCORE_MOD:
-        post, dmod = SCORE_GRAD(s, off_b, off_h, q_idx, kv_idx, SCORE_ARGS)
+        post, dmod = SCORE_GRAD(s, off_b, off_h, q_idx, kv_idx,
+                                SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF)
     else:
         post = s
         dmod = 1.0
     keep = in_bounds
     if APPLY_MASK and HAS_MASK_MOD:
-        keep = keep & MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_ARGS)
+        keep = keep & MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF)
     if (APPLY_MASK and HAS_MASK_MOD) or CHECK_BOUNDS:
         post = tl.where(keep, post * LOG2E, float("-inf"))
     else:
@@ -86,7 +88,9 @@ def _scores(
 def _dq_tile(
     dq, q, do, lse2, delta, K_base, V_base, start_n, q_idx, in_q, off_b, off_h, KV_LEN, sm_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
-    SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS, SCATTER: tl.constexpr, GRAD_ARGS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    SCATTER: tl.constexpr, GRADS, GSTRIDES, AUX,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
@@ -104,13 +108,16 @@ def _dq_tile(
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]
     post, dmod, keep = _scores(
         s, off_b, off_h, q_idx, kv_idx, in_kv[None, :],
-        SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS,
+        SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+        MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
         HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, CHECK_BOUNDS=not EVEN_KV)
     p = tl.exp2(post - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     dsp = p * (dp - delta[:, None])
     if SCATTER_MODE == 1:  # deterministic mode, first pass: the largest contribution
-        SCATTER(s, dsp, keep & in_q[:, None], off_b, off_h, q_idx, kv_idx, SCORE_ARGS, GRAD_ARGS, Q_AXIS=0, MODE=1)
+        SCATTER(s, dsp, keep & in_q[:, None], off_b, off_h, q_idx, kv_idx,
+                SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF, GRADS, GSTRIDES, AUX,
+                Q_AXIS=0, MODE=1)
     ds = dsp * dmod
     if HAS_SCORE_MOD or (APPLY_MASK and HAS_MASK_MOD) or not EVEN_KV:
         ds = tl.where(keep, ds, 0.0)  # no NaN from a derivative where nothing was kept
@@ -121,7 +128,9 @@ def _dq_tile(
 def _dq_blocks(
     dq, q, do, lse2, delta, K_base, V_base, IDX, n_blocks, stride_in, q_idx, in_q, off_b, off_h, KV_LEN, sm_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
-    SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS, SCATTER: tl.constexpr, GRAD_ARGS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    SCATTER: tl.constexpr, GRADS, GSTRIDES, AUX,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -135,7 +144,9 @@ def _dq_blocks(
         dq = _dq_tile(
             dq, q, do, lse2, delta, K_base, V_base, kv_block * SPARSE_KV + (t % MULT) * BLOCK_N, q_idx, in_q,
             off_b, off_h, KV_LEN, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-            SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS, SCATTER, GRAD_ARGS,
+            SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            SCATTER, GRADS, GSTRIDES, AUX,
             HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, SCATTER_MODE, BLOCK_N, D, D_PAD, DV, DV_PAD,
             PRECISION, EVEN_KV)
     return dq
@@ -154,7 +165,9 @@ def _dq_program(
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im, stride_in,
     H, Q_LEN, KV_LEN, GROUP, sm_scale,
-    SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS, SCATTER: tl.constexpr, GRAD_ARGS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    SCATTER: tl.constexpr, GRADS, GSTRIDES, AUX,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_FULL: tl.constexpr,
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -187,14 +200,18 @@ def _dq_program(
         dq = _dq_blocks(
             dq, q, do, lse2, delta, K_base, V_base, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), stride_in,
             q_idx, in_q, off_b, off_h, KV_LEN, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-            SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS, SCATTER, GRAD_ARGS,
+            SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            SCATTER, GRADS, GSTRIDES, AUX,
             HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=False, SCATTER_MODE=SCATTER_MODE, SPARSE_KV=SPARSE_KV,
             BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV,
             NUM_KV_BLOCKS=NUM_KV_BLOCKS)
     dq = _dq_blocks(
         dq, q, do, lse2, delta, K_base, V_base, KV_IDX + idx_off, tl.load(KV_NUM + num_off), stride_in,
         q_idx, in_q, off_b, off_h, KV_LEN, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-        SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS, SCATTER, GRAD_ARGS,
+        SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+        MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+        SCATTER, GRADS, GSTRIDES, AUX,
         HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=True, SCATTER_MODE=SCATTER_MODE, SPARSE_KV=SPARSE_KV,
         BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV,
         NUM_KV_BLOCKS=NUM_KV_BLOCKS)
@@ -207,7 +224,9 @@ def _dq_program(
 def _dkdv_tile(
     dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, start_m, kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale,
     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
-    SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS, SCATTER: tl.constexpr, GRAD_ARGS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    SCATTER: tl.constexpr, GRADS, GSTRIDES, AUX,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_Q: tl.constexpr,
@@ -231,14 +250,16 @@ def _dkdv_tile(
     sT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * sm_scale
     post, dmod, keep = _scores(
         sT, off_b, off_h, q_idx, kv_idx, in_q[None, :],
-        SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS,
+        SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+        MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
         HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, CHECK_BOUNDS=not EVEN_Q)
     pT = tl.exp2(post - lse2[None, :])
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dspT = pT * (dpT - delta[None, :])
     if SCATTER_MODE == 0 or SCATTER_MODE == 2:  # captured-tensor gradients: atomics or fixed point
-        SCATTER(sT, dspT, keep & in_kv[:, None], off_b, off_h, q_idx, kv_idx, SCORE_ARGS, GRAD_ARGS,
+        SCATTER(sT, dspT, keep & in_kv[:, None], off_b, off_h, q_idx, kv_idx,
+                SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF, GRADS, GSTRIDES, AUX,
                 Q_AXIS=1, MODE=SCATTER_MODE)
     dsT = dspT * dmod
     if HAS_SCORE_MOD or (APPLY_MASK and HAS_MASK_MOD) or not EVEN_Q:
@@ -251,7 +272,9 @@ def _dkdv_tile(
 def _dkdv_blocks(
     dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, IDX, n_blocks, stride_in, kv_idx, in_kv, off_b, off_h,
     Q_LEN, sm_scale, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
-    SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS, SCATTER: tl.constexpr, GRAD_ARGS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    SCATTER: tl.constexpr, GRADS, GSTRIDES, AUX,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -264,7 +287,9 @@ def _dkdv_blocks(
         dk, dv = _dkdv_tile(
             dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, q_block * SPARSE_Q + (t % MULT) * BLOCK_M,
             kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
-            SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS, SCATTER, GRAD_ARGS,
+            SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            SCATTER, GRADS, GSTRIDES, AUX,
             HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, SCATTER_MODE, BLOCK_M, D, D_PAD, DV, DV_PAD,
             PRECISION, EVEN_Q)
     return dk, dv
@@ -284,7 +309,9 @@ def _dkdv_program(
     stride_nb, stride_nh, stride_nn,
     stride_ib, stride_ih, stride_in, stride_im,
     HKV, Q_LEN, KV_LEN, GROUP, sm_scale,
-    SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS, SCATTER: tl.constexpr, GRAD_ARGS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    SCATTER: tl.constexpr, GRADS, GSTRIDES, AUX,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_FULL: tl.constexpr,
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -320,7 +347,9 @@ def _dkdv_program(
                 dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off),
                 stride_im, kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale, stride_qm, stride_qd, stride_dom, stride_dod,
                 stride_lm,
-                SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS, SCATTER, GRAD_ARGS,
+                SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+                MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+                SCATTER, GRADS, GSTRIDES, AUX,
                 HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=False, SCATTER_MODE=SCATTER_MODE, SPARSE_Q=SPARSE_Q,
                 BLOCK_M=BLOCK_M, D=D, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_Q=EVEN_Q,
                 NUM_Q_BLOCKS=NUM_Q_BLOCKS)
@@ -328,7 +357,9 @@ def _dkdv_program(
             dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, Q_IDX + idx_off, tl.load(Q_NUM + num_off),
             stride_im, kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale, stride_qm, stride_qd, stride_dom, stride_dod,
             stride_lm,
-            SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS, SCATTER, GRAD_ARGS,
+            SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            SCATTER, GRADS, GSTRIDES, AUX,
             HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=True, SCATTER_MODE=SCATTER_MODE, SPARSE_Q=SPARSE_Q,
             BLOCK_M=BLOCK_M, D=D, D_PAD=D_PAD, DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_Q=EVEN_Q,
             NUM_Q_BLOCKS=NUM_Q_BLOCKS)
@@ -358,7 +389,9 @@ def flex_bwd(
     stride_q_nb, stride_q_nh, stride_q_nn,
     stride_q_ib, stride_q_ih, stride_q_in, stride_q_im,
     HKV, Q_LEN, KV_LEN, GROUP, sm_scale, N_KV_PROGRAMS, N_Q_PROGRAMS,
-    SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS, SCATTER: tl.constexpr, GRAD_ARGS,
+    SCORE_GRAD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+    SCATTER: tl.constexpr, GRADS, GSTRIDES, AUX,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_KV_FULL: tl.constexpr, HAS_Q_FULL: tl.constexpr,
     DQ_SCATTER: tl.constexpr, DKDV_SCATTER: tl.constexpr, RUN_DQ: tl.constexpr, RUN_DKDV: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
@@ -384,7 +417,9 @@ def flex_bwd(
             Q_NUM, Q_IDX, Q_FULL_NUM, Q_FULL_IDX, stride_q_nb, stride_q_nh, stride_q_nn,
             stride_q_ib, stride_q_ih, stride_q_in, stride_q_im,
             HKV, Q_LEN, KV_LEN, GROUP, sm_scale,
-            SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS, SCATTER, GRAD_ARGS,
+            SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            SCATTER, GRADS, GSTRIDES, AUX,
             HAS_SCORE_MOD, HAS_MASK_MOD, HAS_Q_FULL, DKDV_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M1, BLOCK_N1,
             D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q)
     elif RUN_DQ:
@@ -398,6 +433,8 @@ def flex_bwd(
             KV_NUM, KV_IDX, KV_FULL_NUM, KV_FULL_IDX, stride_kv_nb, stride_kv_nh, stride_kv_nm,
             stride_kv_ib, stride_kv_ih, stride_kv_im, stride_kv_in,
             HKV * GROUP, Q_LEN, KV_LEN, GROUP, sm_scale,
-            SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS, SCATTER, GRAD_ARGS,
+            SCORE_GRAD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
+            SCATTER, GRADS, GSTRIDES, AUX,
             HAS_SCORE_MOD, HAS_MASK_MOD, HAS_KV_FULL, DQ_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M2, BLOCK_N2,
             D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)

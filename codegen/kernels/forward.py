@@ -7,8 +7,8 @@ blocks are never visited. It writes the output in the input dtype and the LSE in
 rows with nothing kept get output 0 and LSE -inf.
 
 ``SCORE_MOD`` and ``MASK_MOD`` are generated ``@triton.jit`` functions (``flexcomp.codegen.lower``)
-passed as compile-time arguments; their captured tensors and numbers come in ``SCORE_ARGS`` and
-``MASK_ARGS``, each the tuple ``(BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F)`` the mod unpacks.
+passed as compile-time arguments; their captured tensors and numbers come in the ``*_BUFS``,
+``*_STRIDES``, ``*_SIZES``, ``*_SI`` and ``*_SF`` arguments.
 """
 import triton
 import triton.language as tl
@@ -32,7 +32,8 @@ def _load_rows(ptrs, in_rows, offs_d, D: tl.constexpr, D_PAD: tl.constexpr, CHEC
 def _fwd_tile(
     acc, l_i, m_i, q, K_base, V_base, start_n, q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
-    SCORE_MOD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS,
+    SCORE_MOD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
@@ -51,11 +52,12 @@ def _fwd_tile(
     else:
         kv_idx = tl.minimum(offs_n, KV_LEN - 1)[None, :]  # mods never see an out-of-range index
     if HAS_SCORE_MOD:
-        qk = SCORE_MOD(qk * sm_scale, off_b, off_h, q_idx, kv_idx, SCORE_ARGS) * LOG2E
+        qk = SCORE_MOD(qk * sm_scale, off_b, off_h, q_idx, kv_idx,
+                       SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF) * LOG2E
     else:
         qk = qk * qk_scale
     if APPLY_MASK and HAS_MASK_MOD:  # partial blocks: the mask_mod decides
-        keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_ARGS)
+        keep = MASK_MOD(off_b, off_h, q_idx, kv_idx, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF)
         if not EVEN_KV:
             keep = keep & in_kv[None, :]
         qk = tl.where(keep, qk, float("-inf"))
@@ -75,7 +77,8 @@ def _fwd_tile(
 def _fwd_blocks(
     acc, l_i, m_i, q, K_base, V_base, IDX, n_blocks, stride_in, q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale,
     stride_kn, stride_kd, stride_vn, stride_vd,
-    SCORE_MOD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS,
+    SCORE_MOD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
@@ -94,7 +97,8 @@ def _fwd_blocks(
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, K_base, V_base, kv_block * SPARSE_KV + j * BLOCK_N, q_idx, off_b, off_h,
                     KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                    SCORE_MOD, SCORE_ARGS, MASK_MOD, MASK_ARGS,
+                    SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+                    MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
                     HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=APPLY_MASK, BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD,
                     DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV)
         else:
@@ -102,7 +106,8 @@ def _fwd_blocks(
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, K_base, V_base, kv_block * SPARSE_KV + j * BLOCK_N, q_idx, off_b, off_h,
                     KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                    SCORE_MOD, SCORE_ARGS, MASK_MOD, MASK_ARGS,
+                    SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+                    MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
                     HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=APPLY_MASK, BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD,
                     DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV)
     return acc, l_i, m_i
@@ -120,7 +125,8 @@ def flex_fwd(
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im, stride_in,
     H, Q_LEN, KV_LEN, GROUP, sm_scale,
-    SCORE_MOD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr, MASK_ARGS,
+    SCORE_MOD: tl.constexpr, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+    MASK_MOD: tl.constexpr, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, HAS_FULL: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -153,14 +159,16 @@ def flex_fwd(
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_base, V_base, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), stride_in,
             q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-            SCORE_MOD, SCORE_ARGS, MASK_MOD, MASK_ARGS,
+            SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+            MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
             HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=False, SPARSE_KV=SPARSE_KV, BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD,
             DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV, STATIC_SUB=STATIC_SUB,
             NUM_KV_BLOCKS=NUM_KV_BLOCKS)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, KV_IDX + idx_off, tl.load(KV_NUM + num_off), stride_in,
         q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-        SCORE_MOD, SCORE_ARGS, MASK_MOD, MASK_ARGS,
+        SCORE_MOD, SCORE_BUFS, SCORE_STRIDES, SCORE_SIZES, SCORE_SI, SCORE_SF,
+        MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
         HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK=True, SPARSE_KV=SPARSE_KV, BLOCK_N=BLOCK_N, D=D, D_PAD=D_PAD,
         DV=DV, DV_PAD=DV_PAD, PRECISION=PRECISION, EVEN_KV=EVEN_KV, STATIC_SUB=STATIC_SUB,
         NUM_KV_BLOCKS=NUM_KV_BLOCKS)
