@@ -16,6 +16,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 
+from flexcomp.errors import FlexcompError
 from flexcomp.ir import Graph
 
 from .lower import LoweredMod, lower, lower_scatter
@@ -59,7 +60,16 @@ def jit_grad_function(g: Graph) -> tuple[LoweredMod, object]:
     derived and generated once per structure."""
     from flexcomp.derivative import value_and_derivatives
 
-    return _jit(("grad", g.structural_key()), lambda: lower(value_and_derivatives(g)))
+    ref, _ = jit_function(g)  # the forward mod: the kernels pass both the same arguments
+
+    def make() -> LoweredMod:
+        lowered = lower(value_and_derivatives(g))
+        if (lowered.stride_offsets, lowered.int_scalars, lowered.float_scalars) != (
+                ref.stride_offsets, ref.int_scalars, ref.float_scalars):  # pragma: no cover - derivation keeps inputs
+            raise FlexcompError(f"internal: deriving score_mod {g.fn_name!r} changed its captured inputs")
+        return lowered
+
+    return _jit(("grad", g.structural_key()), make)
 
 
 def jit_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> tuple[LoweredMod, object]:
