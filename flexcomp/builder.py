@@ -11,7 +11,7 @@ import operator
 from typing import Callable, Union
 
 from .ir import (
-    BINARY_OPS, COMMUTATIVE_OPS, COMPARE_OPS, FLOAT_UNARY_OPS, LOGIC_OPS, Arg, BufferSpec, Const,
+    BINARY_OPS, COMMUTATIVE_OPS, COMPARE_OPS, FLOAT_UNARY_OPS, LOGIC_OPS, SHIFT_OPS, Arg, BufferSpec, Const,
     DType, Graph, ModKind, Node, Op, ScalarSpec, promote,
 )
 
@@ -77,6 +77,18 @@ def _sign(a):
     return type(a)((a > 0) - (a < 0))
 
 
+def _shl(a, b):
+    if b < 0:
+        raise ValueError("negative shift count")  # left for run time (torch gives 0)
+    return a << min(b, 64)  # wrapped to the type's width by the caller: 0 once b >= bits
+
+
+def _shr(a, b):
+    if b < 0:
+        raise ValueError("negative shift count")
+    return a >> min(b, 64)
+
+
 def _not(a):
     return (not a) if isinstance(a, bool) else ~a
 
@@ -87,13 +99,14 @@ _FOLD: dict[Op, Callable] = {
     Op.EQ: operator.eq, Op.NE: operator.ne, Op.LT: operator.lt, Op.LE: operator.le,
     Op.GT: operator.gt, Op.GE: operator.ge,
     Op.AND: operator.and_, Op.OR: operator.or_, Op.XOR: operator.xor,
-    Op.MINIMUM: min, Op.MAXIMUM: max,
+    Op.MINIMUM: min, Op.MAXIMUM: max, Op.SHL: _shl, Op.SHR: _shr,
     Op.NEG: operator.neg, Op.ABS: abs, Op.NOT: _not, Op.SIGN: _sign,
     Op.FLOOR: lambda a: float(math.floor(a)) if isinstance(a, float) else a,
     Op.CEIL: lambda a: float(math.ceil(a)) if isinstance(a, float) else a,
     Op.EXP: math.exp, Op.EXP2: lambda a: 2.0**a, Op.LOG: math.log, Op.LOG2: math.log2,
     Op.SQRT: math.sqrt, Op.RSQRT: lambda a: 1.0 / math.sqrt(a), Op.TANH: math.tanh,
     Op.SIGMOID: lambda a: 1.0 / (1.0 + math.exp(-a)), Op.SIN: math.sin, Op.COS: math.cos,
+    Op.TAN: math.tan, Op.ATAN: math.atan, Op.ERF: math.erf, Op.LOG1P: math.log1p, Op.EXPM1: math.expm1,
 }
 
 
@@ -133,8 +146,8 @@ class GraphBuilder:
         self.scalars.append(spec)
         return self._append(Op.SCALAR, dtype, (), spec.name)
 
-    def add_buffer(self, name: str, dtype: DType, ndim: int, storage: str) -> BufferSpec:
-        spec = BufferSpec(self._unique(name), dtype, ndim, storage)
+    def add_buffer(self, name: str, dtype: DType, ndim: int, storage: str, site: str = "") -> BufferSpec:
+        spec = BufferSpec(self._unique(name), dtype, ndim, storage, site)
         self.buffers.append(spec)
         return spec
 
@@ -212,6 +225,10 @@ class GraphBuilder:
         elif op in LOGIC_OPS:
             if t.is_float:
                 raise TypeError(f"bitwise '{op.value}' is not defined on floats")
+        elif op in SHIFT_OPS:
+            if t.is_float:
+                raise TypeError(f"shift '{'<<' if op is Op.SHL else '>>'}' is not defined on floats")
+            t = DType.I32 if t is DType.BOOL else t
         elif op not in COMPARE_OPS and op not in (Op.MINIMUM, Op.MAXIMUM) and t is DType.BOOL:
             t = DType.I32  # arithmetic on bools counts them as integers
         a, b = self.cast(a, t), self.cast(b, t)
@@ -284,7 +301,7 @@ def rebuild(g: Graph, rewrite: Rewrite | None = None) -> Graph:
     """
     gb = GraphBuilder(g.kind, g.fn_name)
     for b in g.buffers:
-        gb.add_buffer(b.name, b.dtype, b.ndim, b.storage)
+        gb.add_buffer(b.name, b.dtype, b.ndim, b.storage, b.site)
     new: dict[int, Arg] = {}
     for n in g.nodes:
         if n.op is Op.INPUT:

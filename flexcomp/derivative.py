@@ -40,7 +40,7 @@ def _tangents(g: Graph, seeds: tuple[int, ...]) -> tuple[GraphBuilder, Arg, list
         raise FlexcompError(f"derivatives are taken of score_mods, got a {g.kind.value}")
     gb = GraphBuilder(g.kind, g.fn_name)
     for b in g.buffers:
-        gb.add_buffer(b.name, b.dtype, b.ndim, b.storage)
+        gb.add_buffer(b.name, b.dtype, b.ndim, b.storage, b.site)
     new: dict[int, Arg] = {}  # old node id -> new value
     for n in g.nodes:
         if n.op is Op.INPUT:
@@ -147,6 +147,11 @@ def _rule(gb: GraphBuilder, n: Node, a, out, t) -> Optional[Arg]:
         Op.TANH: lambda: gb.emit(Op.SUB, F, (_ONE, mul(out, out))),
         Op.SIGMOID: lambda: mul(out, gb.emit(Op.SUB, F, (_ONE, out))),
         Op.SIN: lambda: gb.emit(Op.COS, F, (x,)),
+        Op.TAN: lambda: gb.emit(Op.ADD, F, (_ONE, mul(out, out))),
+        Op.ATAN: lambda: gb.emit(Op.TRUEDIV, F, (_ONE, gb.emit(Op.ADD, F, (_ONE, mul(x, x))))),
+        Op.ERF: lambda: mul(Const(2.0 / math.sqrt(math.pi), F), gb.emit(Op.EXP, F, (neg(mul(x, x)),))),
+        Op.LOG1P: lambda: gb.emit(Op.TRUEDIV, F, (_ONE, gb.emit(Op.ADD, F, (_ONE, x)))),
+        Op.EXPM1: lambda: gb.emit(Op.ADD, F, (out, _ONE)),
         Op.COS: lambda: neg(gb.emit(Op.SIN, F, (x,))),
     }
     if op not in local:  # pragma: no cover - every float op of the IR has a rule above

@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from .errors import FlexcompError
+from .errors import FlexcompIndexError
 from .ir import Const, DType, Graph, Op
 
 Number = Union[bool, int, float]
@@ -21,6 +21,8 @@ _TORCH_OPS = {
     Op.EQ: torch.eq, Op.NE: torch.ne, Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge,
     Op.AND: torch.bitwise_and, Op.OR: torch.bitwise_or, Op.XOR: torch.bitwise_xor,
     Op.MINIMUM: torch.minimum, Op.MAXIMUM: torch.maximum,
+    Op.SHL: torch.bitwise_left_shift, Op.SHR: torch.bitwise_right_shift,
+    Op.TAN: torch.tan, Op.ATAN: torch.atan, Op.ERF: torch.erf, Op.LOG1P: torch.log1p, Op.EXPM1: torch.expm1,
     Op.NEG: torch.neg, Op.ABS: torch.abs, Op.NOT: torch.bitwise_not, Op.EXP: torch.exp,
     Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt,
     Op.RSQRT: torch.rsqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.SIN: torch.sin,
@@ -34,7 +36,9 @@ PYTHON_TEMPLATES = {
     Op.FLOORDIV: "({0} // {1})", Op.MOD: "({0} % {1})", Op.POW: "({0} ** {1})",
     Op.EQ: "({0} == {1})", Op.NE: "({0} != {1})", Op.LT: "({0} < {1})", Op.LE: "({0} <= {1})",
     Op.GT: "({0} > {1})", Op.GE: "({0} >= {1})", Op.AND: "({0} & {1})", Op.OR: "({0} | {1})",
-    Op.XOR: "({0} ^ {1})", Op.MINIMUM: "torch.minimum({0}, {1})", Op.MAXIMUM: "torch.maximum({0}, {1})",
+    Op.XOR: "({0} ^ {1})", Op.SHL: "({0} << {1})", Op.SHR: "({0} >> {1})",
+    Op.TAN: "torch.tan({0})", Op.ATAN: "torch.atan({0})", Op.ERF: "torch.erf({0})",
+    Op.LOG1P: "torch.log1p({0})", Op.EXPM1: "torch.expm1({0})", Op.MINIMUM: "torch.minimum({0}, {1})", Op.MAXIMUM: "torch.maximum({0}, {1})",
     Op.NEG: "(-{0})", Op.ABS: "torch.abs({0})", Op.NOT: "(~{0})", Op.EXP: "torch.exp({0})",
     Op.EXP2: "torch.exp2({0})", Op.LOG: "torch.log({0})", Op.LOG2: "torch.log2({0})",
     Op.SQRT: "torch.sqrt({0})", Op.RSQRT: "torch.rsqrt({0})", Op.TANH: "torch.tanh({0})",
@@ -110,7 +114,7 @@ def evaluate(
             except IndexError:
                 bad = [f"dim {d}: {int(i.min())}..{int(i.max())} of {t.shape[d]}" for d, i in enumerate(idx)
                        if i.numel() and (int(i.min()) < -t.shape[d] or int(i.max()) >= t.shape[d])]
-                raise FlexcompError(
+                raise FlexcompIndexError(
                     f"{g.kind.value} {g.fn_name!r}: '{g.format_node(n)}' indexes the captured tensor {n.attr!r} of "
                     f"shape {tuple(t.shape)} out of range ({'; '.join(bad)}); make it cover every index the "
                     f"sequence lengths reach") from None

@@ -102,6 +102,8 @@ class Op(enum.Enum):
     XOR = "xor"
     MINIMUM = "minimum"
     MAXIMUM = "maximum"
+    SHL = "shl"  # integer << (torch: 0 for shift counts outside [0, bits))
+    SHR = "shr"  # integer >> (arithmetic; torch: 0 or -1 for counts outside [0, bits))
     # unary
     NEG = "neg"
     ABS = "abs"
@@ -116,6 +118,11 @@ class Op(enum.Enum):
     SIGMOID = "sigmoid"
     SIN = "sin"
     COS = "cos"
+    TAN = "tan"
+    ATAN = "atan"
+    ERF = "erf"
+    LOG1P = "log1p"
+    EXPM1 = "expm1"
     SIGN = "sign"
     FLOOR = "floor"
     CEIL = "ceil"
@@ -123,13 +130,15 @@ class Op(enum.Enum):
 
 BINARY_OPS = frozenset(
     {Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.FLOORDIV, Op.MOD, Op.POW, Op.EQ, Op.NE, Op.LT, Op.LE,
-     Op.GT, Op.GE, Op.AND, Op.OR, Op.XOR, Op.MINIMUM, Op.MAXIMUM}
+     Op.GT, Op.GE, Op.AND, Op.OR, Op.XOR, Op.MINIMUM, Op.MAXIMUM, Op.SHL, Op.SHR}
 )
 COMPARE_OPS = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
 LOGIC_OPS = frozenset({Op.AND, Op.OR, Op.XOR})
+SHIFT_OPS = frozenset({Op.SHL, Op.SHR})  # integers only
 COMMUTATIVE_OPS = frozenset({Op.ADD, Op.MUL, Op.EQ, Op.NE, Op.AND, Op.OR, Op.XOR, Op.MINIMUM, Op.MAXIMUM})
 FLOAT_UNARY_OPS = frozenset(
-    {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS}
+    {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS, Op.TAN,
+     Op.ATAN, Op.ERF, Op.LOG1P, Op.EXPM1}
 )
 UNARY_OPS = FLOAT_UNARY_OPS | {Op.NEG, Op.ABS, Op.NOT, Op.SIGN, Op.FLOOR, Op.CEIL, Op.CAST}
 
@@ -182,13 +191,15 @@ class BufferSpec:
     """A captured tensor read by the mod: its name, element type as loaded, and number of dims.
 
     ``storage`` is the torch dtype name of the tensor (``"float32"``, ``"int64"``); it decides the
-    load but not the IR type, which is the working type of its category.
+    load but not the IR type, which is the working type of its category. ``site`` says where the
+    user's mod first reads it (``file:line``), so errors about the tensor can point there.
     """
 
     name: str
     dtype: DType
     ndim: int
     storage: str
+    site: str = field(default="", compare=False)  # "file:line" of the user's first read, for errors
 
 
 @dataclass(frozen=True)
@@ -405,6 +416,8 @@ def verify(g: Graph) -> Graph:
                 fail("truediv operands must be f32")
             if n.op in LOGIC_OPS and ts[0].is_float:
                 fail(f"{n.op.value} on floats")
+            if n.op in SHIFT_OPS and not ts[0].is_int:
+                fail(f"{n.op.value} needs integers, got {ts[0].value}")
             if n.dtype is not want:
                 fail(f"{n.op.value} gives {n.dtype.value}, expected {want.value}")
         elif n.op is Op.WHERE:

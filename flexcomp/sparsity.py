@@ -20,11 +20,12 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .evaluate import evaluate
-from .ir import Const, DType, Graph, Op
+from .ir import Const, DType, Graph, Node, Op
 from .trace import TracedMod
 
 # Elements of the mask evaluated at once in step 2 (bounded peak memory: a few hundred MB).
@@ -83,30 +84,32 @@ def _f(x) -> torch.Tensor:
     return x.to(torch.float64)
 
 
-def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> _Interval:
-    """Sound bounds of ``buf[i0, i1, ...]`` with each index in its interval."""
+def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> tuple[_Interval, torch.Tensor]:
+    """Sound bounds of ``buf[i0, i1, ...]`` with each index in its interval, and where an index may
+    fall outside ``[0, size)`` (bool, broadcastable): such blocks are evaluated pair by pair, where an
+    index out of torch's range raises as torch does (negative indices count from the end there)."""
     buf = buf.detach().to(device)
     if buf.dtype == torch.bool:
         buf = buf.to(torch.int8)
+    safe = torch.ones((), dtype=torch.bool, device=device)
+    for d, v in enumerate(iv):
+        safe = safe & torch.isfinite(v.lo) & torch.isfinite(v.hi) & (v.lo >= 0) & (v.hi < buf.shape[d])
     if buf.numel() == 0:
         z = torch.zeros((), dtype=torch.float64, device=device)
-        return _Interval(z, z)
+        return _Interval(z, z), ~safe
     gmin, gmax = _f(buf.min()), _f(buf.max())
     fallback = _Interval(gmin, gmax)
     if buf.dim() == 0:
-        return _Interval(_f(buf), _f(buf))
-    for d, v in enumerate(iv):
-        if not (torch.isfinite(v.lo).all() and torch.isfinite(v.hi).all()):
-            return fallback
-        if (v.lo < 0).any() or (v.hi >= buf.shape[d]).any():
-            return fallback  # negative or out-of-range indices: stay sound with the global bounds
+        return _Interval(_f(buf), _f(buf)), ~safe
+    if not bool(safe.all()):
+        return fallback, ~safe  # some block may index out of range: global bounds, and those blocks evaluated
     ranged = [d for d, v in enumerate(iv) if bool((v.lo != v.hi).any())]
     if len(ranged) > 1 or (ranged and buf.numel() > (1 << 24)):
-        return fallback  # (a sparse table of a huge tensor would cost more than it saves)
+        return fallback, ~safe  # (a sparse table of a huge tensor would cost more than it saves)
     if not ranged:
         idx = tuple(v.lo.long() for v in iv)
         val = _f(buf[idx])
-        return _Interval(val, val)
+        return _Interval(val, val), ~safe
     d = ranged[0]
     # sparse table of min / max along dim d: level k covers 2**k elements
     x = buf.movedim(d, -1)
@@ -136,7 +139,7 @@ def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> _Interval:
         oth = [o[sel] for o in others]
         out_lo[sel] = torch.minimum(mn[(*oth, a)], mn[(*oth, b)])
         out_hi[sel] = torch.maximum(mx[(*oth, a)], mx[(*oth, b)])
-    return _Interval(out_lo, out_hi)
+    return _Interval(out_lo, out_hi), ~safe
 
 
 # The bounds are computed in float64; the mask runs in float32. Each float op may round by half
@@ -167,30 +170,28 @@ def _cmp(op: Op, a: _Interval, b: _Interval) -> _Interval:
 
 _MONOTONE = {Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2,
              Op.SQRT: torch.sqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid,
-             Op.FLOOR: torch.floor, Op.CEIL: torch.ceil, Op.SIGN: torch.sign}
+             Op.FLOOR: torch.floor, Op.CEIL: torch.ceil, Op.SIGN: torch.sign, Op.ERF: torch.erf,
+             Op.LOG1P: torch.log1p, Op.EXPM1: torch.expm1, Op.ATAN: torch.atan}
 
 
-def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> _Interval:
-    """Bounds of the mask output for every block: tensors broadcastable to ``[B, H, num_q, num_kv]``."""
-    g: Graph = tm.graph
-    nq, nkv = grid.num_q, grid.num_kv
-    ar = lambda n: torch.arange(n, device=device, dtype=torch.float64)  # noqa: E731
-    q0 = ar(nq) * grid.q_block
-    k0 = ar(nkv) * grid.kv_block
-    inputs = {
-        "b": _Interval(ar(B).view(-1, 1, 1, 1), ar(B).view(-1, 1, 1, 1)),
-        "h": _Interval(ar(H).view(1, -1, 1, 1), ar(H).view(1, -1, 1, 1)),
-        "q_idx": _Interval(q0.view(1, 1, -1, 1), torch.clamp(q0 + grid.q_block - 1, max=grid.q_len - 1).view(1, 1, -1, 1)),
-        "kv_idx": _Interval(k0.view(1, 1, 1, -1), torch.clamp(k0 + grid.kv_block - 1, max=grid.kv_len - 1).view(1, 1, 1, -1)),
-    }
-    buf_of = {b.name: t for b, t in zip(g.buffers, tm.buffers)}
-    scalar_of = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
-    like = torch.zeros((), dtype=torch.float64, device=device)
+_INT_RANGE = {DType.I32: (-(2.0 ** 31), 2.0 ** 31 - 1), DType.I64: (-(2.0 ** 63), 2.0 ** 63 - 1)}
+
+LoadBounds = Callable[[Node, list[_Interval]], _Interval]
+
+
+def propagate(g: Graph, inputs: dict[str, _Interval], scalars: dict[str, float], load: LoadBounds,
+              like: torch.Tensor, wrap_guard: bool = True) -> list[_Interval]:
+    """Bounds of every node of ``g`` from bounds of its inputs (tensors of any broadcastable shape).
+
+    ``load(node, index_bounds)`` bounds a load; ``scalars`` are the captured numbers by name.
+    ``wrap_guard``: an integer node whose exact bounds leave its type's range may wrap, so it is
+    unknown there (sound); without it the exact, unwrapped bounds are kept (to find such nodes).
+    """
     vals: list = [None] * len(g.nodes)
 
     def iv(a) -> _Interval:
         if isinstance(a, Const):
-            v = torch.tensor(float(a.value), dtype=torch.float64, device=device)
+            v = like + float(a.value)
             return _Interval(v, v)
         return vals[a]
 
@@ -200,25 +201,27 @@ def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> _
         if op is Op.INPUT:
             out = inputs[n.attr]
         elif op is Op.SCALAR:
-            v = like + float(scalar_of[n.attr])
+            v = like + float(scalars[n.attr])
             out = _Interval(v, v)
         elif op is Op.LOAD:
-            out = _range_load(buf_of[n.attr], xs, device)
+            out = load(n, xs)
         elif op is Op.ADD:
             out = _Interval(xs[0].lo + xs[1].lo, xs[0].hi + xs[1].hi)
         elif op is Op.SUB:
             out = _Interval(xs[0].lo - xs[1].hi, xs[0].hi - xs[1].lo)
         elif op is Op.NEG:
             out = _Interval(-xs[0].hi, -xs[0].lo)
-        elif op is Op.MUL:
-            a, b = xs
+        elif op is Op.MUL or (op is Op.SHL and isinstance(n.args[1], Const) and 0 <= n.args[1].value < 62):
+            a = xs[0]
+            b = xs[1] if op is Op.MUL else _Interval(like + 2.0 ** n.args[1].value, like + 2.0 ** n.args[1].value)
             ps = [a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]
             out = _Interval(torch.stack(torch.broadcast_tensors(*ps)).amin(0), torch.stack(torch.broadcast_tensors(*ps)).amax(0))
-        elif op in (Op.FLOORDIV, Op.MOD) and isinstance(n.args[1], Const) and n.args[1].value != 0 and n.dtype.is_int:
-            c = float(n.args[1].value)
+        elif (op in (Op.FLOORDIV, Op.MOD) and isinstance(n.args[1], Const) and n.args[1].value != 0 and n.dtype.is_int) \
+                or (op is Op.SHR and isinstance(n.args[1], Const) and 0 <= n.args[1].value < 62):
+            c = float(n.args[1].value) if op is not Op.SHR else 2.0 ** n.args[1].value
             a = xs[0]
             flo, fhi = torch.floor(a.lo / c), torch.floor(a.hi / c)
-            if op is Op.FLOORDIV:
+            if op is not Op.MOD:
                 out = _Interval(torch.minimum(flo, fhi), torch.maximum(flo, fhi))
             else:
                 same = flo == fhi
@@ -263,8 +266,49 @@ def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> _
             out = _unknown(n.dtype, like)
         if n.dtype is DType.F32 and op is not Op.SCALAR:
             out = _widen(out)
+        elif wrap_guard and n.dtype.is_int and op not in (Op.INPUT, Op.SCALAR):
+            tmin, tmax = _INT_RANGE[n.dtype]
+            wraps = (out.lo < tmin) | (out.hi > tmax)
+            if bool(wraps.any()):
+                out = _Interval(torch.where(wraps, -math.inf, out.lo), torch.where(wraps, math.inf, out.hi))
         vals[n.id] = out
-    return iv(g.output)
+    return vals
+
+
+def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device,
+                    unsafe: list | None = None) -> _Interval:
+    """Bounds of the mask output for every block: tensors broadcastable to ``[B, H, num_q, num_kv]``.
+
+    ``unsafe`` (a list, filled in): for each load, where (broadcastable to the blocks) an index may
+    leave its captured tensor: those blocks must be evaluated, not decided from bounds.
+    """
+    g: Graph = tm.graph
+    nq, nkv = grid.num_q, grid.num_kv
+    ar = lambda n: torch.arange(n, device=device, dtype=torch.float64)  # noqa: E731
+    q0 = ar(nq) * grid.q_block
+    k0 = ar(nkv) * grid.kv_block
+    inputs = {
+        "b": _Interval(ar(B).view(-1, 1, 1, 1), ar(B).view(-1, 1, 1, 1)),
+        "h": _Interval(ar(H).view(1, -1, 1, 1), ar(H).view(1, -1, 1, 1)),
+        "q_idx": _Interval(q0.view(1, 1, -1, 1), torch.clamp(q0 + grid.q_block - 1, max=grid.q_len - 1).view(1, 1, -1, 1)),
+        "kv_idx": _Interval(k0.view(1, 1, 1, -1), torch.clamp(k0 + grid.kv_block - 1, max=grid.kv_len - 1).view(1, 1, 1, -1)),
+    }
+    buf_of = {b.name: t for b, t in zip(g.buffers, tm.buffers)}
+    unsafe = [] if unsafe is None else unsafe
+
+    def load(n: Node, xs: list[_Interval]) -> _Interval:
+        out, maybe_out = _range_load(buf_of[n.attr], xs, device)
+        unsafe.append(maybe_out)
+        return out
+
+    like = torch.zeros((), dtype=torch.float64, device=device)
+    scalar_of = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
+    vals = propagate(g, inputs, scalar_of, load, like)
+    out = g.output
+    if isinstance(out, Const):
+        v = like + float(out.value)
+        return _Interval(v, v)
+    return vals[out]
 
 
 def _evaluate_blocks(tm: TracedMod, grid: BlockGrid, coords: torch.Tensor, device) -> torch.Tensor:
@@ -296,12 +340,16 @@ def classify_blocks(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> t
     Bx = B if g.uses_input("b") else 1
     Hx = H if g.uses_input("h") else 1
     with torch.no_grad():
-        out = block_intervals(tm, grid, Bx, Hx, device)
+        unsafe: list = []
+        out = block_intervals(tm, grid, Bx, Hx, device, unsafe)
         shape = (Bx, Hx, grid.num_q, grid.num_kv)
         lo, hi = torch.broadcast_to(out.lo, shape), torch.broadcast_to(out.hi, shape)
         kind = torch.full(shape, int(BlockKind.UNKNOWN), dtype=torch.int8, device=device)
         kind[hi == 0] = int(BlockKind.EMPTY)
         kind[lo == 1] = int(BlockKind.FULL)
+        for u in unsafe:  # an index may leave its tensor there: evaluate (torch raises IndexError if it does)
+            if bool(u.any()):
+                kind[torch.broadcast_to(u, shape)] = int(BlockKind.UNKNOWN)
         unknown = (kind == int(BlockKind.UNKNOWN)).nonzero()
         if unknown.numel():
             counts = _evaluate_blocks(tm, grid, unknown, device)

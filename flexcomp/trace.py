@@ -31,10 +31,11 @@ from typing import Any, Callable, Union
 import torch
 
 from .builder import GraphBuilder, const
-from .errors import FlexcompTraceError
+from .errors import FlexcompIndexError, FlexcompTraceError
 from .evaluate import ir_dtype_of
 from .ir import Arg, BufferSpec, Const, DType, Graph, ModKind, Op
 from .proxy import _FIX, Proxy, _Concretize, _user_frame
+from .trace_vectors import VectorLike
 
 Number = Union[bool, int, float]
 
@@ -95,6 +96,19 @@ class Tracer:
         msg = (f"cannot trace {self.kind.value} {self.name!r} at {where}:\n    {line}\n"
                f"{what}.\nFix: {fix}.")
         return FlexcompTraceError(msg, function=self.name, filename=filename, lineno=lineno)
+
+    def where(self) -> tuple[str, int, str]:
+        """(file, line, function) of the user's current line."""
+        f = _user_frame()
+        if f is None:
+            return "?", 0, self.name
+        return f.f_code.co_filename, f.f_lineno, f.f_code.co_name
+
+    def index_error(self, what: str) -> FlexcompIndexError:
+        """An out-of-range constant index, raised as torch raises it (``IndexError``), at the user's line."""
+        filename, lineno, func = self.where()
+        line = linecache.getline(filename, lineno).strip()
+        return FlexcompIndexError(f"{self.kind.value} {self.name!r} at {filename}:{lineno}:\n    {line}\n{what}")
 
     # ---- captured values -----------------------------------------------------------------
     def lift(self, value: Any, name: str, depth: int = 0) -> Any:
@@ -162,10 +176,28 @@ class Tracer:
         if dt is None:
             raise self.error(f"captured tensor of dtype {t.dtype} is not supported",
                              "capture float, integer or bool tensors")
+        if t.device.type == "meta":
+            raise self.error(f"the captured tensor of shape {tuple(t.shape)} is on the meta device and holds no values",
+                             "capture a tensor with data (on the CPU or the attention's device)")
         name = self.tensor_names.get(id(t), f"buf{len(self.tensors)}")
-        spec = self.gb.add_buffer(name, dt, t.dim(), str(t.dtype).replace("torch.", ""))
+        filename, lineno, _ = self.where()
+        spec = self.gb.add_buffer(name, dt, t.dim(), str(t.dtype).replace("torch.", ""), f"{filename}:{lineno}")
         self.tensors[id(t)] = (spec, t)
         return spec
+
+    def index_arg(self, i: Any) -> Arg:
+        """One index of a captured tensor: a traced integer or a Python int."""
+        a = self.to_arg(i, "index")
+        if self.gb.dtype_of(a).is_float:
+            raise self.error("a captured tensor was indexed by a float",
+                             "index with integers: .to(torch.int32) or // turn floats into ints")
+        return a
+
+    def load(self, tensor: torch.Tensor, indices: list[Arg]) -> Proxy:
+        """``tensor[indices]``, one IR index (from :meth:`index_arg`) per dim: the captured tensor
+        becomes a buffer."""
+        spec = self.capture_tensor(tensor)
+        return Proxy(self, self.gb.load(spec, indices))
 
     def to_arg(self, x: Any, what: str = "operand") -> Arg:
         """A proxy, Python number or 0-d captured tensor as an IR operand."""
@@ -177,6 +209,9 @@ class Tracer:
             return const(x)
         if isinstance(x, numbers.Number) and hasattr(x, "item") and not isinstance(x, torch.Tensor):
             return const(x.item())  # numpy scalars
+        if isinstance(x, VectorLike):
+            raise self.error(f"a traced vector of shape {tuple(x.shape)} was used where one value is needed",
+                             "reduce it (.sum(), .amax(), .any(), torch.dot) or index every dim of the tensor")
         if isinstance(x, torch.Tensor):
             if x.dim() != 0:
                 raise self.error(
@@ -217,6 +252,11 @@ class Tracer:
             raise self.error(f"the {self.kind.value} returned None", "return the score or the mask", where)
         if isinstance(out, torch.Tensor) and out.dim() == 0:
             out = Proxy(self, self.to_arg(out))
+        if isinstance(out, VectorLike) or isinstance(out, torch.Tensor):
+            raise self.error(f"the {self.kind.value} returned a tensor of shape {tuple(out.shape)}, not one value "
+                             f"per (b, h, q_idx, kv_idx)",
+                             "index every dim of captured tensors by traced values (bias[h, q_idx]), or reduce "
+                             "rows (.sum(), .any(), torch.dot)", where)
         if not isinstance(out, (Proxy, bool, int, float)):
             raise self.error(f"the {self.kind.value} returned a {type(out).__name__}",
                              "return a traced value", where)
@@ -302,8 +342,13 @@ _TRACES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _TRACES_MAX = 512
 
 
-def _remember(key: tuple, tm: TracedMod, keep: list) -> None:
-    _TRACES[key] = (tm.graph, tuple(weakref.ref(t) for t in tm.buffers), tm.scalars, tuple(keep), tm.launch_cache)
+def _remember(key: tuple, tm: TracedMod, keep: list, int_ranges: dict) -> None:
+    # the integer width was proven for these value ranges of int32 captures: re-checked when a
+    # capture's version counter moves (an in-place update), and traced again if they no longer hold
+    guards = [[i, *int_ranges[b.name], t._version] for i, (b, t) in enumerate(zip(tm.graph.buffers, tm.buffers))
+              if b.name in int_ranges]
+    _TRACES[key] = (tm.graph, tuple(weakref.ref(t) for t in tm.buffers), tm.scalars, tuple(keep), tm.launch_cache,
+                    guards)
     if len(_TRACES) > _TRACES_MAX:
         _TRACES.popitem(last=False)
 
@@ -312,13 +357,44 @@ def _cached(key: tuple, fn: Callable) -> TracedMod | None:
     entry = _TRACES.get(key)
     if entry is None:
         return None
-    graph, refs, scalars, _, launch_cache = entry
+    graph, refs, scalars, _, launch_cache, guards = entry
     buffers = tuple(r() for r in refs)
     if any(b is None for b in buffers):
         del _TRACES[key]
         return None
+    for guard in guards:
+        i, lo, hi, version = guard
+        t = buffers[i]
+        if t._version != version:
+            now = _value_range(t)
+            if now[0] < lo or now[1] > hi:
+                del _TRACES[key]
+                return None
+            guard[3] = t._version
     _TRACES.move_to_end(key)
     return TracedMod(graph, buffers, scalars, fn, launch_cache)
+
+
+def _value_range(t: torch.Tensor) -> tuple[int, int]:
+    if t.numel() == 0:
+        return 0, 0
+    with torch.no_grad():
+        ext = torch.stack([t.min(), t.max()]).tolist()
+    return int(ext[0]), int(ext[1])
+
+
+def _int_ranges(g: Graph, buffers: tuple) -> dict[str, tuple[int, int]]:
+    """Value ranges assumed for int32 captures when choosing integer widths (:func:`widen_ints`):
+    their current values, widened to at least +-INDEX_LIMIT so that index-like tables (document ids,
+    offsets) can change in place without a new trace."""
+    from .ranges import INDEX_LIMIT
+
+    out = {}
+    for b, t in zip(g.buffers, buffers):
+        if b.storage == "int32":
+            lo, hi = _value_range(t)
+            out[b.name] = (min(lo, -INDEX_LIMIT), max(hi, INDEX_LIMIT))
+    return out
 
 
 class _NoCache(Exception):
@@ -387,8 +463,9 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
       %0 = ge q_idx, kv_idx : bool
       return %0
     """
-    from .symbolic import simplify
     from .ir import verify
+    from .ranges import widen_ints
+    from .symbolic import simplify
 
     if not callable(fn):
         raise FlexcompTraceError(f"{kind.value} must be callable, got {type(fn).__name__}")
@@ -409,13 +486,15 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         except _Concretize as c:
             baked |= c.names
             continue
-        simple = verify(simplify(g))
         # simplification may leave captures unread; keep the values of those still read, by name
         tensor_of = {b.name: t for b, t in zip(g.buffers, buffers)}
         value_of = {c.name: v for c, v in zip(g.scalars, scalars)}
+        simple = verify(simplify(g))
+        int_ranges = _int_ranges(simple, tuple(tensor_of[b.name] for b in simple.buffers))
+        simple = widen_ints(simple, value_of, int_ranges)  # torch's int64 results where int32 could wrap
         tm = TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
                        tuple(value_of[c.name] for c in simple.scalars), fn)
         if key is not None and tracer.cacheable:
-            _remember(key, tm, keep)
+            _remember(key, tm, keep, int_ranges)
         return tm
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")

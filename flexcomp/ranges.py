@@ -1,0 +1,215 @@
+"""Whole-domain value ranges of a traced mod: integer width, and loads proven inside their tensors.
+
+Two questions about a mod over *every* ``(b, h, q_idx, kv_idx)`` of a problem, both answered by the
+interval propagation of :mod:`flexcomp.sparsity` with the whole domain as one block:
+
+1. **Does 32-bit integer arithmetic give torch's answer?** torch evaluates mods on int64 index
+   tensors; the IR's indices are ``i32``, and ``(q_idx * 2**20) % 7`` wraps in 32 bits. At trace
+   time :func:`widen_ints` bounds every integer node for indices below :data:`INDEX_LIMIT`; if a
+   node that torch computes in int64 (it depends on an index) can leave the int32 range, the graph
+   is re-emitted with the indices cast to ``i64`` first, so every value has torch's type and result.
+   Mods that stay in range (nearly all) keep 32-bit arithmetic, which the kernels prefer.
+   :func:`check_index_limit` refuses, clearly, a problem larger than the bound a graph was proven for.
+2. **Does every load index inside its captured tensor?** :func:`loads_in_range` proves it for a
+   problem's sizes and the captured tensors' values; where it cannot, the Triton kernels run a
+   checked variant of the mod that flags an out-of-range index on the device (torch raises
+   ``IndexError`` there; reading a made-up value is never an answer).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .builder import GraphBuilder
+from .errors import FlexcompError
+from .ir import BINARY_OPS, Arg, Const, DType, Graph, Node, Op, verify
+from .sparsity import _INT_RANGE, _Interval, propagate
+
+# Indices (and batch, head counts) a graph is proven for at trace time: 2**24 = 16,777,216 tokens.
+INDEX_LIMIT = 1 << 24
+
+_INDEX_INPUTS = ("b", "h", "q_idx", "kv_idx")
+_STORAGE_RANGE = {
+    "bool": (0, 1), "uint8": (0, 255), "int8": (-128, 127), "int16": (-(2 ** 15), 2 ** 15 - 1),
+    "int32": _INT_RANGE[DType.I32], "int64": _INT_RANGE[DType.I64],
+}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Exclusive upper bounds of the mod's index inputs: ``b < batch``, ``h < heads``,
+    ``q_idx < q_len``, ``kv_idx < kv_len``."""
+
+    batch: int
+    heads: int
+    q_len: int
+    kv_len: int
+
+    def inputs(self, like: torch.Tensor) -> dict[str, _Interval]:
+        """The index inputs' bounds (``score`` unbounded)."""
+        def iv(n):
+            return _Interval(like, like + float(max(n, 1) - 1))
+
+        return {"b": iv(self.batch), "h": iv(self.heads), "q_idx": iv(self.q_len), "kv_idx": iv(self.kv_len),
+                "score": _Interval(like - math.inf, like + math.inf)}
+
+
+def _like() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float64)
+
+
+def _storage_bounds(g: Graph, value_ranges: dict | None = None):
+    """Loads bounded by ``value_ranges`` (by buffer name), else by their storage type."""
+    spec = {b.name: b for b in g.buffers}
+    value_ranges = value_ranges or {}
+    like = _like()
+
+    def load(n: Node, xs) -> _Interval:
+        lo, hi = value_ranges.get(n.attr) or _STORAGE_RANGE.get(spec[n.attr].storage, (-math.inf, math.inf))
+        return _Interval(like + float(lo), like + float(hi))
+
+    return load
+
+
+def _depends_on_index(g: Graph) -> list[bool]:
+    dep = [False] * len(g.nodes)
+    for n in g.nodes:
+        dep[n.id] = (n.op is Op.INPUT and n.attr in _INDEX_INPUTS) or any(
+            not isinstance(a, Const) and dep[a] for a in n.args)
+    return dep
+
+
+def overflowing_nodes(g: Graph, scalars: dict, domain: Domain, value_ranges: dict | None = None) -> list[Node]:
+    """The ``i32`` nodes computed from an index whose exact value may leave the int32 range
+    (torch computes them in int64, so 32 bits would give another answer). ``value_ranges``
+    bounds integer captures by name (else their storage type does)."""
+    vals = propagate(g, domain.inputs(_like()), scalars, _storage_bounds(g, value_ranges), _like(), wrap_guard=False)
+    dep = _depends_on_index(g)
+    lo32, hi32 = _INT_RANGE[DType.I32]
+    return [n for n in g.nodes if n.dtype is DType.I32 and dep[n.id] and n.op is not Op.INPUT
+            and (float(vals[n.id].lo) < lo32 or float(vals[n.id].hi) > hi32)]
+
+
+def widen_to_int64(g: Graph) -> Graph:
+    """``g`` with the index inputs cast to ``i64`` first and every node re-emitted with torch's type
+    promotion: what torch computes on int64 index tensors (explicit ``.to(torch.int32)`` casts and
+    int32 captured tensors keep 32 bits, as in torch)."""
+    gb = GraphBuilder(g.kind, g.fn_name)
+    specs = {b.name: gb.add_buffer(b.name, b.dtype, b.ndim, b.storage, b.site) for b in g.buffers}
+    new: dict[int, Arg] = {}
+
+    def arg(a: Arg) -> Arg:
+        return a if isinstance(a, Const) else new[a]
+
+    for n in g.nodes:
+        a = [arg(x) for x in n.args]
+        if n.op is Op.INPUT:
+            v = gb.inputs[n.attr]
+            new[n.id] = gb.cast(v, DType.I64) if n.attr in _INDEX_INPUTS else v
+        elif n.op is Op.SCALAR:
+            new[n.id] = gb.add_scalar(n.attr, n.dtype)
+        elif n.op is Op.LOAD:
+            new[n.id] = gb.load(specs[n.attr], a)
+        elif n.op is Op.CAST:
+            new[n.id] = gb.cast(a[0], n.dtype)
+        elif n.op is Op.WHERE:
+            new[n.id] = gb.where(*a)
+        elif n.op in BINARY_OPS:
+            new[n.id] = gb.binary(n.op, *a)
+        else:
+            new[n.id] = gb.unary(n.op, a[0])
+    outs = [arg(o) for o in g.outputs]
+    return gb.finish(outs[0], tuple(outs[1:]))
+
+
+def is_widened(g: Graph) -> bool:
+    """Whether ``g``'s index inputs are read as ``i64`` (by :func:`widen_to_int64`)."""
+    return any(n.op is Op.CAST and n.dtype is DType.I64 and not isinstance(n.args[0], Const)
+               and g.nodes[n.args[0]].op is Op.INPUT for n in g.nodes)
+
+
+def widen_ints(g: Graph, scalars: dict, value_ranges: dict | None = None) -> Graph:
+    """``g`` itself when 32-bit integers give torch's results for indices below :data:`INDEX_LIMIT`
+    (and integer captures within ``value_ranges``), else :func:`widen_to_int64` of it (simplified
+    and verified).
+
+    >>> from flexcomp.trace import trace
+    >>> from flexcomp.ir import ModKind
+    >>> g = trace(lambda b, h, q_idx, kv_idx: (q_idx * 2**20) % 7 == kv_idx % 7, ModKind.MASK).graph
+    >>> print(g)
+    graph mask_mod(b: i32, h: i32, q_idx: i32, kv_idx: i32):
+      %0 = cast q_idx : i64
+      %1 = cast kv_idx : i64
+      %2 = mul %0, 1048576 : i64
+      %3 = mod %2, 7 : i64
+      %4 = mod %1, 7 : i64
+      %5 = eq %3, %4 : bool
+      return %5
+    """
+    limit = Domain(INDEX_LIMIT, INDEX_LIMIT, INDEX_LIMIT, INDEX_LIMIT)
+    if is_widened(g) or not overflowing_nodes(g, scalars, limit, value_ranges):
+        return g
+    from .symbolic import simplify
+
+    return verify(simplify(verify(widen_to_int64(g))))
+
+
+def check_index_limit(tm, domain: Domain) -> None:
+    """Refuse a problem beyond :data:`INDEX_LIMIT` whose 32-bit arithmetic was not proven for it."""
+    if max(domain.batch, domain.heads, domain.q_len, domain.kv_len) <= INDEX_LIMIT:
+        return
+    g = tm.graph
+    scalars = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
+    ranges = {}
+    for b, t in zip(g.buffers, tm.buffers):
+        if b.storage == "int32" and t.numel():
+            ranges[b.name] = (int(t.min()), int(t.max()))
+    bad = overflowing_nodes(g, scalars, domain, ranges)
+    if bad:
+        raise FlexcompError(
+            f"{g.kind.value} {g.fn_name!r}: '{g.format_node(bad[0])}' may leave the int32 range for "
+            f"{domain} (flexcomp proves 32-bit index arithmetic for sizes up to {INDEX_LIMIT}); cast the "
+            f"index to int64 in the mod (q_idx.to(torch.int64)) to compute it in 64 bits")
+
+
+def loads_in_range(tm, batch: int, heads: int, q_len: int, kv_len: int) -> bool:
+    """Whether every load of the traced mod ``tm`` indexes inside its captured tensor (negative
+    indices counted from the end, as torch) for every ``b < batch, h < heads, q_idx < q_len,
+    kv_idx < kv_len``, given the captured tensors' current values. A sound proof: False means
+    "not proven", and the caller checks at run time.
+
+    >>> from flexcomp.trace import trace
+    >>> from flexcomp.ir import ModKind
+    >>> bias = torch.randn(8, 100)
+    >>> tm = trace(lambda s, b, h, q_idx, kv_idx: s + bias[h, q_idx], ModKind.SCORE)
+    >>> loads_in_range(tm, 1, 8, 100, 50), loads_in_range(tm, 1, 8, 101, 50)
+    (True, False)
+    """
+    g = tm.graph
+    if not g.buffers:
+        return True
+    buf_of = {b.name: t for b, t in zip(g.buffers, tm.buffers)}
+    proven = [True]
+    like = _like()
+
+    def load(n: Node, xs: list[_Interval]) -> _Interval:
+        t = buf_of[n.attr].detach()
+        if t.dtype == torch.bool:
+            t = t.to(torch.int8)
+        lows = [float(x.lo) for x in xs]
+        highs = [float(x.hi) for x in xs]
+        if any(not (lo >= -size and hi < size) for lo, hi, size in zip(lows, highs, t.shape)):
+            proven[0] = False
+        if t.numel() == 0:
+            return _Interval(like, like)
+        region = t
+        if proven[0] and all(lo >= 0 for lo in lows):  # exact: the box of indices reached
+            region = t[tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(lows, highs))]
+        return _Interval(like + float(region.min()), like + float(region.max()))
+
+    scalars = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
+    with torch.no_grad():
+        propagate(g, Domain(batch, heads, q_len, kv_len).inputs(like), scalars, load, like)
+    return proven[0]
