@@ -132,8 +132,9 @@ def is_widened(g: Graph) -> bool:
 
 def widen_ints(g: Graph, scalars: dict, value_ranges: dict | None = None) -> Graph:
     """``g`` itself when 32-bit integers give torch's results for indices below :data:`INDEX_LIMIT`
-    (and integer captures within ``value_ranges``), else :func:`widen_to_int64` of it (simplified
-    and verified).
+    (and integer captures within ``value_ranges``), else :func:`widen_to_int64` of it. Run before
+    simplification: its int32 ring rewrites (distributing ``(q - t) * 16``) are exact only while
+    every value wraps alike.
 
     >>> from flexcomp.trace import trace
     >>> from flexcomp.ir import ModKind
@@ -151,9 +152,7 @@ def widen_ints(g: Graph, scalars: dict, value_ranges: dict | None = None) -> Gra
     limit = Domain(INDEX_LIMIT, INDEX_LIMIT, INDEX_LIMIT, INDEX_LIMIT)
     if is_widened(g) or not overflowing_nodes(g, scalars, limit, value_ranges):
         return g
-    from .symbolic import simplify
-
-    return verify(simplify(verify(widen_to_int64(g))))
+    return verify(widen_to_int64(g))
 
 
 def check_index_limit(tm, domain: Domain) -> None:

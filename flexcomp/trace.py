@@ -409,8 +409,23 @@ def _code_names(code: types.CodeType) -> list[str]:
     return names
 
 
-def fingerprint(value: Any, depth: int = 0, keep: list | None = None) -> tuple:
+# Modules whose attributes a mod reads are library code that does not change between calls.
+_LIBRARY_MODULES = ("torch", "numpy", "math", "operator", "functools", "builtins", "typing", "flexcomp",
+                    "triton", "sympy", "cmath", "numbers", "transformers")
+
+
+def _is_library(module_name: str | None) -> bool:
+    return bool(module_name) and module_name.split(".")[0] in _LIBRARY_MODULES
+
+
+def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: frozenset = frozenset()) -> tuple:
     """What a trace of ``value`` depends on, as a hashable key (raises _NoCache if unknowable).
+
+    Everything a trace bakes in is here: a function's code, closure cells, referenced globals,
+    positional and keyword-only defaults; for a user module or class the mod reads (``cfg.WINDOW``,
+    ``Config.scale``), the attributes it may read (every name its code uses that the module or class
+    has); numbers, strings and containers by value; tensors by identity (values are read at run time).
+    ``names`` are the attribute names the reading code uses.
 
     Objects named by id (code, modules, types) are appended to ``keep``: a cache entry holds them
     so that their ids cannot be reused while the entry exists. Tensors are named by id too, but
@@ -419,27 +434,59 @@ def fingerprint(value: Any, depth: int = 0, keep: list | None = None) -> tuple:
     keep = [] if keep is None else keep
     if depth > 12:
         raise _NoCache
-    if value is None or isinstance(value, (bool, int, str)):
+    if value is None or isinstance(value, (bool, int, str, bytes)):
         return (type(value), value)
     if isinstance(value, float):
         return (float, repr(value))  # repr keeps -0.0 and nan apart
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))
+    if isinstance(value, (torch.dtype, torch.device)):
+        return ("torch", str(value))
     if isinstance(value, types.FunctionType):
+        if _is_library(getattr(value, "__module__", None)):
+            keep.append(value)
+            return ("const", id(value))
         code = value.__code__
         keep.append(code)
-        cells = tuple(fingerprint(c.cell_contents, depth + 1, keep) if _filled(c) else ("empty",)
+        used = frozenset(_code_names(code))
+        cells = tuple(fingerprint(c.cell_contents, depth + 1, keep, used) if _filled(c) else ("empty",)
                       for c in (value.__closure__ or ()))
-        glob = tuple((n, fingerprint(value.__globals__[n], depth + 1, keep))
-                     for n in _code_names(code) if n in value.__globals__)
-        return ("fn", id(code), cells, glob, fingerprint(value.__defaults__, depth + 1, keep))
+        glob = tuple((n, fingerprint(value.__globals__[n], depth + 1, keep, used))
+                     for n in sorted(used) if n in value.__globals__)
+        kwdefaults = tuple(sorted((k, fingerprint(v, depth + 1, keep, used))
+                                  for k, v in (value.__kwdefaults__ or {}).items()))
+        return ("fn", id(code), cells, glob, fingerprint(value.__defaults__, depth + 1, keep, used), kwdefaults)
     if isinstance(value, functools.partial):
         return ("partial", fingerprint(value.func, depth + 1, keep), fingerprint(value.args, depth + 1, keep),
                 fingerprint(tuple(sorted(value.keywords.items())), depth + 1, keep))
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(fingerprint(v, depth + 1, keep) for v in value))
-    if isinstance(value, (types.ModuleType, types.BuiltinFunctionType, type, torch.dtype)) or callable(value) and \
-            type(value).__module__.startswith("torch") and not isinstance(value, torch.nn.Module):
+    if isinstance(value, (staticmethod, classmethod)):
+        return ("method", fingerprint(value.__func__, depth + 1, keep, names))
+    if isinstance(value, (tuple, list, frozenset, set)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return (type(value).__name__, tuple(fingerprint(v, depth + 1, keep, names) for v in items))
+    if isinstance(value, dict):
+        return ("dict", tuple((fingerprint(k, depth + 1, keep), fingerprint(v, depth + 1, keep, names))
+                              for k, v in value.items()))
+    if isinstance(value, types.ModuleType):
+        keep.append(value)
+        if _is_library(value.__name__):
+            return ("module", id(value))
+        attrs = vars(value)
+        return ("module", id(value), tuple((n, fingerprint(attrs[n], depth + 1, keep, names))
+                                           for n in sorted(names) if n in attrs))
+    if isinstance(value, type):
+        keep.append(value)
+        if _is_library(value.__module__):
+            return ("type", id(value))
+        read = []
+        for n in sorted(names):
+            for klass in value.__mro__:
+                if n in vars(klass) and klass is not object:
+                    read.append((n, fingerprint(vars(klass)[n], depth + 1, keep, names)))
+                    break
+        return ("type", id(value), tuple(read))
+    if isinstance(value, (types.BuiltinFunctionType, types.MethodWrapperType)) or (
+            callable(value) and _is_library(type(value).__module__) and not isinstance(value, torch.nn.Module)):
         keep.append(value)
         return ("const", id(value))
     raise _NoCache
@@ -489,9 +536,10 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         # simplification may leave captures unread; keep the values of those still read, by name
         tensor_of = {b.name: t for b, t in zip(g.buffers, buffers)}
         value_of = {c.name: v for c, v in zip(g.scalars, scalars)}
-        simple = verify(simplify(g))
-        int_ranges = _int_ranges(simple, tuple(tensor_of[b.name] for b in simple.buffers))
-        simple = widen_ints(simple, value_of, int_ranges)  # torch's int64 results where int32 could wrap
+        # torch's int64 results where int32 could wrap: decided on the graph as written, before the
+        # int32 ring rewrites of simplify (which are exact only while everything wraps alike)
+        int_ranges = _int_ranges(g, buffers)
+        simple = verify(simplify(widen_ints(g, value_of, int_ranges)))
         tm = TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
                        tuple(value_of[c.name] for c in simple.scalars), fn)
         if key is not None and tracer.cacheable:

@@ -307,19 +307,21 @@ def test_equal_polynomials_with_products_give_one_graph():
     assert len({g.structural_key() for g in graphs}) == 1
 
 
-def test_int32_wraparound_in_large_coefficients():
-    # q_idx * 65536 * 65536 is 0 in int32 arithmetic (torch wraps); the canonical polynomial must
-    # not turn it into a coefficient 2**32 that does not fit an i32
-    def wraps(b, h, q_idx, kv_idx):
+def test_large_coefficients_fit_their_type_and_give_torchs_int64_result():
+    # q_idx * 65536 * 65536 leaves int32: torch computes it on int64 indices (nonzero for q > 0), so
+    # the graph is widened; no constant may exceed the range of its type
+    def big(b, h, q_idx, kv_idx):
         return (q_idx * 65536) * 65536 + kv_idx == kv_idx
 
-    g = trace(wraps, MASK).graph
-    assert verify(g) is g
+    g = trace(big, MASK).graph
+    assert verify(g) is g and "i64" in str(g)
     for n in g.nodes:
         for a in n.args:
             if isinstance(a, Const) and a.dtype is DType.I32:
                 assert -2**31 <= a.value < 2**31, str(g)
-    assert_same_values(wraps, MASK, g)
+    for seed in (0, 1):
+        ins = {k: v.long() if k != "score" else v for k, v in rand_inputs(seed).items()}
+        assert torch.equal(run(g, rand_inputs(seed)), call(big, MASK, ins))
 
 
 def test_summed_constants_past_int32_give_torchs_int64_result():

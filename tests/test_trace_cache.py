@@ -1,0 +1,130 @@
+"""The trace cache never serves a stale trace: everything a trace bakes in is in its fingerprint.
+
+Each test changes one way a mod can reach state between two calls and checks the second mask is
+the new one (against torch's create_mask, which calls the mod afresh).
+"""
+import sys
+import types
+
+import torch
+from torch.nn.attention import flex_attention as tfa
+
+from flexcomp import create_block_mask, create_mask
+from flexcomp.ir import ModKind
+from flexcomp.trace import trace
+
+N = 12
+
+
+def _check(mod):
+    assert torch.equal(create_mask(mod, 1, 1, N, N, device="cpu"), tfa.create_mask(mod, 1, 1, N, N, device="cpu"))
+
+
+def _check_blocks(mod):
+    ours = create_block_mask(mod, 1, 1, 64, 64, device="cpu", BLOCK_SIZE=16)
+    assert torch.equal(ours.to_dense(), tfa.create_block_mask(mod, 1, 1, 64, 64, device="cpu", BLOCK_SIZE=16).to_dense())
+
+
+class Cfg:
+    WINDOW = 3
+
+    class Inner:
+        SHIFT = 1
+
+
+def _class_attr(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx < Cfg.WINDOW) & (q_idx >= kv_idx + Cfg.Inner.SHIFT)
+
+
+def test_class_attribute_change_retraces():
+    _check(_class_attr)
+    Cfg.WINDOW = 6
+    _check(_class_attr)
+    Cfg.Inner.SHIFT = 0
+    _check(_class_attr)
+
+
+def test_module_attribute_change_retraces():
+    cfg = types.ModuleType("flexcomp_test_cfg")
+    cfg.WINDOW = 2
+    sys.modules[cfg.__name__] = cfg
+    ns = {"cfg": cfg}
+    exec("def mod(b, h, q_idx, kv_idx):\n    return (q_idx - kv_idx).abs() < cfg.WINDOW\n", ns)
+    mod = ns["mod"]
+    _check(mod)
+    cfg.WINDOW = 5
+    _check(mod)
+
+
+def test_keyword_only_and_positional_defaults_retrace():
+    def kw(b, h, q_idx, kv_idx, *, window=2):
+        return (q_idx - kv_idx).abs() < window
+
+    _check(kw)
+    kw.__kwdefaults__["window"] = 7
+    _check(kw)
+
+    def pos(b, h, q_idx, kv_idx, window=2):
+        return (q_idx - kv_idx).abs() < window
+
+    _check_blocks(pos)
+    pos.__defaults__ = (20,)
+    _check_blocks(pos)
+
+
+LIMITS = {"window": 2}
+OFFSETS = [1, 2]
+SCALE = 3
+
+
+def _global_containers(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx < LIMITS["window"]) & (q_idx >= kv_idx - OFFSETS[1]) & (q_idx * SCALE >= kv_idx)
+
+
+def test_global_dict_list_and_number_changes_retrace():
+    global SCALE
+    _check(_global_containers)
+    LIMITS["window"] = 9
+    _check(_global_containers)
+    OFFSETS[1] = 0
+    _check(_global_containers)
+    SCALE = 1
+    _check(_global_containers)
+
+
+def test_objects_read_through_self_retrace_every_call():
+    class Masker:
+        def __init__(self):
+            self.window = 2
+
+        def mask_mod(self, b, h, q_idx, kv_idx):
+            return (q_idx - kv_idx).abs() < self.window
+
+    def expect(window):  # torch's create_mask does not take bound methods: the same mask as a function
+        return tfa.create_mask(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() < window, 1, 1, N, N, device="cpu")
+
+    m = Masker()
+    assert torch.equal(create_mask(m.mask_mod, 1, 1, N, N, device="cpu"), expect(2))
+    m.window = 8
+    assert torch.equal(create_mask(m.mask_mod, 1, 1, N, N, device="cpu"), expect(8))
+
+
+def test_cache_hits_when_nothing_changed():
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    assert trace(causal, ModKind.MASK).graph is trace(causal, ModKind.MASK).graph
+
+
+def test_int32_capture_growing_past_its_proven_range_retraces():
+    start = torch.zeros(N, dtype=torch.int32)
+
+    def rel(b, h, q_idx, kv_idx):
+        return (q_idx - start[q_idx]) * 16 >= kv_idx * 16
+
+    first = trace(rel, ModKind.MASK).graph
+    assert "i64" not in str(first)
+    _check(rel)
+    start.fill_(-(2 ** 30))  # in place: (q - start) * 16 now leaves int32; torch computes it in int64
+    assert "i64" in str(trace(rel, ModKind.MASK).graph)
+    _check(rel)
