@@ -141,6 +141,7 @@ COMPOSITE: dict[str, tuple[Callable, tuple[str, ...], tuple]] = {
     "hardtanh": (lambda e, x, lo, hi: e.bin(Op.MINIMUM, e.bin(Op.MAXIMUM, x, lo), hi), ("min_val", "max_val"),
                  (-1.0, 1.0)),
     "logsigmoid": (_logsigmoid, (), ()),
+    "log_sigmoid": (_logsigmoid, (), ()),
     "erfc": (lambda e, x: e.bin(Op.SUB, 1.0, e.un(Op.ERF, x)), (), ()),
     "square": (lambda e, x: e.bin(Op.MUL, x, x), (), ()),
     "reciprocal": (lambda e, x: e.bin(Op.TRUEDIV, 1.0, x), (), ()),

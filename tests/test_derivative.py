@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flexcomp.derivative import float_loads, load_derivative, score_derivative
 from flexcomp.evaluate import evaluate
@@ -31,6 +32,11 @@ MODS = {
     "table": lambda s, b, h, q, kv: s * scale_h[h] + table[h, q - kv + S] * s,
     "mod_floordiv": lambda s, b, h, q, kv: torch.remainder(s, 1.5) + (s * 0 + q // 2),
     "pow_general": lambda s, b, h, q, kv: (s * s + 1.0) ** (0.5 + (q % 3)),
+    "erf_atan_tan": lambda s, b, h, q, kv: torch.erf(s) + torch.atan(s * 2) + torch.tan(s * 0.2),
+    "log1p_expm1": lambda s, b, h, q, kv: torch.log1p(s * s) + torch.expm1(s * 0.3),
+    "activations": lambda s, b, h, q, kv: (F.gelu(s) + F.gelu(s, approximate="tanh") + F.silu(s) + F.mish(s)
+                                           + F.softplus(s, beta=1.5, threshold=2.0) + F.elu(s) + F.leaky_relu(s, 0.2)
+                                           + F.logsigmoid(s) + F.relu6(s * 3)),
 }
 
 
