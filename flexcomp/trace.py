@@ -31,7 +31,8 @@ from typing import Any, Callable, Union
 import torch
 
 from .builder import GraphBuilder, const
-from .errors import FlexcompIndexError, FlexcompTraceError
+from .errors import (FlexcompIndexError, FlexcompModOutputError, FlexcompModSignatureError, FlexcompRuntimeError,
+                     FlexcompTraceError, FlexcompTraceIndexError)
 from .evaluate import ir_dtype_of
 from .ir import Arg, BufferSpec, Const, DType, Graph, ModKind, Op
 from .proxy import _FIX, Proxy, _Concretize, _user_frame
@@ -82,8 +83,10 @@ class Tracer:
         self.cacheable = True  # False once a tensor came from anywhere else (attributes, the mod's body)
 
     # ---- errors --------------------------------------------------------------------------
-    def error(self, what: str, fix: str = _FIX, where: tuple | None = None) -> FlexcompTraceError:
-        """A trace error at the user's current line (or at ``where = (file, line, function)``)."""
+    def error(self, what: str, fix: str = _FIX, where: tuple | None = None,
+              cls: type = FlexcompTraceError) -> FlexcompTraceError:
+        """A trace error at the user's current line (or at ``where = (file, line, function)``);
+        ``cls``: a subclass that is also the exception type torch raises for the same mistake."""
         f = _user_frame() if where is None else None
         if where is not None:
             filename, lineno, func = where
@@ -95,7 +98,7 @@ class Tracer:
         where = f"{filename}:{lineno}" + (f" in {func}" if func != self.name else "")
         msg = (f"cannot trace {self.kind.value} {self.name!r} at {where}:\n    {line}\n"
                f"{what}.\nFix: {fix}.")
-        return FlexcompTraceError(msg, function=self.name, filename=filename, lineno=lineno)
+        return cls(msg, function=self.name, filename=filename, lineno=lineno)
 
     def where(self) -> tuple[str, int, str]:
         """(file, line, function) of the user's current line."""
@@ -176,9 +179,6 @@ class Tracer:
         if dt is None:
             raise self.error(f"captured tensor of dtype {t.dtype} is not supported",
                              "capture float, integer or bool tensors")
-        if t.device.type == "meta":
-            raise self.error(f"the captured tensor of shape {tuple(t.shape)} is on the meta device and holds no values",
-                             "capture a tensor with data (on the CPU or the attention's device)")
         name = self.tensor_names.get(id(t), f"buf{len(self.tensors)}")
         filename, lineno, _ = self.where()
         spec = self.gb.add_buffer(name, dt, t.dim(), str(t.dtype).replace("torch.", ""), f"{filename}:{lineno}")
@@ -190,7 +190,8 @@ class Tracer:
         a = self.to_arg(i, "index")
         if self.gb.dtype_of(a).is_float:
             raise self.error("a captured tensor was indexed by a float",
-                             "index with integers: .to(torch.int32) or // turn floats into ints")
+                             "index with integers: .to(torch.int32) or // turn floats into ints",
+                             cls=FlexcompTraceIndexError)
         return a
 
     def load(self, tensor: torch.Tensor, indices: list[Arg]) -> Proxy:
@@ -264,7 +265,8 @@ class Tracer:
         t = self.gb.dtype_of(o)
         if self.kind is ModKind.MASK and t is not DType.BOOL:
             raise self.error(f"a mask_mod must return a bool, this one returns {t.value}",
-                             "return a comparison such as q_idx >= kv_idx, combined with & | ~", where)
+                             "return a comparison such as q_idx >= kv_idx, combined with & | ~", where,
+                             cls=FlexcompModOutputError)
         if self.kind is ModKind.SCORE and t is DType.BOOL:
             raise self.error("a score_mod must return a float score, this one returns bool",
                              "pass a mask as mask_mod (create_block_mask), or return "
@@ -322,7 +324,7 @@ def _check_signature(fn: Callable, kind: ModKind) -> None:
         filename = code.co_filename if code else "?"
         lineno = code.co_firstlineno if code else 0
         other = "mask_mod(b, h, q_idx, kv_idx)" if kind is ModKind.SCORE else "score_mod(score, b, h, q_idx, kv_idx)"
-        raise FlexcompTraceError(
+        raise FlexcompModSignatureError(
             f"{kind.value} {name!r} at {filename}:{lineno} takes {len(positional)} positional arguments "
             f"({', '.join(p.name for p in positional)}); a {kind.value} takes {want}: "
             f"({', '.join(kind.input_names)}). Is it a {other} passed in the wrong place?",
@@ -546,3 +548,16 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
             _remember(key, tm, keep, int_ranges)
         return tm
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")
+
+
+def check_captures(tm: TracedMod, device) -> None:
+    """Refuse captured tensors that hold no values (the meta device) where the mod must run on
+    ``device``: the message names the mod, the tensor and the line that reads it."""
+    if torch.device(device).type == "meta":
+        return
+    for spec, t in zip(tm.graph.buffers, tm.buffers):
+        if t.device.type == "meta":
+            raise FlexcompRuntimeError(
+                f"{tm.graph.kind.value} {tm.graph.fn_name!r} at {spec.site or '?'}: the captured tensor {spec.name!r} "
+                f"of shape {tuple(t.shape)} is on the meta device and holds no values, but the mod runs on {device}; "
+                f"capture a tensor with data (on the CPU or the attention's device)")

@@ -119,8 +119,11 @@ class View(VectorLike):
         sliced = [i for i, d in enumerate(self.dims) if isinstance(d, range)]
         idx = expand_ellipsis(t, idx, len(sliced))
         if len(idx) > len(sliced):
-            raise t.error(f"too many indices: {len(idx)} for a view of shape {tuple(self._shape())}",
-                          "give one index per remaining dim")
+            from .errors import FlexcompTraceIndexError
+
+            given = len(self.dims) - len(sliced) + len(idx)
+            raise t.error(f"a captured tensor of shape {tuple(self.tensor.shape)} was indexed with {given} indices",
+                          f"give at most {self.tensor.dim()} indices, one per dim", cls=FlexcompTraceIndexError)
         dims = list(self.dims)
         for pos, i in zip(sliced, idx):
             r = dims[pos]
