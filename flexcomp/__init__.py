@@ -9,12 +9,17 @@ trace -> ir / builder -> symbolic -> sparsity -> blockmask -> evaluate / referen
 """
 from .api import AuxOutput, AuxRequest, flex_attention
 from .blockmask import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
-from .errors import FlexcompError, FlexcompIRError, FlexcompTraceError
+from .errors import (FlexcompAssertionError, FlexcompAttributeError, FlexcompError, FlexcompIndexError,
+                     FlexcompIRError, FlexcompModOutputError, FlexcompModSignatureError, FlexcompNotCallableError,
+                     FlexcompNotImplementedError, FlexcompRuntimeError, FlexcompTraceError, FlexcompTraceIndexError,
+                     FlexcompTypeError, FlexcompZeroDivisionError)
 from .explain import explain
 
 __all__ = [
     "flex_attention", "create_block_mask", "create_mask", "BlockMask", "and_masks", "or_masks",
     "noop_mask", "AuxRequest", "AuxOutput", "explain", "FlexcompError", "FlexcompTraceError",
-    "FlexcompIRError",
+    "FlexcompIRError", "FlexcompTypeError", "FlexcompAttributeError", "FlexcompRuntimeError",
+    "FlexcompNotImplementedError", "FlexcompAssertionError", "FlexcompIndexError", "FlexcompZeroDivisionError",
+    "FlexcompNotCallableError", "FlexcompModSignatureError", "FlexcompModOutputError", "FlexcompTraceIndexError",
 ]
 __version__ = "0.1.0"

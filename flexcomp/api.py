@@ -1,20 +1,25 @@
 """The public entry point: ``flex_attention``, argument for argument as torch's.
 
 Validation lives here, once, before anything runs: every error names the argument, what was
-expected and what came.
+expected and what came, and is an instance of the exception type torch 2.13 raises for the same
+input (see :mod:`flexcomp.errors`).
 """
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 from torch import Tensor
 
 from .blockmask import BlockMask, _sliced_mask_mod_error, is_noop_block_mask, noop_mask
-from .errors import FlexcompError
+from .errors import (FlexcompAttributeError, FlexcompError, FlexcompNotCallableError, FlexcompNotImplementedError,
+                     FlexcompRuntimeError, FlexcompTypeError, FlexcompZeroDivisionError)
 from .ir import ModKind
+from .ranges import Domain, check_index_limit
 from .runtime import Options, run_attention
-from .trace import trace
+from .trace import check_captures, trace
 
 
 class AuxRequest(NamedTuple):
@@ -25,7 +30,12 @@ class AuxRequest(NamedTuple):
 
 
 class AuxOutput(NamedTuple):
-    """Auxiliary outputs (as torch's ``AuxOutput``): ``lse`` ``[B, Hq, Q_LEN]``, natural log."""
+    """Auxiliary outputs (as torch's ``AuxOutput``), None where not asked for (or empty).
+
+    ``lse`` ``[B, Hq, Q_LEN]``: log-sum-exp of each row's modified, masked scores, natural log.
+    ``max_scores`` ``[B, Hq, Q_LEN]``: each row's largest modified, masked score (natural units,
+    ``-inf`` where nothing is kept), no gradient. Both float32, float64 for float64 inputs.
+    """
 
     lse: Optional[Tensor] = None
     max_scores: Optional[Tensor] = None
@@ -35,35 +45,58 @@ def _shape(t: Tensor) -> tuple:
     return tuple(t.shape)
 
 
+# torch's warning for the deprecated return_lse, shown once per process as torch does
+_RETURN_LSE_WARNING = ("return_lse is deprecated and will be removed in v2.10. "
+                       "Please use return_aux=AuxRequest(lse=True) instead.")
+_WARNINGS_SHOWN: set[str] = set()
+
+
+def _warn_once(warning_id: str, message: str, category: type[Warning]) -> None:
+    if warning_id not in _WARNINGS_SHOWN:
+        warnings.warn(message, category, stacklevel=3)
+        _WARNINGS_SHOWN.add(warning_id)
+
+
 def _validate(query: Any, key: Any, value: Any, block_mask: Any, enable_gqa: bool) -> None:
-    for name, t in (("query", query), ("key", key), ("value", value)):
+    """Every check flex_attention makes before running, each raising the type torch raises for it."""
+    qkv = (("query", query), ("key", key), ("value", value))
+    for name, t in qkv:
         if not isinstance(t, Tensor):
-            raise FlexcompError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise FlexcompAttributeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in qkv:
+        if t.is_nested:
+            raise FlexcompNotImplementedError(f"{name} is a NestedTensor, which flex_attention does not take; "
+                                              f"pass dense [B, H, S, D] tensors")
+    for name, t in qkv:
         if t.dim() != 4:
-            raise FlexcompError(f"{name} must be 4-D [B, H, S, D], got {t.dim()}-D with shape {_shape(t)}")
+            raise FlexcompNotImplementedError(f"{name} must be 4-D [B, H, S, D], got {t.dim()}-D with shape {_shape(t)}")
         if not t.dtype.is_floating_point:
             raise FlexcompError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
                                 f"float64), got {t.dtype}")
-        if t.is_nested:
-            raise FlexcompError(f"{name} is a NestedTensor; pass dense tensors")
     if not (query.dtype == key.dtype == value.dtype):
         raise FlexcompError(f"query, key and value must have one dtype, got query={query.dtype}, "
                             f"key={key.dtype}, value={value.dtype}")
     if not (query.device == key.device == value.device):
         raise FlexcompError(f"query, key and value must be on one device, got query={query.device}, "
                             f"key={key.device}, value={value.device}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
+    if query.device.type == "meta":
+        raise FlexcompError("query, key and value are on the meta device, which holds no values: flex_attention "
+                            "runs on CPU, CUDA and other devices with data")
+    if query.shape[-1] == 0:
+        raise FlexcompZeroDivisionError(f"query must have a positive head dim (last dim; the default scale is "
+                                        f"1/sqrt(head dim)), got shape {_shape(query)}")
+    for name, t in qkv:
         if t.shape[-1] == 0 or t.shape[0] == 0 or t.shape[1] == 0:
             raise FlexcompError(f"{name} must have a positive batch size, head count and head dim, got shape {_shape(t)}")
     Bq, Hq, Lq, Eq = query.shape
     Bk, Hk, Lk, Ek = key.shape
     Bv, Hv, Lv, _ = value.shape
     if (Bk, Hk, Lk) != (Bv, Hv, Lv):
-        raise FlexcompError(f"key and value must agree in batch, heads and length [B, H, S, :], got "
-                            f"key {_shape(key)} and value {_shape(value)}")
+        raise FlexcompRuntimeError(f"key and value must agree in batch, heads and length [B, H, S, :], got "
+                                   f"key {_shape(key)} and value {_shape(value)}")
     if Bk != Bq and Bk != 1:
-        raise FlexcompError(f"key/value batch size must equal the query's ({Bq}) or be 1 to broadcast, "
-                            f"got query {_shape(query)} and key {_shape(key)}")
+        raise FlexcompRuntimeError(f"key/value batch size must equal the query's ({Bq}) or be 1 to broadcast, "
+                                   f"got query {_shape(query)} and key {_shape(key)}")
     if Ek != Eq:
         raise FlexcompError(f"query and key must have the same head dim (last dim), got query {Eq} "
                             f"({_shape(query)}) and key {Ek} ({_shape(key)})")
@@ -73,16 +106,21 @@ def _validate(query: Any, key: Any, value: Any, block_mask: Any, enable_gqa: boo
     if enable_gqa and Hq % Hk != 0:
         raise FlexcompError(f"with enable_gqa=True the query heads must be a multiple of the key/value "
                             f"heads, got Hq={Hq} and Hkv={Hk}")
-    if block_mask is None:
-        return
+    if block_mask is not None:
+        _validate_block_mask(block_mask, query, Lk)
+
+
+def _validate_block_mask(block_mask: Any, query: Tensor, Lk: int) -> None:
+    Bq, Hq, Lq, _ = query.shape
     for field in ("kv_num_blocks", "kv_indices", "seq_lengths", "BLOCK_SIZE"):
         if not hasattr(block_mask, field):
-            raise FlexcompError(f"block_mask must be a BlockMask (from create_block_mask), got "
-                                f"{type(block_mask).__name__}")
+            raise FlexcompAttributeError(f"block_mask must be a BlockMask (from create_block_mask), got "
+                                         f"{type(block_mask).__name__}")
     if getattr(getattr(block_mask, "mask_mod", None), "__name__", "") == _sliced_mask_mod_error.__name__:
         # ours, or torch's sliced BlockMask (same marker name)
-        raise FlexcompError("block_mask was sliced (block_mask[...]) and has no usable mask_mod; create the "
-                            "block mask for the batch/heads you need with create_block_mask")
+        raise FlexcompRuntimeError("Cannot use mask_mod from a sliced BlockMask: block_mask was sliced "
+                                   "(block_mask[...]) and has no usable mask_mod; create the block mask for the "
+                                   "batch/heads you need with create_block_mask")
     if is_noop_block_mask(block_mask):
         return
     mq, mkv = block_mask.seq_lengths
@@ -97,9 +135,16 @@ def _validate(query: Any, key: Any, value: Any, block_mask: Any, enable_gqa: boo
         if Bm not in (1, Bq) or Hm not in (1, Hq):
             raise FlexcompError(f"block_mask has batch/heads ({Bm}, {Hm}), expected ({Bq}, {Hq}) or 1 to "
                                 f"broadcast (query shape {_shape(query)})")
+    qb, kvb = block_mask.BLOCK_SIZE
+    rows, cols = block_mask.kv_indices.shape[-2:]
+    if rows < -(-Lq // qb) or cols < -(-Lk // kvb):
+        raise FlexcompError(
+            f"block_mask's lists have {rows} q-block rows and {cols} kv-block columns, but (Q_LEN, KV_LEN)=({Lq}, "
+            f"{Lk}) with BLOCK_SIZE=({qb}, {kvb}) needs {-(-Lq // qb)} and {-(-Lk // kvb)}: they must cover "
+            f"every query and key (build it with create_block_mask, or from_kv_blocks with covering lists)")
     if block_mask.kv_num_blocks.device != query.device:
-        raise FlexcompError(f"block_mask is on {block_mask.kv_num_blocks.device} but query is on "
-                            f"{query.device}; move it with block_mask.to(query.device)")
+        raise FlexcompRuntimeError(f"block_mask is on {block_mask.kv_num_blocks.device} but query is on "
+                                   f"{query.device}; move it with block_mask.to(query.device)")
 
 
 def flex_attention(
@@ -129,12 +174,16 @@ def flex_attention(
             ``h // (Hq // Hkv)``.
         return_lse: also return the log-sum-exp ``[B, Hq, L]`` (natural log, float32, or
             float64 for float64 inputs); rows with nothing kept have LSE ``-inf`` and output 0.
+            Deprecated as in torch (a FutureWarning, once): use ``return_aux``.
         kernel_options: ``{"BACKEND": "reference" | "triton" | "auto"}``; torch's tuning keys are
-            accepted. See :mod:`flexcomp.runtime`.
-        return_aux: ``AuxRequest(lse=True)`` returns ``(out, AuxOutput(lse=...))``.
+            accepted (types checked). See :mod:`flexcomp.runtime`.
+        return_aux: ``AuxRequest(lse=True, max_scores=True)`` returns ``(out, AuxOutput(lse, max_scores))``:
+            ``max_scores`` ``[B, Hq, L]`` is each row's largest score after score_mod and masking
+            (``-inf`` for rows with nothing kept), without gradient. Not with ``return_lse``.
 
     Returns:
-        ``out`` ``[B, Hq, L, Ev]`` in the input dtype; with ``return_lse``, ``(out, lse)``.
+        ``out`` ``[B, Hq, L, Ev]`` in the input dtype; with ``return_lse``, ``(out, lse)``; with
+        ``return_aux``, ``(out, AuxOutput)``. An empty LSE or max (``L == 0``) comes back as None, as torch.
 
     Works with autograd on every device, CPU included (gradients into q, k, v and into tensors
     the score_mod captures that require grad).
@@ -144,21 +193,31 @@ def flex_attention(
     >>> from flexcomp.masks import causal_mask, softcap
     >>> q, k, v = (torch.randn(1, 2, 64, 16, requires_grad=True) for _ in range(3))
     >>> bm = create_block_mask(causal_mask, 1, 2, 64, 64, device="cpu", BLOCK_SIZE=16)
-    >>> out, lse = flex_attention(q, k, v, score_mod=softcap(20.0), block_mask=bm, return_lse=True)
+    >>> out, aux = flex_attention(q, k, v, score_mod=softcap(20.0), block_mask=bm, return_aux=AuxRequest(lse=True))
     >>> out.sum().backward()
-    >>> out.shape, lse.shape, q.grad.shape
+    >>> out.shape, aux.lse.shape, q.grad.shape
     (torch.Size([1, 2, 64, 16]), torch.Size([1, 2, 64]), torch.Size([1, 2, 64, 16]))
+    >>> out, aux = flex_attention(q, k, v, block_mask=bm, return_aux=AuxRequest(lse=True, max_scores=True))
+    >>> s = (q @ k.transpose(-1, -2) / 4).masked_fill(~torch.ones(64, 64).tril().bool(), float("-inf"))
+    >>> torch.allclose(aux.max_scores, s.amax(-1)), aux.max_scores.requires_grad
+    (True, False)
     """
     _validate(query, key, value, block_mask, enable_gqa)
     if score_mod is not None and not callable(score_mod):
-        raise FlexcompError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
+        raise FlexcompNotCallableError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
+    if return_aux is not None and not (hasattr(return_aux, "lse") and hasattr(return_aux, "max_scores")):
+        raise FlexcompAttributeError(f"return_aux must be an AuxRequest(lse=..., max_scores=...) or None, got "
+                                     f"{type(return_aux).__name__}")
     if return_lse and return_aux is not None:
-        raise FlexcompError("give either return_lse=True or return_aux=AuxRequest(lse=True), not both")
-    if return_aux is not None and return_aux.max_scores:
-        raise FlexcompError("return_aux=AuxRequest(max_scores=True) is not supported by flexcomp; ask for lse")
+        raise FlexcompError("Cannot specify both return_lse and return_aux. return_lse is deprecated, please use "
+                            "return_aux=AuxRequest(lse=True) instead (give either, not both)")
+    if return_lse:
+        _warn_once("deprecated_return_lse", _RETURN_LSE_WARNING, FutureWarning)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise FlexcompTypeError(f"scale must be a finite float or None, got {scale!r} ({type(scale).__name__})")
+    elif not math.isfinite(scale):
         raise FlexcompError(f"scale must be a finite float or None, got {scale!r}")
     options = Options.parse(kernel_options)
     score = trace(score_mod, ModKind.SCORE) if score_mod is not None else None
@@ -167,7 +226,16 @@ def flex_attention(
     mask = None
     if block_mask is not None and block_mask.mask_mod is not noop_mask:
         mask = trace(block_mask.mask_mod, ModKind.MASK)
-    out, lse = run_attention(query, key, value, score, mask, block_mask, float(scale), options)
+    for tm in (score, mask):
+        if tm is not None:
+            check_captures(tm, query.device)
+            check_index_limit(tm, Domain(query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+    want_lse = return_lse or (return_aux is not None and bool(return_aux.lse))
+    want_max = return_aux is not None and bool(return_aux.max_scores)
+    out, lse, max_scores = run_attention(query, key, value, score, mask, block_mask, float(scale), options, want_max)
+    # as torch: an empty LSE / max (no query, or no batch) is returned as None
+    lse = lse if want_lse and lse.numel() > 0 else None
+    max_scores = max_scores if want_max and max_scores.numel() > 0 else None
     if return_aux is not None:
-        return out, AuxOutput(lse=lse if return_aux.lse else None)
+        return out, AuxOutput(lse=lse, max_scores=max_scores)
     return (out, lse) if return_lse else out

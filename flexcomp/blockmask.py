@@ -1,24 +1,30 @@
-"""BlockMask and the mask combinators, field for field as in ``torch.nn.attention.flex_attention``.
+"""BlockMask, field for field, method for method as in ``torch.nn.attention.flex_attention``.
 
-``create_block_mask`` traces the mask_mod, classifies blocks with :mod:`flexcomp.sparsity`
-(interval analysis, then dense evaluation of only the undecided blocks) and never builds the
-Q_LEN x KV_LEN mask: a causal mask over 131,072 tokens takes well under a second and a few MB.
+The class and its checks live here; the list arithmetic in :mod:`flexcomp.blockmask_lists`, the
+pytree helpers in :mod:`flexcomp.blockmask_pytree`, and the makers (``create_block_mask``,
+``create_mask``, ``and_masks``, ``or_masks``) in :mod:`flexcomp.blockmask_build`, re-exported here.
+``create_block_mask`` never builds the Q_LEN x KV_LEN mask: a causal mask over 131,072 tokens takes
+well under a second and a few MB.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-from typing import Callable, Optional, Union
+import numbers
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import GetAttrKey
 
-from .errors import FlexcompError
-from .evaluate import evaluate
-from .ir import ModKind
-from .sparsity import BlockGrid, BlockKind, classify_blocks
-from .trace import trace
+from .blockmask_lists import check_kv_lists, check_list_types, compute_dq_write_order, crop_lists
+from .blockmask_lists import dense_to_ordered as _dense_to_ordered  # noqa: F401 - torch's private names, kept
+from .blockmask_lists import ordered_to_dense as _ordered_to_dense
+from .blockmask_lists import transpose_ordered as _transpose_ordered
+from .blockmask_pytree import MaskModWrapper, extract_callable_pytree, reconstruct_closure_fn
+from .errors import (FlexcompAssertionError, FlexcompAttributeError, FlexcompError, FlexcompIndexError,
+                     FlexcompNotCallableError, FlexcompNotImplementedError, FlexcompRuntimeError, FlexcompTypeError,
+                     FlexcompZeroDivisionError)
 
 _DEFAULT_SPARSE_BLOCK_SIZE = 128
 _LARGE_SPARSE_BLOCK_SIZE = 1 << 30
@@ -46,77 +52,6 @@ def is_noop_block_mask(block_mask) -> bool:
     return tuple(block_mask.BLOCK_SIZE) == (_LARGE_SPARSE_BLOCK_SIZE, _LARGE_SPARSE_BLOCK_SIZE)
 
 
-def and_masks(*mask_mods: MaskMod) -> MaskMod:
-    """A mask_mod that keeps a pair only where every one of ``mask_mods`` keeps it.
-
-    >>> from flexcomp.masks import causal_mask, sliding_window
-    >>> m = and_masks(causal_mask, sliding_window(2))
-    >>> create_mask(m, 1, 1, 4, 4, device="cpu")[0, 0].int().tolist()
-    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
-    """
-    if not all(callable(m) for m in mask_mods):
-        raise FlexcompError(f"and_masks: every argument must be a callable mask_mod, got {mask_mods}")
-
-    def and_mask(b, h, q_idx, kv_idx):
-        result = b.new_ones(size=(), dtype=torch.bool)
-        for mask in mask_mods:
-            result = result & mask(b, h, q_idx, kv_idx)
-        return result
-
-    return and_mask
-
-
-def or_masks(*mask_mods: MaskMod) -> MaskMod:
-    """A mask_mod that keeps a pair where any one of ``mask_mods`` keeps it.
-
-    >>> from flexcomp.masks import causal_mask, prefix_lm
-    >>> create_mask(or_masks(causal_mask, prefix_lm(2)), 1, 1, 3, 3, device="cpu")[0, 0].int().tolist()
-    [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
-    """
-    if not all(callable(m) for m in mask_mods):
-        raise FlexcompError(f"or_masks: every argument must be a callable mask_mod, got {mask_mods}")
-
-    def or_mask(b, h, q_idx, kv_idx):
-        result = b.new_zeros(size=(), dtype=torch.bool)
-        for mask in mask_mods:
-            result = result | mask(b, h, q_idx, kv_idx)
-        return result
-
-    return or_mask
-
-
-# ---- the ordered (BCSR-like) format --------------------------------------------------------
-def _ordered_to_dense(num_blocks: Tensor, indices: Tensor, num_cols: int) -> Tensor:
-    """``[..., rows]`` counts and ``[..., rows, max]`` column lists -> ``[..., rows, num_cols]`` int32."""
-    cols = torch.arange(indices.shape[-1], device=indices.device)
-    valid = cols < num_blocks.unsqueeze(-1)
-    idx = torch.where(valid, indices.long(), num_cols)
-    dense = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.int32, device=indices.device)
-    dense.scatter_(-1, idx, 1)
-    return dense[..., :num_cols].contiguous()
-
-
-def _dense_to_ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
-    """Dense 0/1 ``[..., rows, cols]`` -> (counts int32, column indices int32).
-
-    Each row lists its kept columns in ascending order, then the other columns in ascending
-    order: what torch's stable descending argsort gives, computed by a linear-time scatter.
-    """
-    d = dense.to(torch.int32)
-    ones = torch.cumsum(d, dim=-1, dtype=torch.int32)
-    num = ones[..., -1:]
-    zeros = torch.arange(1, d.shape[-1] + 1, dtype=torch.int32, device=d.device) - ones
-    rank = torch.where(d.bool(), ones - 1, num + zeros - 1).long()
-    cols = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device).expand_as(d)
-    indices = torch.empty_like(d).scatter_(-1, rank, cols)
-    return num.squeeze(-1).contiguous(), indices
-
-
-def _transpose_ordered(num_blocks: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    dense = _ordered_to_dense(num_blocks, indices, indices.shape[-1])
-    return _dense_to_ordered(dense.transpose(-2, -1))
-
-
 class BlockMask:
     r"""A block-sparse attention mask, in torch's layout.
 
@@ -134,6 +69,11 @@ class BlockMask:
       (per kv-block column, which q-blocks), for the backward pass.
     - ``BLOCK_SIZE``: ``(Q_BLOCK, KV_BLOCK)``; ``seq_lengths``: ``(Q_LEN, KV_LEN)``;
       ``mask_mod``: the function applied inside partial tiles.
+    - ``dq_write_order``, ``dq_write_order_full`` int32 ``[*, num_kv_blocks, num_q_blocks]`` (or None):
+      torch's dQ write-order metadata for its deterministic FLASH backward
+      (``create_block_mask(..., compute_dq_write_order=True)``); ``dq_kv_order`` (a tensor, or None)
+      and ``dq_kv_order_spt`` (a bool, or None): the kv order they follow. flexcomp's kernels do not
+      read them; slicing, ``_adjust``, ``to``, ``as_tuple`` and ``_flatten`` carry them as torch does.
 
     The dense block map is rebuilt by::
 
@@ -150,6 +90,12 @@ class BlockMask:
     ([[[1, 1]]], [[[0, 1]]])
     """
 
+    # what _flatten / _unflatten / to() carry, in torch's order
+    _TENSOR_ATTRS = ["kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices", "dq_write_order", "dq_write_order_full",
+                     "dq_kv_order"]
+    _CONTEXT_ATTRS = ["seq_lengths", "BLOCK_SIZE", "mask_mod", "dq_kv_order_spt"]
+
     def __init__(
         self,
         seq_lengths: tuple[int, int],
@@ -163,13 +109,22 @@ class BlockMask:
         full_q_indices: Optional[Tensor],
         BLOCK_SIZE: tuple[int, int] = (_DEFAULT_SPARSE_BLOCK_SIZE, _DEFAULT_SPARSE_BLOCK_SIZE),
         mask_mod: MaskMod = noop_mask,
+        *,
+        dq_write_order: Optional[Tensor] = None,
+        dq_write_order_full: Optional[Tensor] = None,
+        dq_kv_order: Optional[Tensor] = None,
+        dq_kv_order_spt: Optional[bool] = None,
     ):
+        if not isinstance(kv_indices, Tensor):
+            raise FlexcompAttributeError(f"BlockMask: kv_indices must be a torch.Tensor, got {type(kv_indices).__name__}")
         if kv_indices.dim() < 2:
-            raise FlexcompError(f"BlockMask: kv_indices must have at least 2 dims, got shape {tuple(kv_indices.shape)}")
-        if (full_kv_num_blocks is None) != (full_kv_indices is None):
-            raise FlexcompError("BlockMask: full_kv_num_blocks and full_kv_indices must both be given or both be None")
-        if (full_q_num_blocks is None) != (full_q_indices is None):
-            raise FlexcompError("BlockMask: full_q_num_blocks and full_q_indices must both be given or both be None")
+            raise FlexcompRuntimeError(f"BlockMask must have at least 2 dimensions: kv_indices must be "
+                                       f"[..., num_q_blocks, num_kv_blocks], got shape {tuple(kv_indices.shape)}")
+        if kv_num_blocks is None:
+            raise FlexcompAssertionError("BlockMask: kv_num_blocks must be provided, got None")
+        _check_pairs("BlockMask", full_kv_num_blocks, full_kv_indices, full_q_num_blocks, full_q_indices)
+        if dq_write_order_full is not None and dq_write_order is None:
+            raise FlexcompError("BlockMask: dq_write_order_full requires dq_write_order, got dq_write_order=None")
         self.seq_lengths = tuple(seq_lengths)
         self.kv_num_blocks = kv_num_blocks
         self.kv_indices = kv_indices
@@ -179,7 +134,11 @@ class BlockMask:
         self.q_indices = q_indices
         self.full_q_num_blocks = full_q_num_blocks
         self.full_q_indices = full_q_indices
-        self.BLOCK_SIZE = tuple(BLOCK_SIZE)
+        self.dq_write_order = dq_write_order
+        self.dq_write_order_full = dq_write_order_full
+        self.dq_kv_order = dq_kv_order
+        self.dq_kv_order_spt = dq_kv_order_spt
+        self.BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
         self.mask_mod = mask_mod
 
     @classmethod
@@ -193,36 +152,100 @@ class BlockMask:
         mask_mod: Optional[MaskMod] = None,
         seq_lengths: Optional[tuple[int, int]] = None,
         compute_q_blocks: bool = True,
+        *,
+        dq_write_order: Optional[Tensor] = None,
+        dq_write_order_full: Optional[Tensor] = None,
+        dq_kv_order: Union[Tensor, bool, None] = None,
     ) -> "BlockMask":
-        """Build a BlockMask from the kv-side fields; the q-side fields are derived.
+        """Build a BlockMask from the kv-side lists; the q-side lists are derived (as torch's).
+
+        Args:
+            kv_num_blocks: int32 ``[*, num_q_blocks]``; kv_indices: int32 ``[*, num_q_blocks, num_kv_blocks]``.
+            full_kv_num_blocks, full_kv_indices: the same for full blocks, or both None.
+            BLOCK_SIZE: int or ``(Q_BLOCK, KV_BLOCK)``; seq_lengths: ``(Q_LEN, KV_LEN)`` (default: the
+                lists' extent); compute_q_blocks: derive ``q_*`` (needed for the backward).
+            dq_write_order, dq_write_order_full: precomputed dQ write-order metadata (carried only).
+            dq_kv_order: the kv order it was computed for: a bool (built-in order) or a tensor.
+
+        The lists are checked against ``seq_lengths`` (every query row and kv-block covered, counts
+        and listed blocks in range, no block listed twice or both partial and full): an error names
+        the field, the position, what was expected and what came.
 
         >>> kv_num = torch.tensor([[[1, 2]]], dtype=torch.int32)
         >>> kv_idx = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.int32)
         >>> BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=64).shape
         (1, 1, 128, 128)
         """
+        where = "BlockMask.from_kv_blocks"
+        if not isinstance(kv_indices, Tensor):
+            raise FlexcompAttributeError(f"{where}: kv_indices must be a torch.Tensor (int32), got {type(kv_indices).__name__}")
         if kv_indices.dim() < 2:
-            raise FlexcompError(f"BlockMask.from_kv_blocks: kv_indices must have at least 2 dims, got shape {tuple(kv_indices.shape)}")
-        if (full_kv_num_blocks is None) != (full_kv_indices is None):
-            raise FlexcompError("BlockMask.from_kv_blocks: full_kv_num_blocks and full_kv_indices must both be given or both be None")
+            raise FlexcompRuntimeError(f"BlockMask must have at least 2 dimensions: {where}: kv_indices must be "
+                                       f"[..., num_q_blocks, num_kv_blocks], got shape {tuple(kv_indices.shape)}")
+        _check_pairs(where, full_kv_num_blocks, full_kv_indices)
+        check_list_types(where, (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices),
+                                 ("full_kv_num_blocks", full_kv_num_blocks), ("full_kv_indices", full_kv_indices)))
+        block = _block_size(where, BLOCK_SIZE, short_is_index_error=True)
+        if mask_mod is not None and not callable(mask_mod):
+            raise FlexcompNotCallableError(f"{where}: mask_mod must be callable or None, got {type(mask_mod).__name__}")
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[-2] * block[0], kv_indices.shape[-1] * block[1])
+        elif not isinstance(seq_lengths, (tuple, list)) or len(seq_lengths) != 2:
+            raise FlexcompTypeError(f"{where}: seq_lengths must be a (Q_LEN, KV_LEN) pair or None, got {seq_lengths!r}")
+        else:
+            seq_lengths = (_check_len(f"{where}: seq_lengths[0]", seq_lengths[0]),
+                           _check_len(f"{where}: seq_lengths[1]", seq_lengths[1]))
+        if dq_kv_order is not None and not isinstance(dq_kv_order, (bool, Tensor)):
+            raise FlexcompError(f"{where}: dq_kv_order must be a bool, Tensor, or None, got {type(dq_kv_order).__name__}")
+        if dq_write_order_full is not None and dq_write_order is None:
+            raise FlexcompError(f"{where}: dq_write_order_full requires dq_write_order, got dq_write_order=None")
+        for name, t in (("dq_write_order", dq_write_order), ("dq_write_order_full", dq_write_order_full)):
+            if t is not None and not isinstance(t, Tensor):
+                raise FlexcompTypeError(f"{where}: {name} must be a Tensor or None, got {type(t).__name__}")
+        check_kv_lists(where, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block, seq_lengths)
+        return cls._build(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block, mask_mod,
+                          seq_lengths, compute_q_blocks, dq_write_order=dq_write_order,
+                          dq_write_order_full=dq_write_order_full, dq_kv_order=dq_kv_order)
+
+    @classmethod
+    def _build(cls, kv_num, kv_idx, full_num, full_idx, block, mask_mod, seq_lengths, compute_q_blocks,
+               dq_write_order=None, dq_write_order_full=None, dq_kv_order=None) -> "BlockMask":
+        """``from_kv_blocks`` without the checks, for lists flexcomp made itself."""
         q_num = q_idx = fq_num = fq_idx = None
         if compute_q_blocks:
-            q_num, q_idx = _transpose_ordered(kv_num_blocks, kv_indices)
-            if full_kv_num_blocks is not None:
-                fq_num, fq_idx = _transpose_ordered(full_kv_num_blocks, full_kv_indices)
-        if isinstance(BLOCK_SIZE, int):
-            BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE)
+            q_num, q_idx = _transpose_ordered(kv_num, kv_idx)
+            if full_num is not None:
+                fq_num, fq_idx = _transpose_ordered(full_num, full_idx)
+        if isinstance(block, int):
+            block = (block, block)
         if seq_lengths is None:
-            seq_lengths = (kv_indices.shape[-2] * BLOCK_SIZE[0], kv_indices.shape[-1] * BLOCK_SIZE[1])
-        return cls(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                   q_num, q_idx, fq_num, fq_idx, BLOCK_SIZE, mask_mod if mask_mod is not None else noop_mask)
+            seq_lengths = (kv_idx.shape[-2] * block[0], kv_idx.shape[-1] * block[1])
+        return cls(seq_lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, fq_num, fq_idx, block,
+                   mask_mod if mask_mod is not None else noop_mask, dq_write_order=dq_write_order,
+                   dq_write_order_full=dq_write_order_full,
+                   dq_kv_order=dq_kv_order if isinstance(dq_kv_order, Tensor) else None,
+                   dq_kv_order_spt=dq_kv_order if isinstance(dq_kv_order, bool) else None)
 
     def as_tuple(self, flatten: bool = True) -> tuple:
-        """The fields as torch's ``BlockMask.as_tuple`` orders them."""
+        """The fields in torch's ``BlockMask.as_tuple`` order (what torch's kernels take).
+
+        ``(Q_LEN, KV_LEN, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks,
+        q_indices, full_q_num_blocks, full_q_indices, dq_write_order, dq_write_order_full, dq_kv_order,
+        dq_kv_order_spt, Q_BLOCK, KV_BLOCK, mask_mod)``; with ``flatten=False`` the two pairs stay tuples.
+        """
         block = (self.BLOCK_SIZE[0], self.BLOCK_SIZE[1]) if flatten else (self.BLOCK_SIZE,)
-        return (*self.seq_lengths, self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
-                self.full_kv_indices, self.q_num_blocks, self.q_indices, self.full_q_num_blocks,
-                self.full_q_indices, *block, self.mask_mod)
+        seq = (self.seq_lengths[0], self.seq_lengths[1]) if flatten else (self.seq_lengths,)
+        return (*seq, self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+                self.q_num_blocks, self.q_indices, self.full_q_num_blocks, self.full_q_indices, self.dq_write_order,
+                self.dq_write_order_full, self.dq_kv_order, self.dq_kv_order_spt, *block, self.mask_mod)
+
+    def _dq_kv_order(self) -> Union[Tensor, bool, None]:
+        """The kv order the dQ write order follows: the tensor if one was given, else the bool."""
+        return self.dq_kv_order if self.dq_kv_order is not None else self.dq_kv_order_spt
+
+    @staticmethod
+    def _slice_dq_kv_order(dq_kv_order: Optional[Tensor], index: tuple) -> Optional[Tensor]:
+        return None if dq_kv_order is None else dq_kv_order[index[:2] + (slice(None),)]
 
     # ---- shape and statistics ----------------------------------------------------------------
     @property
@@ -300,8 +323,13 @@ class BlockMask:
         """Slice by batch, head and q-block: ``bm[0]``, ``bm[0, 1]``, ``bm[0:2, 1:2, idx]``.
 
         Integers keep their dim (as torch does). The result's mask_mod raises if used: the
-        slice no longer matches the mod's index space.
+        slice no longer matches the mod's index space. dQ write-order metadata is recomputed for
+        the slice (a tensor ``dq_kv_order`` cannot be sliced: NotImplementedError, as torch).
         """
+        if self.dq_kv_order is not None:
+            raise FlexcompNotImplementedError(
+                "Slicing BlockMask with tensor dq_kv_order is not supported yet. Construct a new BlockMask with "
+                "matching precomputed dq_write_order metadata.")
         index = index if isinstance(index, tuple) else (index,)
         padded = (*index, slice(None), slice(None), slice(None))[:3]
         sizes = self.kv_num_blocks.shape[:3]
@@ -309,146 +337,148 @@ class BlockMask:
                       for i, n in zip(padded, sizes))
         full_num = self.full_kv_num_blocks[index] if self.full_kv_num_blocks is not None else None
         full_idx = self.full_kv_indices[index] if self.full_kv_indices is not None else None
-        return BlockMask.from_kv_blocks(self.kv_num_blocks[index], self.kv_indices[index], full_num, full_idx,
-                                        BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=_sliced_mask_mod_error,
-                                        seq_lengths=self.seq_lengths, compute_q_blocks=self.q_indices is not None)
+        new = BlockMask._build(self.kv_num_blocks[index], self.kv_indices[index], full_num, full_idx, self.BLOCK_SIZE,
+                               _sliced_mask_mod_error, self.seq_lengths, self.q_indices is not None)
+        return self._carry_dq(new, self._slice_dq_kv_order(self.dq_kv_order, index))
+
+    def _carry_dq(self, new: "BlockMask", dq_kv_order: Optional[Tensor]) -> "BlockMask":
+        """``new`` with this mask's dQ order settings, its write order recomputed (as torch)."""
+        new.dq_kv_order = dq_kv_order
+        new.dq_kv_order_spt = self.dq_kv_order_spt
+        if self.dq_write_order is not None and new.dq_kv_order is None:
+            new.dq_write_order, new.dq_write_order_full = compute_dq_write_order(new, new.dq_kv_order_spt)
+        return new
 
     def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
         """Crop to the upper-left ``new_q_len x new_kv_len`` corner (as torch's ``_adjust``)."""
+        if self.dq_kv_order is not None:
+            raise FlexcompNotImplementedError(
+                "Adjusting BlockMask with tensor dq_kv_order is not supported yet. Construct a new BlockMask with "
+                "matching precomputed dq_write_order metadata.")
         rows = -(-new_q_len // self.BLOCK_SIZE[0])
         cols = -(-new_kv_len // self.BLOCK_SIZE[1])
-
-        def crop(num, idx):
-            if num is None:
-                return None, None
-            idx = idx[..., :rows, :cols]
-            num = torch.clamp(num[..., :rows], max=cols)
-            num = (idx < num.unsqueeze(-1)).sum(-1).to(torch.int32)
-            return num, idx
-
-        kv_num, kv_idx = crop(self.kv_num_blocks, self.kv_indices)
-        f_num, f_idx = crop(self.full_kv_num_blocks, self.full_kv_indices)
-        return BlockMask.from_kv_blocks(kv_num, kv_idx, f_num, f_idx, BLOCK_SIZE=self.BLOCK_SIZE,
-                                        mask_mod=self.mask_mod, seq_lengths=(new_q_len, new_kv_len),
-                                        compute_q_blocks=self.q_indices is not None)
+        kv_num, kv_idx = crop_lists(self.kv_num_blocks, self.kv_indices, rows, cols)
+        f_num = f_idx = None
+        if self.full_kv_num_blocks is not None:
+            f_num, f_idx = crop_lists(self.full_kv_num_blocks, self.full_kv_indices, rows, cols)
+        new = type(self)._build(kv_num, kv_idx, f_num, f_idx, self.BLOCK_SIZE, self.mask_mod,
+                                (new_q_len, new_kv_len), self.q_indices is not None)
+        return self._carry_dq(new, self.dq_kv_order)
 
     def to(self, device: Union[torch.device, str]) -> "BlockMask":
-        """A copy with every tensor field on ``device``."""
-        def mv(x):
-            return None if x is None else x.to(device)
+        """A copy with every tensor field (the dQ metadata too) on ``device``."""
+        moved = {a: None if getattr(self, a) is None else getattr(self, a).to(device) for a in self._TENSOR_ATTRS}
+        return BlockMask(seq_lengths=self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                         dq_kv_order_spt=self.dq_kv_order_spt)
 
-        return BlockMask(self.seq_lengths, mv(self.kv_num_blocks), mv(self.kv_indices), mv(self.full_kv_num_blocks),
-                         mv(self.full_kv_indices), mv(self.q_num_blocks), mv(self.q_indices),
-                         mv(self.full_q_num_blocks), mv(self.full_q_indices), self.BLOCK_SIZE, self.mask_mod)
+    # ---- pytree: leaves and context as torch's ------------------------------------------------
+    @staticmethod
+    def _wrap_context_value(attr: str, value: Any) -> Any:
+        return MaskModWrapper(value) if attr == "mask_mod" else value
+
+    @staticmethod
+    def _unwrap_context_value(attr: str, value: Any) -> Any:
+        if attr == "mask_mod":
+            if not isinstance(value, MaskModWrapper):
+                raise FlexcompAssertionError(f"Expected _MaskModWrapper, got {type(value)}")
+            return value.fn
+        return value
+
+    def _leaves_and_context(self, keyed: bool) -> tuple[tuple, tuple]:
+        optional = tuple(a for a in self._TENSOR_ATTRS if getattr(self, a) is None)
+        tensors = tuple((GetAttrKey(a), getattr(self, a)) if keyed else getattr(self, a)
+                        for a in self._TENSOR_ATTRS if a not in optional)
+        closure, spec, stripped = extract_callable_pytree(self.mask_mod)
+        if keyed:
+            closure = tuple((GetAttrKey(f"_closure_{i}"), leaf) for i, leaf in enumerate(closure))
+        context = (*(MaskModWrapper(stripped, spec) if a == "mask_mod" else self._wrap_context_value(a, getattr(self, a))
+                     for a in self._CONTEXT_ATTRS), optional)
+        return tensors + tuple(closure), context
+
+    def _flatten(self) -> tuple[tuple, tuple]:
+        """``(leaves, context)`` as torch's: the non-None tensor fields in ``_TENSOR_ATTRS`` order, then
+        the tensors (and numbers) of the mask_mod's closure; the context holds seq_lengths, BLOCK_SIZE,
+        the mask_mod's skeleton, dq_kv_order_spt and the names of the None fields.
+
+        >>> from flexcomp.masks import causal_mask
+        >>> bm = create_block_mask(causal_mask, 1, 1, 256, 256, device="cpu")
+        >>> leaves, context = bm._flatten()
+        >>> len(leaves), BlockMask._unflatten(leaves, context).kv_indices is bm.kv_indices
+        (8, True)
+        """
+        return self._leaves_and_context(keyed=False)
+
+    def _flatten_with_keys(self) -> tuple[tuple, tuple]:
+        """:meth:`_flatten` with a ``GetAttrKey`` per leaf (the field name, or ``_closure_{i}``)."""
+        return self._leaves_and_context(keyed=True)
+
+    @classmethod
+    def _unflatten(cls, leaves, context) -> "BlockMask":
+        """The BlockMask of :meth:`_flatten`'s ``(leaves, context)`` (the mask_mod rebuilt around new leaves)."""
+        optional = context[-1]
+        attrs = tuple(a for a in cls._TENSOR_ATTRS if a not in optional)
+        values = dict.fromkeys(optional)
+        values.update(zip(attrs, leaves[:len(attrs)]))
+        closure = leaves[len(attrs):]
+        ctx = {}
+        for attr, val in zip(cls._CONTEXT_ATTRS, context[:-1]):
+            if attr == "mask_mod" and isinstance(val, MaskModWrapper):
+                ctx[attr] = reconstruct_closure_fn(val.fn, closure, val.callable_spec)
+            else:
+                ctx[attr] = cls._unwrap_context_value(attr, val)
+        return cls(seq_lengths=ctx["seq_lengths"], **values, BLOCK_SIZE=ctx["BLOCK_SIZE"], mask_mod=ctx["mask_mod"],
+                   dq_kv_order_spt=ctx["dq_kv_order_spt"])
 
 
-# ---- construction ------------------------------------------------------------------------------
-def _default_device():
-    acc = getattr(torch, "accelerator", None)
-    dev = acc.current_accelerator() if acc is not None else None
-    return dev if dev is not None else "cpu"
+def _check_pairs(where: str, full_kv_num, full_kv_idx, full_q_num=None, full_q_idx=None) -> None:
+    """Optional fields that come in pairs are both given or both None (torch: AssertionError)."""
+    if (full_kv_num is None) != (full_kv_idx is None):
+        raise FlexcompAssertionError(
+            f"{where}: full_kv_num_blocks and full_kv_indices must be both provided or omitted, got "
+            f"full_kv_num_blocks={'None' if full_kv_num is None else 'a tensor'} and "
+            f"full_kv_indices={'None' if full_kv_idx is None else 'a tensor'}")
+    if (full_q_num is None) != (full_q_idx is None):
+        raise FlexcompAssertionError(
+            f"{where}: full_q_num_blocks and full_q_indices must be both provided or omitted, got "
+            f"full_q_num_blocks={'None' if full_q_num is None else 'a tensor'} and "
+            f"full_q_indices={'None' if full_q_idx is None else 'a tensor'}")
 
 
+# ---- argument checks shared with blockmask_build -------------------------------------------------
 def _check_len(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise FlexcompError(f"{name} must be a positive int, got {value!r}")
-    return value
+    """A length or count: an int >= 0 (torch: TypeError for other types, RuntimeError below 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise FlexcompTypeError(f"{name} must be an int >= 0, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise FlexcompRuntimeError(f"{name} must be an int >= 0, got {value}")
+    return int(value)
 
 
 def _check_bh(name: str, value) -> int:
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise FlexcompError(f"{name} must be a positive int or None (broadcast), got {value!r}")
-    return value
+    """A batch or head count: an int >= 0, or None meaning 1 (broadcast)."""
+    return 1 if value is None else _check_len(f"{name} (or None to broadcast)", value)
 
 
-def create_block_mask(
-    mask_mod: MaskMod,
-    B: Optional[int],
-    H: Optional[int],
-    Q_LEN: int,
-    KV_LEN: int,
-    device=None,
-    BLOCK_SIZE: Union[int, tuple[int, int]] = _DEFAULT_SPARSE_BLOCK_SIZE,
-    _compile: bool = False,
-    separate_full_blocks: bool = True,
-) -> BlockMask:
-    """Build the :class:`BlockMask` of ``mask_mod`` without materialising Q_LEN x KV_LEN.
-
-    Args:
-        mask_mod: ``(b, h, q_idx, kv_idx) -> bool``; traced once.
-        B, H: batch size and number of query heads; None means 1 (broadcast over all).
-        Q_LEN, KV_LEN: sequence lengths (any positive ints, not only multiples of the block size).
-        device: where the mask's tensors live (default: the current accelerator, else CPU).
-        BLOCK_SIZE: an int, or ``(Q_BLOCK, KV_BLOCK)``.
-        _compile: accepted for compatibility; flexcomp needs no compilation for this.
-        separate_full_blocks: if False, every kept block is listed as partial.
-
-    >>> from flexcomp.masks import causal_mask
-    >>> bm = create_block_mask(causal_mask, None, None, 512, 512, device="cpu")
-    >>> print(bm.to_string().strip())
-    (0, 0)
-    ██
-    ████
-    ██████
-    ████████
-    """
-    if not callable(mask_mod):
-        raise FlexcompError(f"create_block_mask: mask_mod must be callable, got {type(mask_mod).__name__}")
-    B, H = _check_bh("B", B), _check_bh("H", H)
-    Q_LEN, KV_LEN = _check_len("Q_LEN", Q_LEN), _check_len("KV_LEN", KV_LEN)
-    if not isinstance(BLOCK_SIZE, int) and (not isinstance(BLOCK_SIZE, (tuple, list)) or len(BLOCK_SIZE) != 2):
-        raise FlexcompError(f"BLOCK_SIZE must be an int or a (Q_BLOCK, KV_BLOCK) pair, got {BLOCK_SIZE!r}")
-    qb, kvb = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
-    for nm, v in (("BLOCK_SIZE[0]", qb), ("BLOCK_SIZE[1]", kvb)):
-        _check_len(nm, v)
-    device = torch.device(device if device is not None else _default_device())
-    tm = trace(mask_mod, ModKind.MASK)
-    grid = BlockGrid(Q_LEN, KV_LEN, qb, kvb)
-    kind = classify_blocks(tm, grid, B, H, device)
-    if separate_full_blocks:
-        partial = kind == int(BlockKind.PARTIAL)
-        full = kind == int(BlockKind.FULL)
-        f_num, f_idx = _dense_to_ordered(full)
+def _block_size(where: str, value, short_is_index_error: bool = False) -> tuple[int, int]:
+    """``BLOCK_SIZE`` as ``(Q_BLOCK, KV_BLOCK)`` positive ints, raising what torch raises for the same value."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list, str)) and len(value) == 2 and not isinstance(value, str):
+        pair = tuple(value)
     else:
-        partial = kind != int(BlockKind.EMPTY)
-        f_num = f_idx = None
-    kv_num, kv_idx = _dense_to_ordered(partial)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, f_num, f_idx, BLOCK_SIZE=(qb, kvb), mask_mod=mask_mod,
-                                    seq_lengths=(Q_LEN, KV_LEN))
+        short = isinstance(value, (tuple, list, str)) and len(value) < 2
+        cls = (FlexcompIndexError if short and short_is_index_error else
+               FlexcompTypeError if not isinstance(value, (tuple, list)) else FlexcompError)
+        raise cls(f"{where}: BLOCK_SIZE must be an int or a (Q_BLOCK, KV_BLOCK) pair, got {value!r}")
+    for i, v in enumerate(pair):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise FlexcompTypeError(f"{where}: BLOCK_SIZE[{i}] must be a positive int, got {v!r} ({type(v).__name__})")
+        if v == 0:
+            raise FlexcompZeroDivisionError(f"{where}: BLOCK_SIZE[{i}] must be a positive int, got 0")
+        if v < 0:
+            raise FlexcompRuntimeError(f"{where}: BLOCK_SIZE[{i}] must be a positive int, got {v}")
+    return int(pair[0]), int(pair[1])
 
 
-def create_mask(mod_fn: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, device=None) -> Tensor:
-    """The dense bool mask ``[B, H, Q_LEN, KV_LEN]`` of a mask_mod (or of a score_mod: where it is not -inf).
-
-    This one does materialise the full mask; use it for small sizes and tests.
-
-    >>> from flexcomp.masks import causal_mask
-    >>> create_mask(causal_mask, 1, 1, 3, 3, device="cpu")[0, 0].int().tolist()
-    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
-    """
-    B, H = _check_bh("B", B), _check_bh("H", H)
-    device = torch.device(device if device is not None else _default_device())
-    kind = ModKind.SCORE if _num_params(mod_fn) == 5 else ModKind.MASK
-    tm = trace(mod_fn, kind)
-    ar = functools.partial(torch.arange, device=device, dtype=torch.int32)
-    inputs = {"b": ar(B).view(-1, 1, 1, 1), "h": ar(H).view(1, -1, 1, 1),
-              "q_idx": ar(Q_LEN).view(1, 1, -1, 1), "kv_idx": ar(KV_LEN).view(1, 1, 1, -1)}
-    if kind is ModKind.SCORE:
-        inputs["score"] = torch.zeros((), device=device)
-    out = evaluate(tm.graph, inputs, tm.buffers, tm.scalars)
-    if kind is ModKind.SCORE:
-        out = ~torch.isneginf(out)
-    return torch.broadcast_to(out, (B, H, Q_LEN, KV_LEN)).clone()
-
-
-def _num_params(fn: Callable) -> int:
-    import inspect
-
-    try:
-        return len([p for p in inspect.signature(fn).parameters.values()
-                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
-    except (TypeError, ValueError):
-        return 4
-
+# re-exported: flexcomp.blockmask keeps torch's module layout (create_block_mask next to BlockMask)
+from .blockmask_build import and_masks, create_block_mask, create_mask, or_masks  # noqa: E402,F401

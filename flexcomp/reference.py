@@ -10,7 +10,10 @@ tensors. No ``S x S`` tensor exists at any time.
 Semantics, as torch's flex_attention: ``s = (q @ k^T) * scale``, then ``score_mod``, then pairs in
 empty blocks and, inside partial blocks, pairs where ``mask_mod`` is False get ``-inf``; full
 blocks skip mask_mod. Softmax rows with nothing kept give output 0 and LSE ``-inf``, with zero
-(never NaN) gradients.
+(never NaN) gradients. Non-finite scores follow torch's eager ``logsumexp``: a row with a ``+inf``
+score (an ``inf`` in a key or query, or from the score_mod) has LSE ``+inf`` and output NaN; a NaN
+score makes both NaN. ``max_scores`` is the row maximum of those post-mod, masked scores (natural
+units, ``-inf`` for rows with nothing kept), in the LSE's dtype, and carries no gradient.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .errors import zero_division_names
 from .evaluate import evaluate
 from .trace import TracedMod
 
@@ -74,8 +78,9 @@ def _kv_span(plan: ReferencePlan, q0: int, c: int, kv_len: int) -> tuple[int, in
     return int(cols[0]) * bm.kv_block, min(kv_len, (int(cols[-1]) + 1) * bm.kv_block)
 
 
-def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor, score_buffers) -> tuple[Tensor, Tensor]:
-    """Output ``[B, Hq, c, Dv]`` (input dtype) and LSE ``[B, Hq, c]`` for queries ``q0 .. q0 + c``.
+def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor,
+                   score_buffers) -> tuple[Tensor, Tensor, Tensor]:
+    """Output ``[B, Hq, c, Dv]`` (input dtype), LSE and row max ``[B, Hq, c]`` for queries ``q0 .. q0 + c``.
 
     Only the kv columns of the chunk's non-empty blocks are computed (a causal mask halves the work).
     """
@@ -95,7 +100,8 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     keep = None
     if plan.mask is not None:
         # masks are evaluated in float32 whatever the inputs, as torch and create_block_mask do
-        keep = evaluate(plan.mask.graph, idx, plan.mask_buffers, plan.mask.scalars, torch.float32)
+        with zero_division_names(plan.mask.graph, plan.mask.fn):
+            keep = evaluate(plan.mask.graph, idx, plan.mask_buffers, plan.mask.scalars, torch.float32)
     if plan.blocks is not None:
         bm = plan.blocks
         kind = bm.kind[:, :, (q0 + torch.arange(c, device=dev)) // bm.q_block, :]
@@ -106,19 +112,22 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
         if keep is not None and s.requires_grad:
             # masked pairs send no gradient into score_mod (0 * NaN would, where the mod is NaN there)
             s.register_hook(lambda g, keep=keep: torch.where(keep, g, 0.0))
-        s = torch.broadcast_to(evaluate(plan.score.graph, {"score": s, **idx}, score_buffers,
-                                        plan.score.scalars, wd, grad_keep=keep), s.shape)
+        with zero_division_names(plan.score.graph, plan.score.fn):
+            s = torch.broadcast_to(evaluate(plan.score.graph, {"score": s, **idx}, score_buffers,
+                                            plan.score.scalars, wd, grad_keep=keep), s.shape)
     if keep is not None:
         s = torch.where(keep, s, -torch.inf)
-    m = s.detach().amax(dim=-1, keepdim=True) if KV else s.new_full((B, Hq, c, 1), -torch.inf)
-    m = torch.where(torch.isneginf(m), 0.0, m)
+    row_max = s.detach().amax(dim=-1, keepdim=True) if KV else s.new_full((B, Hq, c, 1), -torch.inf)
+    m = torch.where(torch.isneginf(row_max), 0.0, row_max)
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)
     empty = l == 0
     l_safe = torch.where(empty, 1.0, l)
     o = (p.reshape(B, Hkv, G, c, KV) @ v.to(wd).unsqueeze(2)).reshape(B, Hq, c, v.shape[-1]) / l_safe
-    lse = torch.where(empty, -torch.inf, m + torch.log(l_safe)).squeeze(-1)
-    return o.to(q.dtype), lse
+    lse = torch.where(empty, -torch.inf, m + torch.log(l_safe))
+    # as torch's logsumexp: a +inf score gives +inf (exp(s - inf) would make it NaN); NaN stays NaN
+    lse = torch.where(torch.isposinf(row_max), torch.inf, lse).squeeze(-1)
+    return o.to(q.dtype), lse, row_max.squeeze(-1)
 
 
 def _chunk_len(plan: ReferencePlan, q: Tensor, k: Tensor) -> int:
@@ -133,18 +142,22 @@ class _ChunkedAttention(torch.autograd.Function):
         B, H = q.shape[:2]
         outs = [q.new_empty(B, H, 0, v.shape[-1])]  # so that Q_LEN = 0 gives empty outputs
         lses = [q.new_empty(B, H, 0, dtype=_working_dtype(q.dtype))]
+        maxes = [lses[0]]
         for s in range(0, q.shape[2], step):
-            o, lse = _chunk_forward(plan, q[:, :, s:s + step], s, k, v, score_buffers)
+            o, lse, mx = _chunk_forward(plan, q[:, :, s:s + step], s, k, v, score_buffers)
             outs.append(o)
             lses.append(lse)
+            maxes.append(mx)
         ctx.plan = plan
         ctx.n_score = len(score_buffers)  # the mask's captures are saved too, for torch's in-place check
         ctx.save_for_backward(q, k, v, *score_buffers, *plan.mask_buffers)
-        return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+        max_scores = torch.cat(maxes, dim=2)
+        ctx.mark_non_differentiable(max_scores)  # as torch's: no gradient through the max
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=2), max_scores
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a gradient of the gradient raises, never silently 0
-    def backward(ctx, d_out: Tensor, d_lse: Tensor):
+    def backward(ctx, d_out: Tensor, d_lse: Tensor, d_max: Optional[Tensor] = None):
         plan: ReferencePlan = ctx.plan
         q, k, v, *saved = ctx.saved_tensors
         bufs = saved[:ctx.n_score]
@@ -158,7 +171,7 @@ class _ChunkedAttention(torch.autograd.Function):
             acc = {id(x): None for x in [kk, vv, *bb]}
             for s in range(0, q.shape[2], step):
                 qc = q[:, :, s:s + step].detach().requires_grad_(needs[0])
-                o, lse = _chunk_forward(plan, qc, s, kk, vv, bb)
+                o, lse, _ = _chunk_forward(plan, qc, s, kk, vv, bb)
                 wrt = [x for x in [qc, kk, vv, *bb] if x.requires_grad]
                 outs = [(t, g[:, :, s:s + step]) for t, g in ((o, d_out), (lse, d_lse)) if t.requires_grad]
                 if not wrt or not outs:
@@ -182,8 +195,10 @@ class _ChunkedAttention(torch.autograd.Function):
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, plan: ReferencePlan,
-                        score_buffers: tuple = ()) -> tuple[Tensor, Tensor]:
-    """Attention output ``[B, Hq, Q_LEN, Dv]`` and LSE ``[B, Hq, Q_LEN]`` (natural log).
+                        score_buffers: tuple = (), want_max: bool = False):
+    """Attention output ``[B, Hq, Q_LEN, Dv]`` and LSE ``[B, Hq, Q_LEN]`` (natural log); with
+    ``want_max``, also ``max_scores`` ``[B, Hq, Q_LEN]``: the row max of the post-mod, masked scores
+    (``-inf`` where nothing is kept; no gradient).
 
     Differentiable in q, k, v and every float tensor in ``score_buffers``.
 
@@ -192,5 +207,10 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, plan: ReferencePlan,
     >>> out, lse = reference_attention(q, k, v, ReferencePlan(None, None, None, (), 0.5))
     >>> out.shape, lse.shape
     (torch.Size([1, 2, 8, 4]), torch.Size([1, 2, 8]))
+    >>> s = (q @ k.transpose(-1, -2)) * 0.5
+    >>> _, _, mx = reference_attention(q, k, v, ReferencePlan(None, None, None, (), 0.5), want_max=True)
+    >>> torch.allclose(mx, s.amax(-1)), mx.requires_grad
+    (True, False)
     """
-    return _ChunkedAttention.apply(plan, q, k, v, *score_buffers)
+    out, lse, max_scores = _ChunkedAttention.apply(plan, q, k, v, *score_buffers)
+    return (out, lse, max_scores) if want_max else (out, lse)

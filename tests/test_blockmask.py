@@ -38,9 +38,10 @@ def assert_same(fb, tb, what=""):
     assert fb.sparsity() == pytest.approx(tb.sparsity(), abs=1e-9), what
 
 
-def both(mask_mod, B, H, Q, KV, **kw):
-    fb = create_block_mask(mask_mod, B, H, Q, KV, device="cpu", **kw)
-    tb = tfa.create_block_mask(mask_mod, B, H, Q, KV, device="cpu", **kw)
+def both(mask_mod, B, H, Q, KV, device_meta=False, **kw):
+    device = "meta" if device_meta else "cpu"
+    fb = create_block_mask(mask_mod, B, H, Q, KV, device=device, **kw)
+    tb = tfa.create_block_mask(mask_mod, B, H, Q, KV, device=device, **kw)
     return fb, tb
 
 
@@ -190,14 +191,39 @@ def test_masks_whose_simplification_drops_a_capture_match_torch(which):
 
 
 def test_create_block_mask_rejects_bad_arguments():
-    with pytest.raises(FlexcompError):
-        create_block_mask(causal_mask, None, None, 0, 64, device="cpu")
-    with pytest.raises(FlexcompError):
-        create_block_mask(causal_mask, 0, None, 64, 64, device="cpu")
-    with pytest.raises(FlexcompError):
+    with pytest.raises(RuntimeError):  # torch: RuntimeError from arange
+        create_block_mask(causal_mask, None, None, -1, 64, device="cpu")
+    with pytest.raises(RuntimeError):
+        create_block_mask(causal_mask, -2, None, 64, 64, device="cpu")
+    with pytest.raises(ZeroDivisionError):  # torch: ZeroDivisionError
         create_block_mask(causal_mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=(64, 0))
-    with pytest.raises(FlexcompError):
+    with pytest.raises(TypeError):  # torch: TypeError
         create_block_mask("causal", None, None, 64, 64, device="cpu")
+
+
+@pytest.mark.parametrize("B,H,Q,KV", [(1, 1, 0, 64), (2, 1, 64, 0), (1, 3, 0, 0), (0, 2, 64, 64), (2, 0, 40, 70)])
+@pytest.mark.parametrize("kw", [{}, {"separate_full_blocks": False}], ids=str)
+def test_zero_sizes_match_torch(B, H, Q, KV, kw):
+    """Empty lengths, batches or heads give torch's (empty) fields, not an error."""
+    fb, tb = both(causal_mask, B, H, Q, KV, BLOCK_SIZE=16, **kw)
+    for name in FIELDS:
+        a, t = getattr(fb, name), getattr(tb, name)
+        assert (a is None) == (t is None), name
+        if t is not None:
+            assert a.shape == t.shape and a.dtype == t.dtype and torch.equal(a, t), name
+    assert fb.shape == tb.shape and fb.seq_lengths == tb.seq_lengths
+
+
+@pytest.mark.parametrize("kw", [{}, {"separate_full_blocks": False}, {"compute_dq_write_order": True}], ids=str)
+def test_meta_device_gives_torchs_shapes(kw):
+    """device="meta" gives the fields' shapes and dtypes without evaluating anything, as torch."""
+    fb, tb = both(batch_and_head, 2, 3, 300, 257, BLOCK_SIZE=(64, 32), device_meta=True, **kw)
+    for name in BlockMask._TENSOR_ATTRS:
+        a, t = getattr(fb, name), getattr(tb, name)
+        assert (a is None) == (t is None), name
+        if t is not None:
+            assert a.device.type == "meta" and a.shape == t.shape and a.dtype == t.dtype, name
+    assert fb.shape == tb.shape and fb.dq_kv_order_spt == tb.dq_kv_order_spt
 
 
 # ---- BlockMask methods vs torch's ------------------------------------------------------------
@@ -325,12 +351,13 @@ def _random_ordered(shape_rows_cols, seed):
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 4, 4), (3, 6, 2), (4, 9)], ids=str)
 def test_from_kv_blocks_matches_torch(shape):
     (kv_num, kv_idx), (f_num, f_idx) = _random_ordered(shape, seed=len(shape) * 7 + shape[-1])
+    rows, cols = shape[-2:]
     cases = [
         dict(),
         dict(BLOCK_SIZE=64),
-        dict(BLOCK_SIZE=(16, 32), seq_lengths=(70, 200)),
+        dict(BLOCK_SIZE=(16, 32), seq_lengths=(rows * 16 - 5, cols * 32 - 31)),  # ragged last blocks, covered
         dict(full=True),
-        dict(full=True, BLOCK_SIZE=(32, 16), seq_lengths=(100, 100)),
+        dict(full=True, BLOCK_SIZE=(32, 16), seq_lengths=(rows * 32 - 1, cols * 16)),
         dict(full=True, compute_q_blocks=False),
         dict(compute_q_blocks=False, BLOCK_SIZE=8),
     ]

@@ -1,0 +1,192 @@
+"""Making masks: ``create_block_mask``, ``create_mask`` and the combinators ``and_masks`` / ``or_masks``.
+
+``create_block_mask`` traces the mask_mod, classifies blocks with :mod:`flexcomp.sparsity`
+(interval analysis, then dense evaluation of only the undecided blocks) and never builds the
+Q_LEN x KV_LEN mask. All of these are re-exported by :mod:`flexcomp.blockmask`, as torch keeps them
+next to ``BlockMask``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask, MaskMod, _block_size, _check_bh, _check_len
+from .blockmask_lists import compute_dq_write_order as _dq_write_order
+from .blockmask_lists import dense_to_ordered as _dense_to_ordered
+from .errors import FlexcompError, FlexcompNotCallableError, zero_division_names
+from .evaluate import evaluate
+from .ir import ModKind
+from .ranges import Domain, check_index_limit
+from .sparsity import BlockGrid, BlockKind, classify_blocks
+from .trace import check_captures, trace
+
+
+def and_masks(*mask_mods: MaskMod) -> MaskMod:
+    """A mask_mod that keeps a pair only where every one of ``mask_mods`` keeps it.
+
+    >>> from flexcomp.masks import causal_mask, sliding_window
+    >>> m = and_masks(causal_mask, sliding_window(2))
+    >>> create_mask(m, 1, 1, 4, 4, device="cpu")[0, 0].int().tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1]]
+    """
+    if not all(callable(m) for m in mask_mods):
+        raise FlexcompNotCallableError(f"and_masks: every argument must be a callable mask_mod, got {mask_mods}")
+
+    def and_mask(b, h, q_idx, kv_idx):
+        result = b.new_ones(size=(), dtype=torch.bool)
+        for mask in mask_mods:
+            result = result & mask(b, h, q_idx, kv_idx)
+        return result
+
+    return and_mask
+
+
+def or_masks(*mask_mods: MaskMod) -> MaskMod:
+    """A mask_mod that keeps a pair where any one of ``mask_mods`` keeps it.
+
+    >>> from flexcomp.masks import causal_mask, prefix_lm
+    >>> create_mask(or_masks(causal_mask, prefix_lm(2)), 1, 1, 3, 3, device="cpu")[0, 0].int().tolist()
+    [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    if not all(callable(m) for m in mask_mods):
+        raise FlexcompNotCallableError(f"or_masks: every argument must be a callable mask_mod, got {mask_mods}")
+
+    def or_mask(b, h, q_idx, kv_idx):
+        result = b.new_zeros(size=(), dtype=torch.bool)
+        for mask in mask_mods:
+            result = result | mask(b, h, q_idx, kv_idx)
+        return result
+
+    return or_mask
+
+
+def _default_device():
+    acc = getattr(torch, "accelerator", None)
+    dev = acc.current_accelerator() if acc is not None else None
+    return dev if dev is not None else "cpu"
+
+
+_COMPILE_WARNING = (
+    "_compile flag on create_block_mask was originally added to work around a torch.compile limitation. That "
+    "limitation has since been addressed. So, to compile create_block_mask, we suggest doing "
+    "torch.compile(create_block_mask). This still works for now, but will be removed in the future.")
+
+
+def create_block_mask(
+    mask_mod: MaskMod,
+    B: Optional[int],
+    H: Optional[int],
+    Q_LEN: int,
+    KV_LEN: int,
+    device=None,
+    BLOCK_SIZE: Union[int, tuple[int, int]] = _DEFAULT_SPARSE_BLOCK_SIZE,
+    _compile: bool = False,
+    separate_full_blocks: bool = True,
+    compute_dq_write_order: bool = False,
+    dq_kv_order: bool = True,
+) -> BlockMask:
+    """Build the :class:`BlockMask` of ``mask_mod`` without materialising Q_LEN x KV_LEN.
+
+    Args:
+        mask_mod: ``(b, h, q_idx, kv_idx) -> bool``; traced once.
+        B, H: batch size and number of query heads; None means 1 (broadcast over all).
+        Q_LEN, KV_LEN: sequence lengths (any ints >= 0, not only multiples of the block size).
+        device: where the mask's tensors live (default: the current accelerator, else CPU);
+            ``"meta"`` gives the fields' shapes and dtypes only, as torch does.
+        BLOCK_SIZE: an int, or ``(Q_BLOCK, KV_BLOCK)``.
+        _compile: accepted for compatibility (torch's DeprecationWarning); nothing to compile.
+        separate_full_blocks: if False, every kept block is listed as partial.
+        compute_dq_write_order: also compute torch's dQ write-order metadata (``dq_write_order``,
+            ``dq_write_order_full`` ``[B, H, num_kv_blocks, num_q_blocks]``), carried, not used by flexcomp.
+        dq_kv_order: its kv order: False ascending, True descending (a bool, as torch).
+
+    Returns a BlockMask whose fields are ``[B, H, num_q_blocks]`` / ``[B, H, num_q_blocks,
+    num_kv_blocks]`` int32, equal to torch's.
+
+    >>> from flexcomp.masks import causal_mask
+    >>> bm = create_block_mask(causal_mask, None, None, 512, 512, device="cpu")
+    >>> print(bm.to_string().strip())
+    (0, 0)
+    ██
+    ████
+    ██████
+    ████████
+    """
+    if not callable(mask_mod):
+        raise FlexcompNotCallableError(f"create_block_mask: mask_mod must be callable, got {type(mask_mod).__name__}")
+    B, H = _check_bh("create_block_mask: B", B), _check_bh("create_block_mask: H", H)
+    Q_LEN, KV_LEN = _check_len("create_block_mask: Q_LEN", Q_LEN), _check_len("create_block_mask: KV_LEN", KV_LEN)
+    qb, kvb = _block_size("create_block_mask", BLOCK_SIZE)
+    if _compile:
+        warnings.warn(_COMPILE_WARNING, DeprecationWarning, stacklevel=2)
+    if not isinstance(dq_kv_order, bool):
+        raise FlexcompError(f"create_block_mask: dq_kv_order must be a bool when using create_block_mask, got "
+                            f"{dq_kv_order!r}")
+    device = torch.device(device if device is not None else _default_device())
+    tm = trace(mask_mod, ModKind.MASK)
+    check_captures(tm, device)
+    check_index_limit(tm, Domain(B, H, Q_LEN, KV_LEN))
+    grid = BlockGrid(Q_LEN, KV_LEN, qb, kvb)
+    shape = (B, H, grid.num_q, grid.num_kv)
+    if device.type == "meta" or 0 in shape:
+        # meta: shapes and dtypes only, as torch gives; an empty map: nothing to evaluate
+        kind = torch.zeros(shape, dtype=torch.int8, device=device)
+    else:
+        with zero_division_names(tm.graph, tm.fn):
+            kind = classify_blocks(tm, grid, B, H, device)
+    if separate_full_blocks:
+        partial = kind == int(BlockKind.PARTIAL)
+        f_num, f_idx = _dense_to_ordered(kind == int(BlockKind.FULL))
+    else:
+        partial = kind != int(BlockKind.EMPTY)
+        f_num = f_idx = None
+    kv_num, kv_idx = _dense_to_ordered(partial)
+    bm = BlockMask._build(kv_num, kv_idx, f_num, f_idx, (qb, kvb), mask_mod, (Q_LEN, KV_LEN), True)
+    if compute_dq_write_order:
+        bm.dq_write_order, bm.dq_write_order_full = _dq_write_order(bm, dq_kv_order)
+        bm.dq_kv_order = None
+        bm.dq_kv_order_spt = dq_kv_order
+    return bm
+
+
+def create_mask(mod_fn: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, device=None) -> Tensor:
+    """The dense bool mask ``[B, H, Q_LEN, KV_LEN]`` of a mask_mod (or of a score_mod: where it is not -inf).
+
+    This one does materialise the full mask; use it for small sizes and tests.
+
+    >>> from flexcomp.masks import causal_mask
+    >>> create_mask(causal_mask, 1, 1, 3, 3, device="cpu")[0, 0].int().tolist()
+    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    if not callable(mod_fn):
+        raise FlexcompNotCallableError(f"create_mask: mod_fn must be callable, got {type(mod_fn).__name__}")
+    B, H = _check_bh("create_mask: B", B), _check_bh("create_mask: H", H)
+    Q_LEN, KV_LEN = _check_len("create_mask: Q_LEN", Q_LEN), _check_len("create_mask: KV_LEN", KV_LEN)
+    device = torch.device(device if device is not None else _default_device())
+    kind = ModKind.SCORE if _num_params(mod_fn) == 5 else ModKind.MASK
+    tm = trace(mod_fn, kind)
+    check_captures(tm, device)
+    check_index_limit(tm, Domain(B, H, Q_LEN, KV_LEN))
+    ar = functools.partial(torch.arange, device=device, dtype=torch.int32)
+    inputs = {"b": ar(B).view(-1, 1, 1, 1), "h": ar(H).view(1, -1, 1, 1),
+              "q_idx": ar(Q_LEN).view(1, 1, -1, 1), "kv_idx": ar(KV_LEN).view(1, 1, 1, -1)}
+    if kind is ModKind.SCORE:
+        inputs["score"] = torch.zeros((), device=device)
+    with zero_division_names(tm.graph, tm.fn):
+        out = evaluate(tm.graph, inputs, tm.buffers, tm.scalars)
+    if kind is ModKind.SCORE:
+        out = ~torch.isneginf(out)
+    return torch.broadcast_to(out, (B, H, Q_LEN, KV_LEN)).clone()
+
+
+def _num_params(fn: Callable) -> int:
+    try:
+        return len([p for p in inspect.signature(fn).parameters.values()
+                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])
+    except (TypeError, ValueError):
+        return 4
