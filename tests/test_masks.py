@@ -137,12 +137,25 @@ def test_fuzz_compositions_against_the_oracle(case):
     _compare(score, mask, B=2, H=2, L=L, S=S, E=8, bs=bs)
 
 
-@pytest.mark.parametrize("module", ["flexcomp.masks.causal", "flexcomp.masks.windows", "flexcomp.masks.documents",
-                                    "flexcomp.masks.alibi", "flexcomp.masks.softcap", "flexcomp.blockmask",
-                                    "flexcomp.api", "flexcomp.builder", "flexcomp.trace", "flexcomp.runtime",
-                                    "flexcomp.reference", "flexcomp.explain", "flexcomp.codegen.lower",
-                                    "flexcomp.derivative"])
+def _all_modules() -> list[str]:
+    import pkgutil
+
+    import flexcomp
+
+    return sorted(m.name for m in pkgutil.walk_packages(flexcomp.__path__, "flexcomp.")
+                  if m.name not in ("flexcomp.demo", "flexcomp.bench") and ".kernels" not in m.name)
+
+
+# every public stage shows a runnable example
+WITH_EXAMPLES = {"flexcomp.masks.causal", "flexcomp.masks.windows", "flexcomp.masks.documents", "flexcomp.masks.alibi",
+                 "flexcomp.masks.softcap", "flexcomp.blockmask", "flexcomp.blockmask_build", "flexcomp.api",
+                 "flexcomp.builder", "flexcomp.trace", "flexcomp.runtime", "flexcomp.reference", "flexcomp.explain",
+                 "flexcomp.codegen.lower", "flexcomp.derivative", "flexcomp.ranges"}
+
+
+@pytest.mark.parametrize("module", _all_modules())
 def test_docstring_examples_run(module):
     flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
     result = doctest.testmod(importlib.import_module(module), optionflags=flags)
-    assert result.failed == 0 and result.attempted > 0
+    assert result.failed == 0
+    assert result.attempted > 0 or module not in WITH_EXAMPLES
