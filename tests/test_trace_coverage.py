@@ -20,6 +20,11 @@ from flexcomp.testing import dense_attention, grads, rand_qkv
 from flexcomp.trace import trace
 
 B, H, S, D = 2, 4, 80, 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the triton backend: a GPU, or the interpreter
+
+
+def dev(backend: str) -> str:
+    return DEVICE if backend == "triton" else "cpu"
 g = torch.Generator().manual_seed(7)
 BIAS = torch.randn(B, H, S, generator=g, dtype=torch.float64)
 TABLE = torch.randn(B, H, S, S, generator=g, dtype=torch.float64)
@@ -133,9 +138,9 @@ def test_triton_kernels_run_vector_and_new_ops(name):
     q, k, v = (t.float() for t in rand_qkv(1, H, 64, 64, D, dtype=torch.float32))
     outs = {}
     for backend in ("reference", "triton"):
-        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        qq, kk, vv = (t.detach().clone().to(dev(backend)).requires_grad_() for t in (q, k, v))
         o, l = flex_attention(qq, kk, vv, score_mod=mod, return_lse=True, kernel_options={"BACKEND": backend})
-        outs[backend] = (o, l, *grads((o, l), (qq, kk, vv)))
+        outs[backend] = tuple(x.cpu() for x in (o, l, *grads((o, l), (qq, kk, vv))))
     for a, b in zip(outs["triton"], outs["reference"]):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
 
@@ -227,12 +232,12 @@ def test_int64_where_int32_would_wrap_as_torch():
     assert torch.equal(ours.to_dense(), theirs.to_dense())
     assert "i64" in str(trace(wraps, ModKind.MASK).graph)
     q, k, v = (t.float() for t in rand_qkv(1, 1, 64, 64, 16, dtype=torch.float32))
+    ro, _ = dense_attention(q, k, v, mask_mod=lambda b, h, q_, k_: wraps(b, h, q_.long(), k_.long()))
     for backend in ("reference", "triton"):
-        qq, kk, vv = (t.detach() for t in (q, k, v))
-        out = flex_attention(qq, kk, vv, block_mask=create_block_mask(wraps, 1, 1, 64, 64, device="cpu"),
+        qq, kk, vv = (t.detach().to(dev(backend)) for t in (q, k, v))
+        out = flex_attention(qq, kk, vv, block_mask=create_block_mask(wraps, 1, 1, 64, 64, device=dev(backend)),
                              kernel_options={"BACKEND": backend})
-        ro, _ = dense_attention(qq, kk, vv, mask_mod=lambda b, h, q_, k_: wraps(b, h, q_.long(), k_.long()))
-        torch.testing.assert_close(out.double(), ro, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out.double().cpu(), ro.detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_index_arithmetic_that_stays_in_range_keeps_32_bits():
@@ -254,12 +259,14 @@ def test_rotary_table_gradients_on_both_backends(backend):
     def rot(s, b, h, q, kv):
         return s + torch.dot(emb[q], emb[kv]) * 0.5
 
-    q, k, v = (t.float().detach().requires_grad_() for t in rand_qkv(1, 2, 64, 64, 16, dtype=torch.float32))
+    q, k, v = (t.float().detach().to(dev(backend)).requires_grad_()
+               for t in rand_qkv(1, 2, 64, 64, 16, dtype=torch.float32))
     out = flex_attention(q, k, v, score_mod=rot, kernel_options={"BACKEND": backend})
-    got = torch.autograd.grad((out * out).sum(), (q, emb))
+    got = [x.cpu() for x in torch.autograd.grad((out * out).sum(), (q, emb))]  # emb stays where it is: the CPU
     e64 = emb.detach().double().requires_grad_()
     q64 = q.detach().double().requires_grad_()
-    ro, _ = dense_attention(q64, k.detach().double(), v.detach().double(),
+    q64 = q64.cpu().detach().requires_grad_()
+    ro, _ = dense_attention(q64, k.detach().double().cpu(), v.detach().double().cpu(),
                             lambda s, b, h, q_, kv: s + (e64[q_] * e64[kv]).sum(-1) * 0.5)
     want = torch.autograd.grad((ro * ro).sum(), (q64, e64))
     for a, w in zip(got, want):

@@ -15,6 +15,7 @@ from flexcomp.testing import dense_attention, rand_qkv
 mu = pytest.importorskip("transformers.masking_utils")
 
 B, S = 2, 96
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the triton backend: a GPU, or the interpreter
 PAD = torch.ones(B, S, dtype=torch.bool)
 PAD[1, :20] = False  # left padding of the second sequence
 PACKED = torch.tensor([[0] * 40 + [1] * 56, [0] * 10 + [1] * 30 + [2] * 56])
@@ -44,6 +45,7 @@ def test_transformers_masks_match_torch(name):
     assert torch.equal(ours.to_dense(), theirs.to_dense())
     q, k, v = rand_qkv(B, 2, S, S, 8)
     want, _ = dense_attention(q, k, v, mask_mod=mod)
-    for backend in ("reference", "triton"):
-        out = flex_attention(q.float(), k.float(), v.float(), block_mask=ours, kernel_options={"BACKEND": backend})
-        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    for backend, dev in (("reference", "cpu"), ("triton", DEVICE)):
+        bm = ours if dev == "cpu" else create_block_mask(mod, B, None, S, S, device=dev, BLOCK_SIZE=32)
+        out = flex_attention(*(t.float().to(dev) for t in (q, k, v)), block_mask=bm, kernel_options={"BACKEND": backend})
+        torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=1e-4, atol=1e-4)
