@@ -3,6 +3,14 @@
 Nothing here copies q, k or v: strides go to the kernel as they are (GQA, a key/value batch of
 one and block masks broadcast over batch or heads are all expressed as strides, zero where
 broadcast).
+
+float64 inputs run the same kernels with their ``FP64`` switch on (scores, softmax statistics and
+accumulators in float64, ieee dots, float64 mods and LSE); the scale then goes as a float64 device
+scalar, since Triton passes Python floats as float32.
+
+Captured-tensor indices: a mod whose loads ``flexcomp.ranges`` cannot prove in range for the call's
+sizes runs as its checked variant, and :func:`flex_forward` raises ``FlexcompIndexError`` (an
+``IndexError``, as torch) when an index fell outside its tensor.
 """
 from __future__ import annotations
 
@@ -15,12 +23,15 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from flexcomp.errors import FlexcompError
+from flexcomp.errors import FlexcompError, FlexcompIndexError
+from flexcomp.ir import Op
 from flexcomp.trace import TracedMod
 
 from .kernels.forward import flex_fwd
-from .lower import gathers_per_pair
+from .lower import FloatType, LoadCheck, gathers_per_pair
 from .modules import jit_function
+
+INT64_MIN = -(2**63)  # a checked mod's error slots before the kernel: no index was out of range
 
 
 @dataclass(frozen=True)
@@ -41,13 +52,19 @@ class ForwardConfig:
 
 @dataclass(frozen=True)
 class ModArgs:
-    """What a generated mod reads at run time: buffer pointers, flat strides/sizes, scalar tensors."""
+    """What a generated mod reads at run time: buffer pointers, flat strides/sizes, scalar tensors.
+
+    A checked mod also has ``err``: int64 ``[len(checks)]`` (at least 1), the last pointer of
+    ``bufs``, preset to :data:`INT64_MIN`, where each :class:`LoadCheck` slot receives an
+    out-of-range index."""
 
     bufs: tuple
     strides: tuple
     sizes: tuple
     scalars_i: torch.Tensor
     scalars_f: torch.Tensor
+    err: Optional[torch.Tensor] = None
+    checks: tuple[LoadCheck, ...] = ()
 
 
 def largest_pow2_dividing(n: int, cap: int) -> int:
@@ -85,6 +102,8 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
     """
     if interpret:
         bm, bn, warps, stages = 64, 64, 4, 1
+    elif elt >= 8:  # float64: four times the bytes and twice the registers of bf16; correctness first
+        bm, bn, warps, stages = 32, 32, 4 if head_dim <= 128 else 8, 1
     elif elt >= 4:  # float32 inputs: twice the bytes per tile, and ieee dots
         bm, bn, warps, stages = 64, 64, 4, 2
     elif head_dim <= 64:
@@ -107,9 +126,9 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
     warps, stages = get("num_warps", warps), get("num_stages", stages)
     d_pad, dv_pad = pad_dim(head_dim), pad_dim(value_dim)
     q_bytes = bm * d_pad * elt
-    margin = bm * bn * 4 if elt == 4 else 0  # float32 inputs also stage the fp32 probabilities
-    per_stage = sparse_kv * (d_pad + dv_pad) * elt
-    static_sub = True
+    margin = bm * bn * elt if elt >= 4 else 0  # float32/64 inputs also stage the probabilities
+    static_sub = elt < 8  # float64: the block's tiles in a loop (unrolled, their registers spill)
+    per_stage = (sparse_kv if static_sub else bn) * (d_pad + dv_pad) * elt
     if not interpret:
         while stages > 1 and q_bytes + margin + stages * per_stage > smem_limit:
             stages -= 1
@@ -154,14 +173,18 @@ def _scalar_tensor(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
-def mod_args(tm: Optional[TracedMod], device) -> tuple[object, ModArgs]:
+def mod_args(tm: Optional[TracedMod], device, ft: FloatType = FloatType.F32,
+             checked: bool = False) -> tuple[object, ModArgs]:
     """The jitted mod function (None if no mod) and its run-time arguments.
 
+    ``ft``: the mod's working float (float64: captured numbers go as a float64 tensor);
+    ``checked``: the variant that reports out-of-range indices into a fresh ``ModArgs.err``.
     Buffers are read afresh each call (in-place updates show; nothing holds them); the function
     and the captured numbers' device tensors are kept with the trace (``launch_cache``)."""
+    float_dtype = torch.float64 if ft is FloatType.F64 else torch.float32
     if tm is None:
         z = _scalar_tensor((), torch.int64, device)
-        return None, ModArgs((z,), (0,), (1,), z, _scalar_tensor((), torch.float32, device))
+        return None, ModArgs((z,), (0,), (1,), z, _scalar_tensor((), float_dtype, device))
     bufs, strides, sizes = [], [], []
     for t in tm.buffers:
         if t.device != device:
@@ -171,22 +194,84 @@ def mod_args(tm: Optional[TracedMod], device) -> tuple[object, ModArgs]:
         strides += t.stride() or (0,)
         sizes += t.shape or (1,)
         bufs.append(t)
-    hit = tm.launch_cache.get(("mod_args", device))
+    hit = tm.launch_cache.get(("mod_args", device, ft, checked))
     if hit is None:
         for t in bufs:
             if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31:
                 raise FlexcompError(
                     f"the captured tensor of shape {tuple(t.shape)} in {tm.graph.kind.value} {tm.graph.fn_name!r} "
                     f"spans 2**31 elements or more; the triton backend indexes captured tensors with 32-bit offsets")
-        lowered, fn = jit_function(tm.graph)
+        lowered, fn = jit_function(tm.graph, ft, checked)
         ints = tuple(int(v) for v, slot in zip(tm.scalars, lowered.int_scalars) if slot >= 0)
         floats = tuple(float(v) for v, slot in zip(tm.scalars, lowered.float_scalars) if slot >= 0)
-        hit = (fn, _scalar_tensor(ints, torch.int64, device), _scalar_tensor(floats, torch.float32, device))
-        tm.launch_cache[("mod_args", device)] = hit
-    fn, si, sf = hit
+        hit = (fn, _scalar_tensor(ints, torch.int64, device), _scalar_tensor(floats, float_dtype, device),
+               lowered.checks)
+        tm.launch_cache[("mod_args", device, ft, checked)] = hit
+    fn, si, sf, checks = hit
+    err = None
+    if checked:  # one more pointer, after the buffers: the generated checks write here
+        err = torch.full((max(1, len(checks)),), INT64_MIN, dtype=torch.int64, device=device)
+        bufs.append(err)
     if not bufs:
         bufs, strides, sizes = [si], [0], [1]
-    return fn, ModArgs(tuple(bufs), tuple(strides), tuple(sizes), si, sf)
+    return fn, ModArgs(tuple(bufs), tuple(strides), tuple(sizes), si, sf, err, checks)
+
+
+_RANGES = []  # [flexcomp.ranges.loads_in_range or None], looked up once
+
+
+def _loads_in_range():
+    if not _RANGES:
+        try:
+            from flexcomp.ranges import loads_in_range
+        except ImportError:  # not there yet: nothing is proven, every mod with indexed loads is checked
+            loads_in_range = None
+        _RANGES.append(loads_in_range)
+    return _RANGES[0]
+
+
+def needs_index_check(tm: Optional[TracedMod], B: int, H: int, q_len: int, kv_len: int) -> bool:
+    """Whether ``tm`` must run checked: it indexes a captured tensor and
+    ``flexcomp.ranges.loads_in_range`` does not prove every index in range for these sizes.
+
+    The answer is kept with the trace (whose captured tensors are always the same objects) per
+    ``(B, H, q_len, kv_len)``, valid while each tensor keeps its storage and ``_version`` (an
+    in-place update, a resize included, can change an index a load reads from another tensor): a
+    cached call costs a tuple compare."""
+    if tm is None or not tm.buffers:
+        return False
+    state = tuple([(t._version, t.data_ptr()) for t in tm.buffers])
+    key = ("in_range", B, H, q_len, kv_len)
+    hit = tm.launch_cache.get(key)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    need = any(n.op is Op.LOAD and n.args for n in tm.graph.nodes)
+    if need:
+        prove = _loads_in_range()
+        need = prove is None or not prove(tm, B, H, q_len, kv_len)
+    tm.launch_cache[key] = (state, need)
+    return need
+
+
+def raise_if_out_of_range(mods: tuple) -> None:
+    """After a forward launch: ``FlexcompIndexError`` for the first out-of-range index any checked
+    mod recorded. ``mods``: ``(TracedMod, ModArgs)`` pairs; one device sync for all of them."""
+    checked = [(tm, a) for tm, a in mods if a.err is not None and a.checks]
+    if not checked:
+        return
+    values = torch.cat([a.err for _, a in checked]).tolist()
+    at = 0
+    for tm, a in checked:
+        for check, value in zip(a.checks, values[at:at + len(a.checks)]):
+            if value != INT64_MIN:
+                g = tm.graph
+                j = [b.name for b in g.buffers].index(check.buffer)
+                shape = tuple(tm.buffers[j].shape)
+                raise FlexcompIndexError(
+                    f"{g.kind.value} {g.fn_name!r}: '{check.node}' indexed the captured tensor {check.buffer!r} of "
+                    f"shape {shape} out of range (dim {check.dim}: index {value}, valid {-shape[check.dim]}.."
+                    f"{shape[check.dim] - 1}); torch raises IndexError here too")
+        at += len(a.checks)
 
 
 @functools.lru_cache(maxsize=64)
@@ -202,22 +287,53 @@ def pad_dim(d: int) -> int:
 
 
 def check_inputs(q: torch.Tensor, D: int, DV: int) -> None:
-    """What the Triton kernels take: head dims up to 256, float16 / bfloat16 / float32."""
+    """What the Triton kernels take: head dims up to 256, float16 / bfloat16 / float32 / float64."""
     if D > 256 or DV > 256:
         raise FlexcompError(f"the triton backend supports head dims up to 256, got query/key {D} and value {DV}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise FlexcompError(f"the triton backend runs float16, bfloat16 and float32 inputs, got {q.dtype}; "
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise FlexcompError(f"the triton backend runs float16, bfloat16, float32 and float64 inputs, got {q.dtype}; "
                             f"use kernel_options={{'BACKEND': 'reference'}} for {q.dtype}")
+
+
+def stats_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype of the LSE, max scores and the backward's delta: float64 for float64 inputs, else float32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def kernel_scale(scale: float, q: torch.Tensor):
+    """The kernels' ``sm_scale`` argument: the float, or for float64 inputs a float64 device scalar
+    (a Python float reaches a kernel as float32, which float64 attention cannot afford)."""
+    return _scalar_tensor((scale,), torch.float64, q.device) if q.dtype == torch.float64 else scale
+
+
+def dot_precision(q: torch.Tensor) -> str:
+    """``tl.dot``'s input precision: ieee for float64, and for float32 unless TF32 matmuls are allowed."""
+    if q.dtype == torch.float64 or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
 
 
 def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optional[TracedMod],
                  mask: Optional[TracedMod], block_mask, scale: float, torch_options: dict,
-                 interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the generated forward kernel: output ``[B, Hq, L, Ev]`` (input dtype), LSE float32."""
+                 interpret: bool, want_max: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Run the generated forward kernel: output ``[B, Hq, L, Ev]`` (input dtype), LSE ``[B, Hq, L]``
+    (natural log) and, if ``want_max``, the row maxima of the modified, masked scores ``[B, Hq, L]``
+    (score units, ``-inf`` for rows with nothing kept; else None), both float32, float64 for float64
+    inputs. Rows whose largest score is ``+inf`` get LSE ``+inf`` (as torch).
+
+    No kernel runs when ``L`` or ``S`` is 0: an empty output, or output 0 and LSE ``-inf``.
+    Raises ``FlexcompIndexError`` when a mod indexed a captured tensor out of range.
+    """
     B, H, L, D = q.shape
     S, DV = k.shape[2], v.shape[3]
     check_inputs(q, D, DV)
     device = q.device
+    fp64 = q.dtype == torch.float64
+    sd = torch.float64 if fp64 else torch.float32
+    if L == 0 or S == 0:  # nothing to attend to, or no one asking: no launch (an empty grid is an error)
+        lse = torch.full((B, H, L), float("-inf"), dtype=sd, device=device)
+        return (torch.zeros(B, H, L, DV, dtype=q.dtype, device=device), lse,
+                lse.clone() if want_max else None)
     if block_mask is None:
         block_mask = full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
@@ -228,16 +344,21 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score: Optio
     cfg = memo(cfg_key, lambda: forward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret, heavy,
                                                smem_limit_of(device), pairs))
     lists = block_lists(block_mask, B, H, transposed=False)
-    score_fn, sa = mod_args(score, device)
-    mask_fn, ma = mod_args(mask, device)
+    ft = FloatType.F64 if fp64 else FloatType.F32
+    score_fn, sa = mod_args(score, device, ft, needs_index_check(score, B, H, L, S))
+    mask_fn, ma = mod_args(mask, device, FloatType.F32, needs_index_check(mask, B, H, L, S))  # masks: float32, as torch
     out = torch.empty(B, H, L, DV, dtype=q.dtype, device=device)
-    lse = torch.empty(B, H, L, dtype=torch.float32, device=device)
+    lse = torch.empty(B, H, L, dtype=sd, device=device)
+    mx = torch.empty(B, H, L, dtype=sd, device=device) if want_max else None
     kb = 0 if k.shape[0] == 1 and B > 1 else 1
-    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    precision = dot_precision(q)
     while True:
         try:
-            _launch_forward(cfg, q, k, v, out, lse, kb, lists, scale, score_fn, sa, mask_fn, ma, sq, skv, precision)
-            return out, lse
+            _launch_forward(cfg, q, k, v, out, lse, mx, kb, lists, kernel_scale(scale, q), score_fn, sa, mask_fn, ma,
+                            sq, skv, precision)
+            if sa.err is not None or ma.err is not None:
+                raise_if_out_of_range(((score, sa), (mask, ma)))
+            return out, lse, mx
         except OutOfResources:  # e.g. a gathered bias needs shared memory for its layout: smaller, remembered
             smaller = _smaller_forward(cfg)
             if smaller is None:
@@ -259,12 +380,12 @@ def _smaller_forward(cfg: ForwardConfig) -> Optional[ForwardConfig]:
     return None
 
 
-def _launch_forward(cfg, q, k, v, out, lse, kb, lists, scale, score_fn, sa, mask_fn, ma, sq, skv, precision):
+def _launch_forward(cfg, q, k, v, out, lse, mx, kb, lists, scale, score_fn, sa, mask_fn, ma, sq, skv, precision):
     B, H, L, D = q.shape
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
     grid = (triton.cdiv(L, cfg.block_m), B * H)
     flex_fwd[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, lse if mx is None else mx,
         *q.stride(), k.stride(0) * kb, *k.stride()[1:], v.stride(0) * kb, *v.stride()[1:], *out.stride(),
         *lse.stride(),
         *lists.tensors, *lists.num.stride(), *lists.idx.stride(),
@@ -274,6 +395,7 @@ def _launch_forward(cfg, q, k, v, out, lse, kb, lists, scale, score_fn, sa, mask
         HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None, HAS_FULL=lists.has_full,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV), PRECISION=precision, EVEN_KV=S % skv == 0, STATIC_SUB=cfg.static_sub,
+        OUTPUT_MAX=mx is not None, FP64=q.dtype == torch.float64,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 

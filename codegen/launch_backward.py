@@ -6,6 +6,9 @@ are summed here. Gradients into captured tensors (the score_mod's float buffers 
 grad) accumulate in float32 (atomics), or, with ``kernel_options={"DETERMINISTIC": True}``, in
 int64 fixed point, scaled per tensor by a power of two chosen from the largest contribution
 (recorded by the dQ pass), so that no sum can overflow and every run gives the same bits.
+
+float64 inputs: the kernels' ``FP64`` switch, float64 delta and (atomic) captured-tensor gradients,
+the float64 variants of the generated functions. ``L`` or ``S`` of 0 launches nothing: zeros.
 """
 from __future__ import annotations
 
@@ -24,12 +27,13 @@ from flexcomp.trace import TracedMod
 
 from .kernels.backward import flex_bwd, flex_bwd_delta
 from .launch import (full_block_mask, largest_pow2_dividing, pad_dim, smem_limit_of, block_lists, check_inputs, memo,
-                     memo_set, mod_args)
+                     memo_set, mod_args, stats_dtype, kernel_scale, dot_precision)
+from .lower import FloatType
 from .modules import jit_grad_function, jit_scatter
 
 
 TRANSCENDENTAL = frozenset({Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS, Op.POW,
-                            Op.SQRT, Op.RSQRT})
+                            Op.SQRT, Op.RSQRT, Op.TAN, Op.ATAN, Op.ERF, Op.LOG1P, Op.EXPM1})
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
     split = transcendental and not interpret
     if interpret:  # large tiles: the interpreter's cost is per tile
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 1
+    elif elt >= 8:  # float64: resident dK/dV accumulators and K/V tiles of 8-byte elements
+        widest = max(head_dim, value_dim)
+        m1, n1, m2, n2 = (16, 32, 32, 16) if widest <= 128 else (16, 16, 16, 16)
+        warps, stages = 4 if widest <= 64 else 8, 1
     elif elt >= 4:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
     elif max(head_dim, value_dim) <= 128 and transcendental:
@@ -147,18 +155,20 @@ class _Scatter:
     loads_per_buffer: tuple  # per buffer: how many differentiated loads read it
 
 
-def _scatter(score: TracedMod, wanted: tuple, deterministic: bool, device) -> Optional[_Scatter]:
+def _scatter(score: TracedMod, wanted: tuple, deterministic: bool, device,
+             ft: FloatType = FloatType.F32) -> Optional[_Scatter]:
     g = score.graph
     names = tuple(b.name for b, w in zip(g.buffers, wanted) if w)
     loaded = {n.attr for n in float_loads(g)}
     names = tuple(n for n in names if n in loaded)
     if not names:
         return None
-    _, fn = jit_scatter(g, names)
+    _, fn = jit_scatter(g, names, ft)
+    atomic = torch.float64 if ft is FloatType.F64 else torch.float32
     grads, gstrides = [], []
     for spec, t in zip(g.buffers, score.buffers):
         if spec.name in names:
-            gt = torch.zeros(t.shape, dtype=torch.int64 if deterministic else torch.float32, device=device)
+            gt = torch.zeros(t.shape, dtype=torch.int64 if deterministic else atomic, device=device)
         else:
             gt = torch.zeros((), dtype=torch.float32, device=device)
         grads.append(gt)
@@ -180,6 +190,10 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
     check_inputs(q, D, DV)
     device = q.device
+    if L == 0 or S == 0:  # no pair of a query and a key: every gradient is 0, and no launch
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                [torch.zeros_like(t) if w else None for t, w in zip(score.buffers if score is not None else (),
+                                                                     buffer_grads)])
     if block_mask is None:
         block_mask = full_block_mask(L, S, device)
     sq, skv = block_mask.BLOCK_SIZE
@@ -190,21 +204,26 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
                score is not None, heavy, scatter, device)
     cfg = memo(cfg_key, lambda: backward_config(D, DV, q.element_size(), sq, skv, torch_options, interpret,
                                                 smem_limit_of(device), score is not None, heavy, scatter))
-    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    precision = dot_precision(q)
+    fp64 = q.dtype == torch.float64
+    ft = FloatType.F64 if fp64 else FloatType.F32
+    sm_scale = kernel_scale(scale, q)
 
-    delta = torch.empty(B, H, L, dtype=torch.float32, device=device)
+    delta = torch.empty(B, H, L, dtype=stats_dtype(q), device=device)
     dl = d_lse if d_lse is not None else lse
     flex_bwd_delta[(triton.cdiv(L, 64), B * H)](
         out, d_out, dl, delta, *out.stride(), *d_out.stride(), *dl.stride(), H, L,
-        HAS_DLSE=d_lse is not None, BLOCK_M=64, DV=DV, DV_PAD=pad_dim(DV))
+        HAS_DLSE=d_lse is not None, BLOCK_M=64, DV=DV, DV_PAD=pad_dim(DV), FP64=fp64)
 
+    # captured indices were checked by the forward (and in-place changes since then raise)
     if score is not None:
-        _, score_fn = jit_grad_function(score.graph)
-        _, sa = mod_args(score, device)
+        _, score_fn = jit_grad_function(score.graph, ft)
+        _, sa = mod_args(score, device, ft)
     else:
-        score_fn, sa = None, mod_args(None, device)[1]
+        score_fn, sa = None, mod_args(None, device, ft)[1]
     mask_fn, ma = mod_args(mask, device)
-    sc = _scatter(score, tuple(buffer_grads), deterministic, device) if score is not None and any(buffer_grads) else None
+    sc = (_scatter(score, tuple(buffer_grads), deterministic, device, ft) if score is not None and any(buffer_grads)
+          else None)
     scatter_args = (None, sa.bufs, (0,), delta) if sc is None else (sc.fn, sc.grads, sc.gstrides, sc.aux)
 
     kb = 0 if k.shape[0] == 1 and B > 1 else 1
@@ -212,8 +231,8 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     q_lists = block_lists(block_mask, B, H, transposed=True)
     Bk = B if kb == 0 else k.shape[0]
     dq = torch.empty_like(q)
-    dk = torch.empty(Bk, Hkv, S, D, dtype=k.dtype if kb else torch.float32, device=device)
-    dv = torch.empty(Bk, Hkv, S, DV, dtype=v.dtype if kb else torch.float32, device=device)
+    dk = torch.empty(Bk, Hkv, S, D, dtype=k.dtype if kb else stats_dtype(q), device=device)
+    dv = torch.empty(Bk, Hkv, S, DV, dtype=v.dtype if kb else stats_dtype(q), device=device)
     G = H // Hkv
 
     def launch(run_dq: bool, run_dkdv: bool, dq_scatter: int, dkdv_scatter: int):
@@ -236,7 +255,7 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
             *dq.stride(), *dk.stride(), *dv.stride(), *lse.stride(),
             *kv_lists.tensors, *kv_lists.num.stride(), *kv_lists.idx.stride(),
             *q_lists.tensors, *q_lists.num.stride(), *q_lists.idx.stride(),
-            Hkv, L, S, G, scale, n_kv, n_q,
+            Hkv, L, S, G, sm_scale, n_kv, n_q,
             score_fn, sa.bufs, sa.strides, sa.sizes, sa.scalars_i, sa.scalars_f,
             mask_fn, ma.bufs, ma.strides, ma.sizes, ma.scalars_i, ma.scalars_f, *scatter_args,
             HAS_SCORE_MOD=score_fn is not None, HAS_MASK_MOD=mask_fn is not None,
@@ -245,7 +264,7 @@ def flex_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
             SPARSE_Q=sq, SPARSE_KV=skv,
             BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
             D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV), PRECISION=precision, EVEN_Q=L % sq == 0,
-            EVEN_KV=S % skv == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            EVEN_KV=S % skv == 0, FP64=fp64, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if sc is not None and deterministic:
         launch(True, False, 1, -1)  # dQ, recording the largest captured-tensor contribution

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from flexcomp.errors import FlexcompError
 from flexcomp.ir import Graph
 
-from .lower import LoweredMod, lower, lower_scatter
+from .lower import FloatType, LoweredMod, lower, lower_scatter
 
 
 @dataclass
@@ -47,35 +47,37 @@ def source_dir() -> str:
     return _DIR
 
 
-def jit_function(g: Graph) -> tuple[LoweredMod, object]:
-    """The lowered mod and its ``@triton.jit`` function for ``g``: generated once per structure.
+def jit_function(g: Graph, ft: FloatType = FloatType.F32, checked: bool = False) -> tuple[LoweredMod, object]:
+    """The lowered mod and its ``@triton.jit`` function for ``g``: generated once per structure,
+    working float ``ft`` and ``checked`` (``lower.lower``'s variants).
 
     A graph with derivatives among its outputs (``value_and_derivatives``) becomes a function
     returning all of them."""
-    return _jit((g.kind, g.structural_key()), lambda: lower(g))  # names do not matter, structure does
+    # names do not matter, structure does
+    return _jit((g.kind, g.structural_key(), ft, checked), lambda: lower(g, ft, checked))
 
 
-def jit_grad_function(g: Graph) -> tuple[LoweredMod, object]:
+def jit_grad_function(g: Graph, ft: FloatType = FloatType.F32) -> tuple[LoweredMod, object]:
     """The ``(value, d value / d score)`` function of score_mod ``g`` (the backward kernels' mod):
-    derived and generated once per structure."""
+    derived and generated once per structure and working float."""
     from flexcomp.derivative import value_and_derivatives
 
-    ref, _ = jit_function(g)  # the forward mod: the kernels pass both the same arguments
+    ref, _ = jit_function(g, ft)  # the forward mod: the kernels pass both the same arguments
 
     def make() -> LoweredMod:
-        lowered = lower(value_and_derivatives(g))
+        lowered = lower(value_and_derivatives(g), ft)
         if (lowered.stride_offsets, lowered.int_scalars, lowered.float_scalars) != (
                 ref.stride_offsets, ref.int_scalars, ref.float_scalars):  # pragma: no cover - derivation keeps inputs
             raise FlexcompError(f"internal: deriving score_mod {g.fn_name!r} changed its captured inputs")
         return lowered
 
-    return _jit(("grad", g.structural_key()), make)
+    return _jit(("grad", g.structural_key(), ft), make)
 
 
-def jit_scatter(g: Graph, grad_buffers: tuple[str, ...]) -> tuple[LoweredMod, object]:
+def jit_scatter(g: Graph, grad_buffers: tuple[str, ...], ft: FloatType = FloatType.F32) -> tuple[LoweredMod, object]:
     """The gradient scatter of score_mod ``g`` into its captured tensors ``grad_buffers``."""
     pos = tuple(i for i, b in enumerate(g.buffers) if b.name in grad_buffers)
-    return _jit(("scatter", g.structural_key(), pos), lambda: lower_scatter(g, grad_buffers))
+    return _jit(("scatter", g.structural_key(), pos, ft), lambda: lower_scatter(g, grad_buffers, ft))
 
 
 def _jit(key: tuple, make) -> tuple[LoweredMod, object]:

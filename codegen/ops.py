@@ -52,6 +52,15 @@ def in_range(i, size):
 
 
 @triton.jit
+def check_index(i, size, ERR, slot: tl.constexpr):
+    """Checked mods only: write every index outside ``[-size, size)`` (any one of them, the writes
+    race harmlessly) into ``ERR[slot]`` (int64, preset to ``INT64_MIN`` by the launcher, which raises
+    IndexError when it changed). ``i`` may be a tile, a scalar or a Python constant."""
+    ii = i + tl.zeros([], tl.int64)
+    tl.store(ERR + slot + 0 * ii, ii, mask=(ii < -size) | (ii >= size))
+
+
+@triton.jit
 def sign(x):
     return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
@@ -99,11 +108,61 @@ def _atomic_add(ptr, c, mask, aux, MODE: tl.constexpr):
         tl.atomic_add(ptr, tl.floor(c * tl.load(aux) + 0.5).to(tl.int64), mask=mask, sem="relaxed")
 
 
-if INTERPRET:
+@triton.jit
+def shl(a, s, BITS: tl.constexpr):
+    """``a << s`` as torch computes it: 0 for shift counts outside ``[0, BITS)`` (LLVM leaves those undefined)."""
+    ok = (s >= 0) & (s < BITS)
+    return tl.where(ok, a << tl.where(ok, s, 0).to(a.dtype), 0)
+
+
+@triton.jit
+def shr(a, s, BITS: tl.constexpr):
+    """Arithmetic ``a >> s`` as torch: counts outside ``[0, BITS)`` give 0, or -1 for negative ``a``."""
+    ok = (s >= 0) & (s < BITS)
+    return tl.where(ok, a >> tl.where(ok, s, 0).to(a.dtype), tl.where(a < 0, -1, 0).to(a.dtype))
+
+
+if INTERPRET:  # the interpreter has no libdevice: the same functions from its primitives
 
     @triton.jit
     def tanh(x):
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def tan(x):
+        return tl.sin(x) / tl.cos(x)
+
+    @triton.jit
+    def log1p(x):
+        u = 1.0 + x  # Kahan: log(u) * x / (u - 1) is accurate where u rounds
+        return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+    @triton.jit
+    def expm1(x):
+        u = tl.exp(x)
+        lu = tl.log(u)
+        good = (u != 1.0) & (lu != 0.0) & (u < float("inf"))
+        return tl.where(u == 1.0, x, tl.where(good, (u - 1.0) * (x / tl.where(good, lu, 1.0)), u - 1.0))
+
+    @triton.jit
+    def atan(x):
+        # atan(x) = s * pi/2 - atan(1/|x|) for |x| > 1; two half-angle steps t -> t / (1 + sqrt(1 + t^2))
+        # bring |t| under tan(pi/16) ~ 0.2, where 14 terms of the series reach float64 precision
+        ax = tl.abs(x)
+        big = ax > 1.0
+        t = tl.where(big, 1.0 / tl.where(big, ax, 1.0), ax)
+        t = t / (1.0 + tl.sqrt(1.0 + t * t))
+        t = t / (1.0 + tl.sqrt(1.0 + t * t))
+        t2 = t * t
+        zero = t * 0.0  # constants are formed in x's dtype: a literal would be rounded to float32
+        acc = zero
+        for i in tl.static_range(14):
+            k = 13 - i
+            acc = acc * t2 + (zero + (1 - 2 * (k % 2))) / (zero + (2 * k + 1))
+        r = 4.0 * t * acc
+        half_pi = (zero + 1.5707963705062866) + (zero - 4.371139000186241e-08)  # float32 hi + lo parts
+        r = tl.where(big, half_pi - r, r)
+        return tl.where(x < 0, -r, r)
 
 else:
     from triton.language.extra import libdevice
@@ -111,3 +170,19 @@ else:
     @triton.jit
     def tanh(x):
         return libdevice.tanh(x)
+
+    @triton.jit
+    def tan(x):
+        return libdevice.tan(x)
+
+    @triton.jit
+    def atan(x):
+        return libdevice.atan(x)
+
+    @triton.jit
+    def log1p(x):
+        return libdevice.log1p(x)
+
+    @triton.jit
+    def expm1(x):
+        return libdevice.expm1(x)

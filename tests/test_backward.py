@@ -372,7 +372,7 @@ def test_masked_pairs_send_nothing_into_captured_tensors_on_either_backend():
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_changing_a_mask_capture_in_place_before_backward_raises(backend):
     q, k, v = _leaves((1, 1, 32, 16), (1, 1, 32, 16), (1, 1, 32, 16))
-    limit = torch.tensor([20])
+    limit = torch.tensor([20], device=DEVICE)  # on q's device: the reference backend would save a copy
 
     def mask(b, h, q_idx, kv_idx):
         return kv_idx < limit[0]

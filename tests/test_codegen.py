@@ -155,3 +155,36 @@ def test_backward_config_choices_and_errors():
         backward_config(64, 64, 2, 128, 128, {"BWD_SPLIT": 1}, False)
     with pytest.raises(FlexcompError, match=r"kernel_options\['bwd_BLOCK_M2'\] must be a power of two >= 16, got 24"):
         backward_config(64, 64, 2, 128, 128, {"bwd_BLOCK_M2": 24}, False)
+
+
+def test_float64_variant_lowers_the_working_float_to_float64():
+    from flexcomp.codegen.lower import FloatType
+
+    bias = torch.zeros(4, 8)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return torch.maximum(score, score * 0 + 0.1) + bias[h, kv_idx] + (q_idx - kv_idx) * 0.5
+
+    g = trace(mod, ModKind.SCORE).graph
+    f32, f64 = lower(g), lower(g, FloatType.F64)
+    assert f64.name == f32.name + "_f64" and f64.float_type is FloatType.F64
+    assert "tl.float64" not in f32.source and "0.1)" in f32.source
+    body = f64.source.split("@triton.jit", 1)[1]
+    assert "tl.float32" not in body
+    assert "tl.full([], 0.1, tl.float64)" in body  # never a bare literal: tl.maximum would round it to float32
+    assert ".to(tl.float64)  # %" in body and "other=0).to(tl.float64)" in body
+
+
+def test_float64_tiles_fit_shared_memory_and_loop_over_sub_tiles():
+    from flexcomp.codegen.launch import forward_config, pad_dim
+    from flexcomp.codegen.launch_backward import backward_config
+
+    smem = 232448
+    for D in (64, 128, 256):
+        cfg = forward_config(D, D, 8, 128, 128, {}, False, True, smem)
+        assert not cfg.static_sub and cfg.num_stages == 1 and cfg.block_m <= 32
+        q_bytes, per_stage = cfg.block_m * pad_dim(D) * 8, cfg.block_n * 2 * pad_dim(D) * 8
+        assert q_bytes + cfg.block_m * cfg.block_n * 8 + per_stage <= smem
+        bwd = backward_config(D, D, 8, 128, 128, {}, False, smem)
+        assert bwd.block_n1 * 2 * pad_dim(D) * 8 + bwd.block_m1 * 2 * pad_dim(D) * 8 <= smem
+    assert forward_config(64, 64, 4, 128, 128, {}, False, False, smem).static_sub  # float32 unchanged

@@ -139,21 +139,20 @@ def test_captured_tensors_indexed_by_b_h_q_and_kv():
     _check(q, k, v, score_mod, mask_mod, B=B, H=H, bs=32, oracle_on=DEVICE)
 
 
-def test_out_of_range_buffer_reads_are_masked_not_performed():
+def test_out_of_range_buffer_reads_raise_index_error():
+    """tests/test_kernels_checks.py covers the checked variants in detail."""
+    from flexcomp.errors import FlexcompIndexError
+
     short = torch.randn(10, device=DEVICE)
 
     def reads_past_the_end(score, b, h, q_idx, kv_idx):
-        return score + short[kv_idx]  # kv_idx runs to 63: past the end reads 0
+        return score + short[kv_idx]  # kv_idx runs to 63: torch raises IndexError
 
     q, k, v = _qkv(1, 1, 64, 64, 16)
-    out = flex_attention(q, k, v, score_mod=reads_past_the_end, kernel_options=TRITON)
-    padded = torch.cat([short, torch.zeros(54, device=DEVICE)])
-
-    def same_with_padding(score, b, h, q_idx, kv_idx):
-        return score + padded[kv_idx]
-
-    ref = flex_attention(q, k, v, score_mod=same_with_padding, kernel_options={"BACKEND": "reference"})
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    with pytest.raises(IndexError, match=r"'reads_past_the_end': .* the captured tensor 'short' of shape \(10,\) out of "):
+        flex_attention(q, k, v, score_mod=reads_past_the_end, kernel_options=TRITON)
+    with pytest.raises(FlexcompIndexError):
+        flex_attention(q, k, v, score_mod=reads_past_the_end, kernel_options=TRITON)
 
 
 # Triton's interpreter computes bf16 dots wrongly (numpy has no bf16), so bf16 runs on GPUs only.
@@ -266,10 +265,13 @@ def test_full_blocks_hanging_over_the_end_are_bounded():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
-def test_float64_is_refused_with_a_pointer_to_the_reference_backend():
-    q, k, v = _qkv(1, 1, 16, 16, 16, dtype=torch.float64)
-    with pytest.raises(FlexcompError, match="runs float16, bfloat16 and float32 inputs, got torch.float64"):
-        flex_attention(q, k, v, kernel_options=TRITON)
+def test_unsupported_dtypes_are_refused_with_a_pointer_to_the_reference_backend():
+    """float64 runs (tests/test_kernels_float64.py); other float types do not."""
+    from flexcomp.codegen.launch import check_inputs
+
+    q = torch.zeros(1, 1, 16, 16, dtype=torch.float8_e4m3fn)
+    with pytest.raises(FlexcompError, match="float32 and float64 inputs, got torch.float8_e4m3fn; use kernel_options"):
+        check_inputs(q, 16, 16)
 
 
 def test_captured_minus_zero_is_not_confused_with_zero():

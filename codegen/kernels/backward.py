@@ -23,6 +23,11 @@ Gradients into captured tensors are scattered from ``dS'`` by a generated ``SCAT
 (``flexcomp.codegen.lower.lower_scatter``): float32 atomics in the dK/dV pass by default; in
 deterministic mode the dQ pass first records the largest contribution (``SCATTER_MODE`` 1) and the
 dK/dV pass adds fixed-point int64 values (mode 2), whose sum does not depend on the order.
+
+``FP64`` (float64 inputs): delta, scores, probabilities and the dQ/dK/dV accumulators in float64,
+the scale read from a float64 device scalar (``sm_scale`` is then its pointer), the LSE float64;
+the generated functions are their float64 variants and scatter float64 contributions. The other
+dtypes compile exactly as without the switch.
 """
 import triton
 import triton.language as tl
@@ -39,9 +44,11 @@ def flex_bwd_delta(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
     H, Q_LEN,
-    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, FP64: tl.constexpr,
 ):
-    """``DELTA[b, h, m] = sum_d O * dO - dLSE`` in float32 (``DELTA`` contiguous ``[B, H, L]``)."""
+    """``DELTA[b, h, m] = sum_d O * dO - dLSE`` in float32, float64 if ``FP64`` (``DELTA`` contiguous
+    ``[B, H, L]``)."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     pid_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     ob, oh = (off_hz // H).to(tl.int64), (off_hz % H).to(tl.int64)
@@ -50,9 +57,9 @@ def flex_bwd_delta(
     in_q = offs_m < Q_LEN
     mask = in_q[:, None] & (offs_d[None, :] < DV)
     o = tl.load(O + ob * stride_ob + oh * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0).to(ACC)
     do = tl.load(DO + ob * stride_dob + oh * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
+                 mask=mask, other=0.0).to(ACC)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + ob * stride_lb + oh * stride_lh + offs_m * stride_lm, mask=in_q, other=0.0)
@@ -121,7 +128,7 @@ def _dq_tile(
     ds = dsp * dmod
     if HAS_SCORE_MOD or (APPLY_MASK and HAS_MASK_MOD) or not EVEN_KV:
         ds = tl.where(keep, ds, 0.0)  # no NaN from a derivative where nothing was kept
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=dq.dtype)
 
 
 @triton.jit
@@ -172,9 +179,10 @@ def _dq_program(
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FP64: tl.constexpr,
 ):
     """dQ for ``BLOCK_M`` query rows of one (batch, query head)."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     off_hz = off_b * H + off_h
     ob, oh = off_b.to(tl.int64), off_h.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,7 +200,7 @@ def _dq_program(
     K_base = K + ob * stride_kb + (oh // GROUP) * stride_kh
     V_base = V + ob * stride_vb + (oh // GROUP) * stride_vh
     NUM_KV_BLOCKS = tl.cdiv(KV_LEN, SPARSE_KV)
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    dq = tl.zeros([BLOCK_M, D_PAD], ACC)
     row = (pid_m * BLOCK_M) // SPARSE_Q
     num_off = ob * stride_nb + oh * stride_nh + row * stride_nm
     idx_off = ob * stride_ib + oh * stride_ih + row * stride_im
@@ -254,7 +262,7 @@ def _dkdv_tile(
         MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
         HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, CHECK_BOUNDS=not EVEN_Q)
     pT = tl.exp2(post - lse2[None, :])
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=dv.dtype)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dspT = pT * (dpT - delta[None, :])
     if SCATTER_MODE == 0 or SCATTER_MODE == 2:  # captured-tensor gradients: atomics or fixed point
@@ -264,7 +272,7 @@ def _dkdv_tile(
     dsT = dspT * dmod
     if HAS_SCORE_MOD or (APPLY_MASK and HAS_MASK_MOD) or not EVEN_Q:
         dsT = tl.where(keep, dsT, 0.0)
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
     return dk, dv
 
 
@@ -316,9 +324,10 @@ def _dkdv_program(
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_Q: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_Q: tl.constexpr, FP64: tl.constexpr,
 ):
     """dK and dV for ``BLOCK_N`` keys of one (batch, key/value head), summed over its query heads."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
     ob = off_b.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -330,8 +339,8 @@ def _dkdv_program(
                    + offs_dv[None, :] * stride_vd, in_kv, offs_dv, DV, DV_PAD, True)
     kv_idx = tl.minimum(offs_n, KV_LEN - 1)[:, None]
     NUM_Q_BLOCKS = tl.cdiv(Q_LEN, SPARSE_Q)
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    dk = tl.zeros([BLOCK_N, D_PAD], ACC)
+    dv = tl.zeros([BLOCK_N, DV_PAD], ACC)
     col = (pid_n * BLOCK_N) // SPARSE_KV
     for g in range(GROUP):  # the query heads sharing this key/value head
         off_h = off_hkv * GROUP + g
@@ -397,12 +406,14 @@ def flex_bwd(
     SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, FP64: tl.constexpr,
 ):
     """dQ and dK/dV programs in one launch (grid ``(N_KV_PROGRAMS + GROUP * N_Q_PROGRAMS, B * HKV)``
     when both run): the first ``N_KV_PROGRAMS`` of each (batch, kv head) are dK/dV programs, the
     rest dQ programs of the group's query heads, so the two kinds fill the GPU together.
     Deterministic mode launches the dQ half (``RUN_DQ``) before the dK/dV half (``RUN_DKDV``)."""
+    if FP64:
+        sm_scale = tl.load(sm_scale)  # a float64 scalar's pointer: kernel arguments are float32
     pid = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_b = off_hz // HKV
@@ -421,7 +432,7 @@ def flex_bwd(
             MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
             SCATTER, GRADS, GSTRIDES, AUX,
             HAS_SCORE_MOD, HAS_MASK_MOD, HAS_Q_FULL, DKDV_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M1, BLOCK_N1,
-            D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q)
+            D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, FP64)
     elif RUN_DQ:
         off_pid = pid - N_KV_PROGRAMS if RUN_DKDV else pid
         _dq_program(
@@ -437,4 +448,4 @@ def flex_bwd(
             MASK_MOD, MASK_BUFS, MASK_STRIDES, MASK_SIZES, MASK_SI, MASK_SF,
             SCATTER, GRADS, GSTRIDES, AUX,
             HAS_SCORE_MOD, HAS_MASK_MOD, HAS_KV_FULL, DQ_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M2, BLOCK_N2,
-            D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
+            D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV, FP64)

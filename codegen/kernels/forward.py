@@ -4,7 +4,12 @@ One program computes ``BLOCK_M`` query rows of one (batch, head). It walks the r
 blocks (no mask_mod), then its *partial* ones (mask_mod and the sequence bounds applied), with an
 online softmax in float32 on the exp2 scale (``log2(e)`` folded into the score scale). Empty
 blocks are never visited. It writes the output in the input dtype and the LSE in natural log;
-rows with nothing kept get output 0 and LSE -inf.
+rows with nothing kept get output 0 and LSE -inf, rows whose largest score is +inf LSE +inf (as
+torch). ``OUTPUT_MAX`` also writes each row's largest modified, masked score (in score units).
+
+``FP64`` (float64 inputs): scores, softmax statistics, accumulators, LSE and max in float64, the
+scale read from a float64 device scalar (``sm_scale`` is then its pointer); the other dtypes
+compile exactly as without the switch.
 
 ``SCORE_MOD`` and ``MASK_MOD`` are generated ``@triton.jit`` functions (``flexcomp.codegen.lower``)
 passed as compile-time arguments; their captured tensors and numbers come in the ``*_BUFS``,
@@ -69,7 +74,7 @@ def _fwd_tile(
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_ptrs, in_kv, offs_dv, DV, DV_PAD, not EVEN_KV)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=acc.dtype)
     return acc, l_i, m_new
 
 
@@ -115,7 +120,7 @@ def _fwd_blocks(
 
 @triton.jit
 def flex_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, MAX,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -132,7 +137,14 @@ def flex_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, STATIC_SUB: tl.constexpr,
+    OUTPUT_MAX: tl.constexpr, FP64: tl.constexpr,
 ):
+    """``O [B, H, Q_LEN, DV]``, ``LSE`` and (``OUTPUT_MAX``) ``MAX`` ``[B, H, Q_LEN]`` (strides
+    ``stride_l*`` for both) for the ``BLOCK_M`` query rows ``program_id(0)`` of (batch, head)
+    ``program_id(1)``."""
+    ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
+    if FP64:
+        sm_scale = tl.load(sm_scale)  # a float64 scalar's pointer: kernel arguments are float32
     pid_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_b = off_hz // H
@@ -149,9 +161,9 @@ def flex_fwd(
     V_base = V + ob * stride_vb + (oh // GROUP) * stride_vh
     NUM_KV_BLOCKS = tl.cdiv(KV_LEN, SPARSE_KV)
     qk_scale = sm_scale * LOG2E
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, DV_PAD], ACC)
     row = (pid_m * BLOCK_M) // SPARSE_Q
     num_off = ob * stride_nb + oh * stride_nh + row * stride_nm
     idx_off = ob * stride_ib + oh * stride_ih + row * stride_im
@@ -176,6 +188,9 @@ def flex_fwd(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)  # inf - inf made l_i NaN; torch's logsumexp: +inf
     tl.store(O + ob * stride_ob + oh * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + ob * stride_lb + oh * stride_lh + offs_m * stride_lm, lse, mask=in_q)
+    if OUTPUT_MAX:  # m_i is on the exp2 scale; -inf stays -inf for rows with nothing kept
+        tl.store(MAX + ob * stride_lb + oh * stride_lh + offs_m * stride_lm, m_i * LN2, mask=in_q)
