@@ -23,12 +23,13 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from flexcomp.errors import FlexcompError, FlexcompIndexError
+from flexcomp.errors import FlexcompError, FlexcompIndexError, mod_zero_division
 from flexcomp.ir import Op
+from flexcomp.ranges import mod_proven_safe
 from flexcomp.trace import TracedMod
 
 from .kernels.forward import flex_fwd
-from .lower import FloatType, LoadCheck, gathers_per_pair
+from .lower import CheckKind, FloatType, LoadCheck, gathers_per_pair
 from .modules import jit_function
 
 INT64_MIN = -(2**63)  # a checked mod's error slots before the kernel: no index was out of range
@@ -217,38 +218,26 @@ def mod_args(tm: Optional[TracedMod], device, ft: FloatType = FloatType.F32,
     return fn, ModArgs(tuple(bufs), tuple(strides), tuple(sizes), si, sf, err, checks)
 
 
-_RANGES = []  # [flexcomp.ranges.loads_in_range or None], looked up once
-
-
-def _loads_in_range():
-    if not _RANGES:
-        try:
-            from flexcomp.ranges import loads_in_range
-        except ImportError:  # not there yet: nothing is proven, every mod with indexed loads is checked
-            loads_in_range = None
-        _RANGES.append(loads_in_range)
-    return _RANGES[0]
-
-
 def needs_index_check(tm: Optional[TracedMod], B: int, H: int, q_len: int, kv_len: int) -> bool:
-    """Whether ``tm`` must run checked: it indexes a captured tensor and
-    ``flexcomp.ranges.loads_in_range`` does not prove every index in range for these sizes.
+    """Whether ``tm`` must run checked: it indexes a captured tensor or divides integers, and
+    ``flexcomp.ranges.mod_proven_safe`` does not prove every index in range and every integer
+    divisor nonzero for these sizes.
 
     The answer is kept with the trace (whose captured tensors are always the same objects) per
     ``(B, H, q_len, kv_len)``, valid while each tensor keeps its storage and ``_version`` (an
     in-place update, a resize included, can change an index a load reads from another tensor): a
     cached call costs a tuple compare."""
-    if tm is None or not tm.buffers:
+    if tm is None:
         return False
     state = tuple([(t._version, t.data_ptr()) for t in tm.buffers])
     key = ("in_range", B, H, q_len, kv_len)
     hit = tm.launch_cache.get(key)
     if hit is not None and hit[0] == state:
         return hit[1]
-    need = any(n.op is Op.LOAD and n.args for n in tm.graph.nodes)
+    need = any((n.op is Op.LOAD and n.args) or (n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int)
+               for n in tm.graph.nodes)
     if need:
-        prove = _loads_in_range()
-        need = prove is None or not prove(tm, B, H, q_len, kv_len)
+        need = not mod_proven_safe(tm, B, H, q_len, kv_len)
     tm.launch_cache[key] = (state, need)
     return need
 
@@ -263,6 +252,8 @@ def raise_if_out_of_range(mods: tuple) -> None:
     at = 0
     for tm, a in checked:
         for check, value in zip(a.checks, values[at:at + len(a.checks)]):
+            if value != INT64_MIN and check.kind is CheckKind.DIVISOR:
+                raise mod_zero_division(tm.graph, tm.fn)
             if value != INT64_MIN:
                 g = tm.graph
                 j = [b.name for b in g.buffers].index(check.buffer)

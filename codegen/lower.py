@@ -67,14 +67,23 @@ class FloatType(enum.Enum):
         return "" if self is FloatType.F32 else "_f64"
 
 
+class CheckKind(enum.Enum):
+    """What a checked mod's error slot watches."""
+
+    INDEX = "index"  # an index of a load, against its dim (torch: IndexError)
+    DIVISOR = "divisor"  # the divisor of an integer // or % (torch: RuntimeError('ZeroDivisionError'))
+
+
 @dataclass(frozen=True)
 class LoadCheck:
     """One slot of a checked mod's error tensor: dim ``dim`` of the load ``node`` (its IR line) from
-    captured tensor ``buffer`` (the name in the graph)."""
+    captured tensor ``buffer`` (the name in the graph); or, for ``kind`` DIVISOR, the divisor of the
+    integer division ``node`` (``buffer`` empty, ``dim`` -1)."""
 
     buffer: str
     dim: int
     node: str
+    kind: CheckKind = CheckKind.INDEX
 
 
 @dataclass(frozen=True)
@@ -165,6 +174,8 @@ def _body(g: Graph, lowered: "_Layout", names: dict | None = None) -> list[str]:
         elif n.op in _BINARY:
             expr = _BINARY[n.op].format(*a)
         elif n.op in (Op.FLOORDIV, Op.MOD):
+            if not ts[0].is_float:
+                lines += _divisor_check(g, lowered, n, a[1])
             fn = {Op.FLOORDIV: "floordiv", Op.MOD: "pymod"}[n.op] + ("_f" if ts[0].is_float else "")
             expr = f"ops.{fn}({a[0]}, {a[1]})"
         elif n.op is Op.POW:
@@ -244,6 +255,16 @@ def _checks(g: Graph, lowered: "_Layout", n: Node, a: list[str]) -> list[str]:
         lowered.checks.append(LoadCheck(n.attr, d, g.format_node(n)))
         lines.append(f"    ops.check_index({x}, SIZES[{s + d}], BUFS[{err}], {slot})  # {n.attr} dim {d}")
     return lines
+
+
+def _divisor_check(g: Graph, lowered: "_Layout", n: Node, divisor: str) -> list[str]:
+    """In a checked mod, an ``ops.check_divisor`` line before integer division ``n``: a zero divisor
+    is recorded in its slot (integer division by zero has no value; torch raises)."""
+    if not lowered.checked:
+        return []
+    slot = len(lowered.checks)
+    lowered.checks.append(LoadCheck("", -1, g.format_node(n), CheckKind.DIVISOR))
+    return [f"    ops.check_divisor({divisor}, BUFS[{len(lowered.buffer_index)}], {slot})  # {n.op.value} divisor"]
 
 
 def _address(lowered: "_Layout", j: int, a: list[str], strides: str) -> tuple[str, str]:

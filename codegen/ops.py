@@ -61,6 +61,13 @@ def check_index(i, size, ERR, slot: tl.constexpr):
 
 
 @triton.jit
+def check_divisor(d, ERR, slot: tl.constexpr):
+    """Checked mods only: record an integer divisor of 0 in ``ERR[slot]`` (as :func:`check_index`)."""
+    dd = d + tl.zeros([], tl.int64)
+    tl.store(ERR + slot + 0 * dd, dd, mask=dd == 0)
+
+
+@triton.jit
 def sign(x):
     return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 

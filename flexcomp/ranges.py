@@ -186,9 +186,25 @@ def loads_in_range(tm, batch: int, heads: int, q_len: int, kv_len: int) -> bool:
     >>> loads_in_range(tm, 1, 8, 100, 50), loads_in_range(tm, 1, 8, 101, 50)
     (True, False)
     """
+    return _prove(tm, Domain(batch, heads, q_len, kv_len), divisors=False)
+
+
+def mod_proven_safe(tm, batch: int, heads: int, q_len: int, kv_len: int) -> bool:
+    """:func:`loads_in_range`, and every integer ``//`` / ``%`` has a divisor that cannot be 0 (torch
+    raises for a zero divisor; a kernel would compute garbage). What the Triton launcher asks before
+    running a mod unchecked.
+
+    >>> from flexcomp.trace import trace
+    >>> from flexcomp.ir import ModKind
+    >>> tm = trace(lambda b, h, q_idx, kv_idx: q_idx // (kv_idx + 1) < 2, ModKind.MASK)
+    >>> mod_proven_safe(tm, 1, 1, 64, 64), mod_proven_safe(trace(lambda b, h, q, kv: q // kv < 2, ModKind.MASK), 1, 1, 8, 8)
+    (True, False)
+    """
+    return _prove(tm, Domain(batch, heads, q_len, kv_len), divisors=True)
+
+
+def _prove(tm, domain: Domain, divisors: bool) -> bool:
     g = tm.graph
-    if not g.buffers:
-        return True
     buf_of = {b.name: t for b, t in zip(g.buffers, tm.buffers)}
     proven = [True]
     like = _like()
@@ -199,16 +215,23 @@ def loads_in_range(tm, batch: int, heads: int, q_len: int, kv_len: int) -> bool:
             t = t.to(torch.int8)
         lows = [float(x.lo) for x in xs]
         highs = [float(x.hi) for x in xs]
-        if any(not (lo >= -size and hi < size) for lo, hi, size in zip(lows, highs, t.shape)):
-            proven[0] = False
+        inside = all(lo >= -size and hi < size for lo, hi, size in zip(lows, highs, t.shape))
+        proven[0] = proven[0] and inside
         if t.numel() == 0:
             return _Interval(like, like)
         region = t
-        if proven[0] and all(lo >= 0 for lo in lows):  # exact: the box of indices reached
+        if inside and all(lo >= 0 for lo in lows):  # exact: the box of indices reached
             region = t[tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(lows, highs))]
         return _Interval(like + float(region.min()), like + float(region.max()))
 
     scalars = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
     with torch.no_grad():
-        propagate(g, Domain(batch, heads, q_len, kv_len).inputs(like), scalars, load, like)
+        vals = propagate(g, domain.inputs(like), scalars, load, like)
+    if divisors and proven[0]:
+        for n in g.nodes:
+            if n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int:
+                d = n.args[1]
+                lo, hi = (d.value, d.value) if isinstance(d, Const) else (float(vals[d].lo), float(vals[d].hi))
+                if lo <= 0 <= hi:
+                    return False
     return proven[0]

@@ -6,7 +6,7 @@ CPU (NotImplementedError), so torch's side is its eager math implementation
 (``torch._higher_order_ops.flex_attention.math_attention``, which the GPU kernels match), called
 directly, plus flexcomp's dense float64 oracle.
 
-The Triton backend runs on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py).
+The Triton backend runs on CPU tensors under TRITON_INTERPRET=1 (set in conftest.py), or on the GPU.
 """
 from __future__ import annotations
 
@@ -19,11 +19,34 @@ from torch._higher_order_ops.flex_attention import math_attention
 from torch.nn.attention import flex_attention as tfa
 
 import flexcomp.api as api_module
-from flexcomp import AuxOutput, AuxRequest, FlexcompError, create_block_mask, flex_attention
+from flexcomp import AuxOutput, AuxRequest, FlexcompError, create_block_mask
+from flexcomp import flex_attention as _flex_attention
 from flexcomp.masks import alibi, causal_mask, document_mask, sliding_window, softcap
 from flexcomp.testing import dense_attention
 
 BACKENDS = ["reference", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the triton backend: a GPU, or the interpreter
+
+
+def flex_attention(q, k, v, *args, **kw):
+    """flexcomp's flex_attention; calls on the triton backend run on the GPU where there is one (inputs
+    moved there, results back to the CPU, gradients flowing through both moves)."""
+    if DEVICE == "cpu" or (kw.get("kernel_options") or {}).get("BACKEND") != "triton":
+        return _flex_attention(q, k, v, *args, **kw)
+    if kw.get("block_mask") is not None:
+        kw["block_mask"] = kw["block_mask"].to(DEVICE)
+    res = _flex_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *args, **kw)
+
+    def back(x):
+        if isinstance(x, torch.Tensor):
+            return x.cpu()
+        if isinstance(x, AuxOutput):
+            return AuxOutput(*(back(y) for y in x))
+        if isinstance(x, tuple):
+            return tuple(back(y) for y in x)
+        return x
+
+    return back(res)
 L = S = 96
 
 

@@ -344,11 +344,9 @@ flex("score_mod indexes a list", lambda L, ko: fa(L, ko, score_mod=score_list), 
 flex("score_mod captures complex", lambda L, ko: fa(L, ko, score_mod=score_complex), RuntimeError,
      r"score_mod 'score_complex'.*complex64", torch=False)
 flex("score_mod // 0", lambda L, ko: fa(L, ko, score_mod=score_div0), RuntimeError,
-     r"score_mod 'score_div0' at .*test_bad_inputs.py:\d+ divides an integer by zero in '%\d+ = floordiv",
-     xfail_triton="fix in codegen/lower.py: an integer // or % by zero is silent in the kernels")
+     r"score_mod 'score_div0' at .*test_bad_inputs.py:\d+ divides an integer by zero in '%\d+ = floordiv")
 flex("score_mod % 0", lambda L, ko: fa(L, ko, score_mod=score_mod0), ZeroDivisionError,
-     r"score_mod 'score_mod0' .* divides an integer by zero", torch=False,
-     xfail_triton="fix in codegen/lower.py: an integer // or % by zero is silent in the kernels")
+     r"score_mod 'score_mod0' .* divides an integer by zero", torch=False)
 flex("score_mod index out of range", lambda L, ko: fa(L, ko, score_mod=score_oob), IndexError,
      r"score_mod 'score_oob': .* index(es|ed) the captured tensor 'SHORT_F' of shape \(4,\) out of range")
 flex("score_mod captures meta", lambda L, ko: fa(L, ko, score_mod=score_meta), RuntimeError,
@@ -401,8 +399,7 @@ flex("block_mask mask_mod if", lambda L, ko: fa(L, ko, block_mask=with_mask_mod(
 flex("block_mask mask_mod out of range", lambda L, ko: fa(L, ko, block_mask=with_mask_mod(L, mask_oob)), IndexError,
      r"mask_mod 'mask_oob': .* index(es|ed) the captured tensor 'SHORT' of shape \(4,\) out of range", torch=False)
 flex("block_mask mask_mod // 0", lambda L, ko: fa(L, ko, block_mask=with_mask_mod(L, mask_div0)), RuntimeError,
-     r"mask_mod 'mask_div0' at .* divides an integer by zero",
-     xfail_triton="fix in codegen/lower.py: an integer // or % by zero is silent in the kernels")
+     r"mask_mod 'mask_div0' at .* divides an integer by zero")
 flex("block_mask mask_mod captures meta", lambda L, ko: fa(L, ko, block_mask=with_mask_mod(L, mask_meta)), RuntimeError,
      r"mask_mod 'mask_meta' at .*test_bad_inputs.py.* on the meta device", torch=False)
 

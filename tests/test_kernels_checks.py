@@ -109,9 +109,8 @@ def test_a_proven_mod_runs_unchecked_and_the_proof_is_kept():
         return score + bias[h, q_idx - kv_idx + 63]  # 0..126: in range, and provably so
 
     calls = []
-    prove = launch._loads_in_range()
-    assert prove is not None, "flexcomp.ranges.loads_in_range is there"
-    launch._RANGES[0] = lambda *a: calls.append(a) or prove(*a)
+    prove = launch.mod_proven_safe
+    launch.mod_proven_safe = lambda *a: calls.append(a) or prove(*a)
     try:
         q, k, v = _qkv()
         bm = create_block_mask(causal_mask, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=32)
@@ -123,7 +122,7 @@ def test_a_proven_mod_runs_unchecked_and_the_proof_is_kept():
         flex_attention(q, k, v, score_mod=rel_bias, block_mask=bm, kernel_options=TRITON)
         assert len(calls) == 2 and modules.STATS.generated == before
     finally:
-        launch._RANGES[0] = prove
+        launch.mod_proven_safe = prove
     assert _generated(rel_bias, ModKind.SCORE, checked=False)
     assert not _generated(rel_bias, ModKind.SCORE, checked=True)
     got = flex_attention(q, k, v, score_mod=rel_bias, block_mask=bm, kernel_options=TRITON)
@@ -163,3 +162,34 @@ def test_checked_source_reports_each_load_and_dim():
     assert [(c.buffer, c.dim) for c in checked.checks] == [("doc", 0), ("doc", 0), ("table", 0), ("table", 1)]
     assert checked.source.count("ops.check_index(") == 4 and "BUFS[2], 3)" in checked.source
     assert checked.name == plain.name + "_checked"
+
+
+@pytest.mark.parametrize("where", ["score", "mask"])
+def test_integer_division_by_zero_raises_on_the_kernels_as_torch(where):
+    """An integer // or % whose divisor can be 0 runs checked: a zero divisor met in an evaluated
+    block raises (torch raises RuntimeError('ZeroDivisionError')); a divisor proven nonzero runs
+    unchecked."""
+    zero_at = torch.tensor([3], device=DEVICE)
+
+    def score_div(score, b, h, q_idx, kv_idx):
+        return score + (q_idx // (kv_idx - zero_at[0])).float() * 0.01
+
+    def mask_div(b, h, q_idx, kv_idx):
+        return (q_idx % (kv_idx - zero_at[0])) >= 0
+
+    q, k, v = _qkv()
+    causal = create_block_mask(causal_mask, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=32)
+    lists = (causal.kv_num_blocks, causal.kv_indices, causal.full_kv_num_blocks, causal.full_kv_indices)
+    kw = {"score_mod": score_div} if where == "score" else {  # the diagonal blocks are partial: mask_div runs there
+        "block_mask": BlockMask.from_kv_blocks(*lists, BLOCK_SIZE=32, mask_mod=mask_div, seq_lengths=(64, 64))}
+    with pytest.raises(RuntimeError, match="divides an integer by zero") as info:
+        flex_attention(q, k, v, kernel_options=TRITON, **kw)
+    assert isinstance(info.value, ZeroDivisionError)
+
+    def safe(score, b, h, q_idx, kv_idx):
+        return score + (q_idx // (kv_idx + 1)).float() * 0.01
+
+    out = flex_attention(q, k, v, score_mod=safe, kernel_options=TRITON)
+    assert _generated(safe, ModKind.SCORE, checked=False) and not _generated(safe, ModKind.SCORE, checked=True)
+    torch.testing.assert_close(out, flex_attention(q, k, v, score_mod=safe, kernel_options={"BACKEND": "reference"}),
+                               atol=2e-5, rtol=2e-5)
