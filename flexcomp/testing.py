@@ -56,6 +56,6 @@ def grads(outputs, inputs, seed=0):
     g = torch.Generator().manual_seed(seed)
     total = 0
     for o in outputs:
-        w = torch.randn(o.shape, dtype=torch.float64, generator=g).to(o.dtype)
+        w = torch.randn(o.shape, dtype=torch.float64, generator=g).to(device=o.device, dtype=o.dtype)
         total = total + (torch.where(torch.isinf(o), 0.0, o) * w).sum()
     return torch.autograd.grad(total, inputs, allow_unused=True)

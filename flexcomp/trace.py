@@ -445,10 +445,10 @@ def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: fro
     if isinstance(value, (torch.dtype, torch.device)):
         return ("torch", str(value))
     if isinstance(value, types.FunctionType):
-        if _is_library(getattr(value, "__module__", None)):
-            keep.append(value)
+        if _is_library(getattr(value, "__module__", None)) and not value.__closure__ and not value.__kwdefaults__:
+            keep.append(value)  # library code reads only library globals: its identity says it all
             return ("const", id(value))
-        code = value.__code__
+        code = value.__code__  # user code, or a library closure (a mask factory's, HF's and_masks'): its cells
         keep.append(code)
         used = frozenset(_code_names(code))
         cells = tuple(fingerprint(c.cell_contents, depth + 1, keep, used) if _filled(c) else ("empty",)

@@ -128,3 +128,22 @@ def test_int32_capture_growing_past_its_proven_range_retraces():
     start.fill_(-(2 ** 30))  # in place: (q - start) * 16 now leaves int32; torch computes it in int64
     assert "i64" in str(trace(rel, ModKind.MASK).graph)
     _check(rel)
+
+
+WIDTH = 2
+
+
+def _user_window(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() < WIDTH
+
+
+def test_library_combinators_see_user_functions_change():
+    """and_masks is library code, but its closure holds the user's function, whose globals change."""
+    global WIDTH
+    from flexcomp import and_masks
+    from flexcomp.masks import causal_mask
+
+    both = and_masks(causal_mask, _user_window)
+    _check(both)
+    WIDTH = 5
+    _check(both)
