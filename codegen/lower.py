@@ -183,6 +183,8 @@ def _body(g: Graph, lowered: "_Layout", names: dict | None = None) -> list[str]:
         elif n.op in _SHIFT:
             c = n.args[1]
             bits = 32 if n.dtype is DType.I32 else 64
+            if isinstance(n.args[0], Const):  # a typed scalar: ops.shl/shr need a dtype
+                a[0] = f"tl.full([], {a[0]}, {_TL_TYPES[n.dtype]})"
             if isinstance(c, Const) and 0 <= c.value < bits:
                 expr = f"({a[0]} {'<<' if n.op is Op.SHL else '>>'} {a[1]})"
             else:

@@ -121,9 +121,12 @@ class GraphBuilder:
       return %0
     """
 
-    def __init__(self, kind: ModKind, fn_name: str):
+    def __init__(self, kind: ModKind, fn_name: str, bool_int: DType = DType.I32):
         self.kind = kind
         self.fn_name = fn_name
+        # the integer type arithmetic on bools gives: i32 (narrowest) or i64 (torch's, in a graph whose
+        # indices are int64 because 32 bits could wrap: flexcomp.ranges)
+        self.bool_int = bool_int
         self.nodes: list[Node] = []
         self.memo: dict[tuple, int] = {}
         self.buffers: list[BufferSpec] = []
@@ -225,12 +228,17 @@ class GraphBuilder:
         elif op in LOGIC_OPS:
             if t.is_float:
                 raise TypeError(f"bitwise '{op.value}' is not defined on floats")
+        elif op is Op.POW and t.is_int and isinstance(b, Const) and b.value < 0:
+            raise TypeError("integers to negative integer powers are not allowed (as torch); convert to float first")
         elif op in SHIFT_OPS:
             if t.is_float:
                 raise TypeError(f"shift '{'<<' if op is Op.SHL else '>>'}' is not defined on floats")
             t = DType.I32 if t is DType.BOOL else t
         elif op not in COMPARE_OPS and op not in (Op.MINIMUM, Op.MAXIMUM) and t is DType.BOOL:
-            t = DType.I32  # arithmetic on bools counts them as integers
+            t = self.bool_int  # arithmetic on bools counts them as integers
+        if t.is_int and self.bool_int is DType.I64 and op not in COMPARE_OPS and DType.BOOL in (ta, tb) and \
+                isinstance(a if tb is DType.BOOL else b, Const):
+            t = DType.I64  # torch: a bool tensor with a Python int gives int64
         a, b = self.cast(a, t), self.cast(b, t)
         return self.emit(op, DType.BOOL if op in COMPARE_OPS else t, (a, b))
 

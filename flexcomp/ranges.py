@@ -5,9 +5,9 @@ interval propagation of :mod:`flexcomp.sparsity` with the whole domain as one bl
 
 1. **Does 32-bit integer arithmetic give torch's answer?** torch evaluates mods on int64 index
    tensors; the IR's indices are ``i32``, and ``(q_idx * 2**20) % 7`` wraps in 32 bits. At trace
-   time :func:`widen_ints` bounds every integer node for indices below :data:`INDEX_LIMIT`; if a
-   node that torch computes in int64 (it depends on an index) can leave the int32 range, the graph
-   is re-emitted with the indices cast to ``i64`` first, so every value has torch's type and result.
+   time :func:`needs_int64` bounds every integer node for indices below :data:`INDEX_LIMIT`; if a
+   node that torch computes in int64 (it depends on an index) can leave the int32 range, the mod is
+   traced again with its indices cast to ``i64`` first, so every value has torch's type and result.
    Mods that stay in range (nearly all) keep 32-bit arithmetic, which the kernels prefer.
    :func:`check_index_limit` refuses, clearly, a problem larger than the bound a graph was proven for.
 2. **Does every load index inside its captured tensor?** :func:`loads_in_range` proves it for a
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .builder import GraphBuilder
 from .errors import FlexcompError
-from .ir import BINARY_OPS, Arg, Const, DType, Graph, Node, Op, verify
+from .ir import Const, DType, Graph, Node, Op
 from .sparsity import _INT_RANGE, _Interval, propagate
 
 # Indices (and batch, head counts) a graph is proven for at trace time: 2**24 = 16,777,216 tokens.
@@ -92,49 +91,10 @@ def overflowing_nodes(g: Graph, scalars: dict, domain: Domain, value_ranges: dic
             and (float(vals[n.id].lo) < lo32 or float(vals[n.id].hi) > hi32)]
 
 
-def widen_to_int64(g: Graph) -> Graph:
-    """``g`` with the index inputs cast to ``i64`` first and every node re-emitted with torch's type
-    promotion: what torch computes on int64 index tensors (explicit ``.to(torch.int32)`` casts and
-    int32 captured tensors keep 32 bits, as in torch)."""
-    gb = GraphBuilder(g.kind, g.fn_name)
-    specs = {b.name: gb.add_buffer(b.name, b.dtype, b.ndim, b.storage, b.site) for b in g.buffers}
-    new: dict[int, Arg] = {}
-
-    def arg(a: Arg) -> Arg:
-        return a if isinstance(a, Const) else new[a]
-
-    for n in g.nodes:
-        a = [arg(x) for x in n.args]
-        if n.op is Op.INPUT:
-            v = gb.inputs[n.attr]
-            new[n.id] = gb.cast(v, DType.I64) if n.attr in _INDEX_INPUTS else v
-        elif n.op is Op.SCALAR:
-            new[n.id] = gb.add_scalar(n.attr, n.dtype)
-        elif n.op is Op.LOAD:
-            new[n.id] = gb.load(specs[n.attr], a)
-        elif n.op is Op.CAST:
-            new[n.id] = gb.cast(a[0], n.dtype)
-        elif n.op is Op.WHERE:
-            new[n.id] = gb.where(*a)
-        elif n.op in BINARY_OPS:
-            new[n.id] = gb.binary(n.op, *a)
-        else:
-            new[n.id] = gb.unary(n.op, a[0])
-    outs = [arg(o) for o in g.outputs]
-    return gb.finish(outs[0], tuple(outs[1:]))
-
-
-def is_widened(g: Graph) -> bool:
-    """Whether ``g``'s index inputs are read as ``i64`` (by :func:`widen_to_int64`)."""
-    return any(n.op is Op.CAST and n.dtype is DType.I64 and not isinstance(n.args[0], Const)
-               and g.nodes[n.args[0]].op is Op.INPUT for n in g.nodes)
-
-
-def widen_ints(g: Graph, scalars: dict, value_ranges: dict | None = None) -> Graph:
-    """``g`` itself when 32-bit integers give torch's results for indices below :data:`INDEX_LIMIT`
-    (and integer captures within ``value_ranges``), else :func:`widen_to_int64` of it. Run before
-    simplification: its int32 ring rewrites (distributing ``(q - t) * 16``) are exact only while
-    every value wraps alike.
+def needs_int64(g: Graph, scalars: dict, value_ranges: dict | None = None) -> bool:
+    """Whether 32-bit integers could give another answer than torch for indices below
+    :data:`INDEX_LIMIT` (and integer captures within ``value_ranges``): then the tracer traces the
+    mod again with its indices as int64 (``Tracer(wide=True)``), which is torch's promotion exactly.
 
     >>> from flexcomp.trace import trace
     >>> from flexcomp.ir import ModKind
@@ -150,9 +110,7 @@ def widen_ints(g: Graph, scalars: dict, value_ranges: dict | None = None) -> Gra
       return %5
     """
     limit = Domain(INDEX_LIMIT, INDEX_LIMIT, INDEX_LIMIT, INDEX_LIMIT)
-    if is_widened(g) or not overflowing_nodes(g, scalars, limit, value_ranges):
-        return g
-    return verify(widen_to_int64(g))
+    return bool(overflowing_nodes(g, scalars, limit, value_ranges))
 
 
 def check_index_limit(tm, domain: Domain) -> None:

@@ -69,12 +69,13 @@ class TracedMod:
 class Tracer:
     """One trace of one function. Use :func:`trace`."""
 
-    def __init__(self, fn: Callable, kind: ModKind, baked: set[str]):
+    def __init__(self, fn: Callable, kind: ModKind, baked: set[str], wide: bool = False):
         self.fn = fn
         self.kind = kind
         self.baked = baked
+        self.wide = wide  # the indices as int64 from the start, as torch's (flexcomp.ranges.needs_int64)
         self.name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-        self.gb = GraphBuilder(kind, _identifier(getattr(fn, "__name__", "mod")))
+        self.gb = GraphBuilder(kind, _identifier(getattr(fn, "__name__", "mod")), DType.I64 if wide else DType.I32)
         self.tensor_names: dict[int, str] = {}
         self.tensors: dict[int, tuple[BufferSpec, torch.Tensor]] = {}
         self.scalar_values: dict[str, Number] = {}
@@ -247,8 +248,13 @@ class Tracer:
             fn = self.lift_function(fn)
         elif isinstance(fn, functools.partial):
             fn = self.lift(fn, "partial")
-        args = [Proxy(self, self.gb.inputs[n]) for n in self.kind.input_names]
-        out, where = _call_noting_return(fn, args)
+        wide = ("b", "h", "q_idx", "kv_idx") if self.wide else ()
+        args = [Proxy(self, self.gb.cast(self.gb.inputs[n], DType.I64) if n in wide else self.gb.inputs[n])
+                for n in self.kind.input_names]
+        with _ValueReads() as reads:
+            out, where = _call_noting_return(fn, args)
+        if reads.seen:  # a tensor's value became a Python number in the trace (.item(), int(t)): not cacheable
+            self.cacheable = False
         if out is None:
             raise self.error(f"the {self.kind.value} returned None", "return the score or the mask", where)
         if isinstance(out, torch.Tensor) and out.dim() == 0:
@@ -278,6 +284,24 @@ class Tracer:
         buffers = tuple(by_spec[b] for b in g.buffers)
         scalars = tuple(self.scalar_values[c.name] for c in g.scalars)
         return g, buffers, scalars
+
+
+class _ValueReads(torch.overrides.TorchFunctionMode):
+    """While tracing: notices a real tensor's values read into Python (``t.item()``, ``int(t)``,
+    ``t.tolist()``), which bakes them into the trace; such a trace is not cached, so an in-place
+    update of the tensor is seen at the next call."""
+
+    _READS = frozenset({"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "__array__",
+                        "__complex__", "__format__", "__repr__", "__iter__"})
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self._READS and args and type(args[0]) is torch.Tensor:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
 
 
 def _identifier(name: str) -> str:
@@ -386,14 +410,14 @@ def _value_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _int_ranges(g: Graph, buffers: tuple) -> dict[str, tuple[int, int]]:
-    """Value ranges assumed for int32 captures when choosing integer widths (:func:`widen_ints`):
+    """Value ranges assumed for int32 captures when choosing integer widths (:func:`~flexcomp.ranges.needs_int64`):
     their current values, widened to at least +-INDEX_LIMIT so that index-like tables (document ids,
     offsets) can change in place without a new trace."""
     from .ranges import INDEX_LIMIT
 
     out = {}
     for b, t in zip(g.buffers, buffers):
-        if b.storage == "int32":
+        if b.storage == "int32" and t.device.type != "meta":  # a meta tensor holds no values: int32's range
             lo, hi = _value_range(t)
             out[b.name] = (min(lo, -INDEX_LIMIT), max(hi, INDEX_LIMIT))
     return out
@@ -404,10 +428,14 @@ class _NoCache(Exception):
 
 
 def _code_names(code: types.CodeType) -> list[str]:
+    """Names a function's code may look up: its global and attribute names, and identifier-like
+    string constants (``getattr(cfg, "window")``, ``globals()["W"]``), nested functions' too."""
     names = list(code.co_names)
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
             names += _code_names(c)
+        elif isinstance(c, str) and c.isidentifier():
+            names.append(c)
     return names
 
 
@@ -441,7 +469,7 @@ def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: fro
     if isinstance(value, float):
         return (float, repr(value))  # repr keeps -0.0 and nan apart
     if isinstance(value, torch.Tensor):
-        return ("tensor", id(value))
+        return ("tensor", id(value), tuple(value.shape), value.dtype)  # a resize or a new dtype: a new trace
     if isinstance(value, (torch.dtype, torch.device)):
         return ("torch", str(value))
     if isinstance(value, types.FunctionType):
@@ -458,6 +486,13 @@ def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: fro
         kwdefaults = tuple(sorted((k, fingerprint(v, depth + 1, keep, used))
                                   for k, v in (value.__kwdefaults__ or {}).items()))
         return ("fn", id(code), cells, glob, fingerprint(value.__defaults__, depth + 1, keep, used), kwdefaults)
+    if isinstance(value, types.MethodType):
+        if not isinstance(value.__self__, type):
+            raise _NoCache  # an object's method reads its attributes: traced on every call
+        # a classmethod bound to its class: the function, and the class attributes it may read
+        used = frozenset(_code_names(value.__func__.__code__)) if hasattr(value.__func__, "__code__") else names
+        return ("classmethod", fingerprint(value.__func__, depth + 1, keep), fingerprint(value.__self__, depth + 1,
+                                                                                          keep, used))
     if isinstance(value, functools.partial):
         return ("partial", fingerprint(value.func, depth + 1, keep), fingerprint(value.args, depth + 1, keep),
                 fingerprint(tuple(sorted(value.keywords.items())), depth + 1, keep))
@@ -513,7 +548,7 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
       return %0
     """
     from .ir import verify
-    from .ranges import widen_ints
+    from .ranges import needs_int64
     from .symbolic import simplify
 
     if not callable(fn):
@@ -528,8 +563,9 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         return hit
     _check_signature(fn, kind)
     baked: set[str] = set()
+    wide = False
     for _ in range(32):
-        tracer = Tracer(fn, kind, baked)
+        tracer = Tracer(fn, kind, baked, wide)
         try:
             g, buffers, scalars = tracer.run()
         except _Concretize as c:
@@ -539,9 +575,14 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         tensor_of = {b.name: t for b, t in zip(g.buffers, buffers)}
         value_of = {c.name: v for c, v in zip(g.scalars, scalars)}
         # torch's int64 results where int32 could wrap: decided on the graph as written, before the
-        # int32 ring rewrites of simplify (which are exact only while everything wraps alike)
+        # int32 ring rewrites of simplify (which are exact only while everything wraps alike); the mod
+        # is then traced again with int64 indices, so its explicit casts and bool arithmetic get
+        # torch's types exactly
         int_ranges = _int_ranges(g, buffers)
-        simple = verify(simplify(widen_ints(g, value_of, int_ranges)))
+        if not wide and needs_int64(g, value_of, int_ranges):
+            wide = True
+            continue
+        simple = verify(simplify(g))
         tm = TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
                        tuple(value_of[c.name] for c in simple.scalars), fn)
         if key is not None and tracer.cacheable:

@@ -16,7 +16,7 @@ import torch
 
 from .builder import const
 from .ir import Arg, DType, Op
-from .trace_vectors import Reduction, VectorLike, elementwise, is_vector, reduce, stack
+from .trace_vectors import Reduction, VectorLike, elementwise, is_vector, permute, reduce, stack
 
 F32 = DType.F32
 
@@ -221,9 +221,16 @@ def where(t, c, a, b):
     return elementwise(t, lambda x, y, z: t.gb.where(x, y, z), [c, a, b])
 
 
+_NARROW = (torch.int8, torch.uint8, torch.int16)
+
+
 def cast(t, x, dtype):
     from .proxy import ir_dtype_of_torch
 
+    if dtype in _NARROW:  # the IR's integers are 32 and 64 bits: torch would wrap at 8 or 16
+        raise t.error(f".to({dtype}) of a traced value (the IR computes integers in 32 or 64 bits, so values past "
+                      f"the {dtype} range would not wrap as torch's do)",
+                      "cast to torch.int32 or torch.int64, and wrap explicitly if needed (x & 255, ...)")
     dt = ir_dtype_of_torch(dtype)
     if dt is None:
         raise t.error(f".to({dtype}) is not supported", "cast to a float, int or bool dtype")
@@ -341,7 +348,7 @@ def dispatch(func, args: tuple, kwargs: dict):
 def _to(t, x, *args, **kwargs):
     dtype = kwargs.get("dtype")
     for a in args:
-        if isinstance(a, torch.dtype) or a in (bool, int, float):
+        if isinstance(a, torch.dtype) or any(a is p for p in (bool, int, float)):  # not `in`: == records
             dtype = a
         elif hasattr(a, "dtype") and not isinstance(a, (str, torch.device)):
             dtype = a.dtype  # x.to(other): other's dtype
@@ -359,8 +366,26 @@ def method(x: Any, name: str):
         return x.dim() if isinstance(x, VectorLike) else 0
     if name in ("is_cuda", "requires_grad", "is_sparse", "is_nested"):
         return False
-    if name == "T" or name == "mT":
-        return x
+    if name in ("T", "mT", "mH", "H"):
+        nd = x.dim() if isinstance(x, VectorLike) else 0
+        if name in ("mT", "mH") and nd < 2:
+            raise t.error(f".{name} of a value of {nd} dims", "use it on 2-D (or more) rows of captured tensors")
+        order = list(range(nd))[::-1] if name in ("T", "H") else list(range(nd - 2)) + [nd - 1, nd - 2]
+        return permute(t, x, order)
+    if name in ("permute", "transpose", "t"):
+        def reorder(*dims, **k):
+            nd = x.dim() if isinstance(x, VectorLike) else 0
+            if name == "t":
+                order = list(range(nd))[::-1]
+            elif name == "transpose":
+                a, b = (d % max(nd, 1) for d in (dims or (k["dim0"], k["dim1"])))
+                order = list(range(nd))
+                order[a], order[b] = order[b], order[a]
+            else:
+                order = [d % max(nd, 1) for d in (dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list))
+                                                  else dims)]
+            return permute(t, x, order)
+        return reorder
     if name in UNARY:
         return lambda: unary(t, UNARY[name], x)
     if name in CASTS:

@@ -99,37 +99,46 @@ class VectorLike:
 
 class View(VectorLike):
     """``tensor`` indexed in some dims. ``dims[d]`` is the IR index of dim ``d`` (an :data:`Arg`)
-    or, for a sliced dim, the ``range`` of indices it keeps."""
+    or, for a sliced dim, the ``range`` of indices it keeps; ``order`` lists the sliced dims in the
+    view's own order (a transposed view reorders them)."""
 
-    def __init__(self, tracer, tensor: torch.Tensor, dims: tuple):
+    def __init__(self, tracer, tensor: torch.Tensor, dims: tuple, order: tuple | None = None):
         self.tracer = tracer
         self.tensor = tensor
         self.dims = dims
+        self.order = tuple(i for i, d in enumerate(dims) if isinstance(d, range)) if order is None else order
 
     def _shape(self) -> tuple[int, ...]:
-        return tuple(len(d) for d in self.dims if isinstance(d, range))
+        return tuple(len(self.dims[i]) for i in self.order)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.tensor.dtype
 
+    def permuted(self, order: Sequence[int]) -> "View":
+        """The same view with its dims reordered (``.T``, ``.transpose``): still indexable by traced values."""
+        return View(self.tracer, self.tensor, self.dims, tuple(self.order[d] for d in order))
+
     def index(self, idx: tuple):
-        """Fill the sliced dims in order with ``idx`` (traced values, ints, slices, ``...``)."""
+        """Fill the view's dims in order with ``idx`` (traced values, ints, slices, ``...``)."""
         t = self.tracer
-        sliced = [i for i, d in enumerate(self.dims) if isinstance(d, range)]
-        idx = expand_ellipsis(t, idx, len(sliced))
-        if len(idx) > len(sliced):
+        idx = expand_ellipsis(t, idx, len(self.order))
+        if len(idx) > len(self.order):
             from .errors import FlexcompTraceIndexError
 
-            given = len(self.dims) - len(sliced) + len(idx)
+            given = len(self.dims) - len(self.order) + len(idx)
             raise t.error(f"a captured tensor of shape {tuple(self.tensor.shape)} was indexed with {given} indices",
                           f"give at most {self.tensor.dim()} indices, one per dim", cls=FlexcompTraceIndexError)
         dims = list(self.dims)
-        for pos, i in zip(sliced, idx):
+        order = list(self.order)
+        for pos, i in zip(self.order, idx):
             r = dims[pos]
             if isinstance(i, slice):
+                check_slice(t, i)
                 dims[pos] = r[i]
-            elif isinstance(i, int) and not isinstance(i, bool):
+                continue
+            order.remove(pos)
+            if isinstance(i, int) and not isinstance(i, bool):
                 if not -len(r) <= i < len(r):
                     raise t.index_error(f"index {i} is out of range for a dim of size {len(r)}")
                 dims[pos] = const(r[i])
@@ -138,23 +147,23 @@ class View(VectorLike):
                     raise t.error("a traced index into a sliced part of a captured tensor",
                                   "index the captured tensor itself: t[..., start + i]")
                 dims[pos] = t.index_arg(i)
-        view = View(t, self.tensor, tuple(dims))
-        return view.load() if not view._shape() else view
+        view = View(t, self.tensor, tuple(dims), tuple(order))
+        return view.load() if not order else view
 
     def load(self):
         """The scalar this fully indexed view reads."""
         return self.tracer.load(self.tensor, list(self.dims))
 
     def elements(self) -> "Vector":
-        """One load per element, in row-major order."""
+        """One load per element, in the view's row-major order."""
         t = self.tracer
         shape = self._shape()
         check_size(t, shape)
         elems = []
-        ranges = [d for d in self.dims if isinstance(d, range)]
-        for combo in itertools.product(*ranges):
-            it = iter(combo)
-            dims = [const(next(it)) if isinstance(d, range) else d for d in self.dims]
+        for combo in itertools.product(*[self.dims[i] for i in self.order]):
+            dims = list(self.dims)
+            for pos, c in zip(self.order, combo):
+                dims[pos] = const(c)
             elems.append(t.load(self.tensor, dims).arg)
         return Vector(t, shape, elems)
 
@@ -187,6 +196,7 @@ class Vector(VectorLike):
         out_shape = []
         for i, n in zip(idx, self.shape_):
             if isinstance(i, slice):
+                check_slice(t, i)
                 keep.append(range(n)[i])
                 out_shape.append(len(keep[-1]))
             elif isinstance(i, int) and not isinstance(i, bool):
@@ -212,10 +222,17 @@ def expand_ellipsis(t, idx: tuple, ndim: int) -> tuple:
     if n_ell > 1:
         raise t.error("an index with more than one '...'", "use one '...'")
     if n_ell:
-        k = idx.index(Ellipsis)
+        k = next(i for i, x in enumerate(idx) if x is Ellipsis)  # not idx.index: == on traced values records
         rest = ndim - (len(idx) - 1)
         idx = idx[:k] + (slice(None),) * max(rest, 0) + idx[k + 1:]
     return idx
+
+
+def check_slice(t, i: slice) -> None:
+    """torch slices with a positive step only."""
+    if i.step is not None and (not isinstance(i.step, int) or i.step <= 0):
+        raise t.error(f"a slice with step {i.step!r}", "torch slices with a positive step only (flip() is not "
+                      "traced: index in reverse with an expression such as t[..., n - 1 - i])")
 
 
 def check_size(t, shape: Sequence[int]) -> None:
@@ -302,10 +319,17 @@ def reduce(t, x: Any, kind: Reduction, dim=None, keepdim: bool = False):
     v = as_vector(t, x)
     nd = len(v.shape_)
     dims = tuple(range(nd)) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
-    try:
-        dims = tuple(sorted({d % nd if nd else 0 for d in dims}))
-    except ZeroDivisionError:  # pragma: no cover
-        dims = ()
+    rank = max(nd, 1)  # torch lets a 0-d value be reduced over dim 0 or -1
+    for d in dims:
+        if not isinstance(d, int) or not -rank <= d < rank:
+            from .errors import FlexcompTraceIndexError
+
+            raise t.error(f"dimension {d!r} is out of range for a value of {nd} dims", "use a dim in "
+                          f"[-{rank}, {rank - 1}]", cls=FlexcompTraceIndexError)
+    normal = [d % rank for d in dims]
+    if len(set(normal)) != len(normal):
+        raise t.error(f"dim {tuple(dims)} names a dimension twice", "name each dim once")
+    dims = tuple(sorted(d for d in normal if d < nd))
     gb = t.gb
     src = gb.dtype_of(v.elems[0])
     if kind is Reduction.MEAN and not src.is_float:
@@ -341,6 +365,24 @@ def reduce(t, x: Any, kind: Reduction, dim=None, keepdim: bool = False):
     if not shape:
         return Proxy(t, elems[0])
     return Vector(t, shape, elems)
+
+
+def permute(t, x: Any, order: Sequence[int]):
+    """A traced vector with its dims reordered (``.T``, ``.mT``, ``.permute``)."""
+    if not is_vector(x):
+        return x  # a scalar: nothing to reorder
+    nd = len(x.shape)
+    if sorted(order) != list(range(nd)):
+        raise t.error(f"permute({tuple(order)}) of a value of shape {tuple(x.shape)}", "give every dim once")
+    if isinstance(x, View):
+        return x.permuted(order)
+    v = as_vector(t, x)
+    shape = v.shape_
+    new_shape = tuple(shape[d] for d in order)
+    strides = [math.prod(shape[k + 1:]) for k in range(len(shape))]
+    elems = [v.elems[sum(c * strides[d] for c, d in zip(combo, order))]
+             for combo in itertools.product(*[range(n) for n in new_shape])]
+    return Vector(t, new_shape, elems)
 
 
 def stack(t, items: Sequence[Any], dim: int = 0) -> Vector:

@@ -147,3 +147,60 @@ def test_library_combinators_see_user_functions_change():
     _check(both)
     WIDTH = 5
     _check(both)
+
+
+def test_bound_methods_classmethods_globals_by_name_and_value_reads_never_go_stale():
+    class Obj:
+        def __init__(self):
+            self.window = 2
+
+        def mask_mod(self, b, h, q_idx, kv_idx):
+            return (q_idx - kv_idx).abs() < self.window
+
+    def expect(window):
+        return tfa.create_mask(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() < window, 1, 1, N, N, device="cpu")
+
+    obj = Obj()
+    assert torch.equal(create_mask(obj.mask_mod, 1, 1, N, N, device="cpu"), expect(2))
+    obj.window = 6
+    assert torch.equal(create_mask(obj.mask_mod, 1, 1, N, N, device="cpu"), expect(6))
+
+    class WithCls:
+        w = 3
+
+        @classmethod
+        def mask_mod(cls, b, h, q_idx, kv_idx):
+            return (q_idx - kv_idx).abs() < cls.w
+
+    assert torch.equal(create_mask(WithCls.mask_mod, 1, 1, N, N, device="cpu"), expect(3))
+    WithCls.w = 5
+    assert torch.equal(create_mask(WithCls.mask_mod, 1, 1, N, N, device="cpu"), expect(5))
+
+    win = torch.tensor(2)
+
+    def reads_value(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() < int(win)  # the value is baked into the trace
+
+    _check(reads_value)
+    win.fill_(9)
+    _check(reads_value)
+
+
+def _by_name(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() < globals()["WIDTH"] + getattr(Cfg, "WINDOW") * 0
+
+
+def test_names_looked_up_by_string_and_resized_tensors_retrace():
+    global WIDTH
+    _check(_by_name)
+    WIDTH = 8
+    _check(_by_name)
+    table = torch.arange(N) % 3
+
+    def reads_shape(b, h, q_idx, kv_idx):
+        return table[q_idx] == table[kv_idx] + table.shape[0] * 0
+
+    _check(reads_shape)
+    table.resize_(N + 4)
+    table.copy_(torch.arange(N + 4) % 2)
+    _check(reads_shape)

@@ -284,3 +284,73 @@ def test_captured_tensor_on_the_meta_device_is_refused_where_it_must_run():
     line = uses_meta.__code__.co_firstlineno + 1
     with pytest.raises(RuntimeError, match=rf"uses_meta' at .*:{line}: the captured tensor 'meta'.*meta device"):
         create_block_mask(uses_meta, 1, 1, 8, 8, device="cpu")
+
+
+def test_explicit_int32_casts_and_bool_arithmetic_keep_torchs_types_when_widened():
+    mods = [lambda b, h, q_idx, kv_idx: (q_idx.to(torch.int32) * 2**27) % 7 == (kv_idx * 2**27) % 7,
+            lambda b, h, q_idx, kv_idx: ((q_idx >= kv_idx) * 2**30 + (kv_idx >= q_idx) * 2**30) % 7 == 2,
+            lambda b, h, q_idx, kv_idx: (kv_idx.int() * 2**27) % 7 == (q_idx % 7)]
+    for mod in mods:
+        assert torch.equal(create_mask(mod, 1, 1, 64, 64, device="cpu"), tfa.create_mask(mod, 1, 1, 64, 64, device="cpu"))
+
+
+def test_transposes_of_rows():
+    tab = torch.randn(2, 3, 5, dtype=torch.float64)
+    mods = {"T": lambda s, b, h, q, kv: s + tab[b].T[kv % 5, h % 3] * kv,
+            "mT": lambda s, b, h, q, kv: s + tab[b].mT[kv % 5][h % 3] * kv,
+            "transpose": lambda s, b, h, q, kv: s + (tab[b].transpose(0, 1)[kv % 5] * 2).sum() * kv}
+    oracle = {"T": lambda s, b, h, q, kv: s + tab[b, h % 3, kv % 5] * kv,
+              "mT": lambda s, b, h, q, kv: s + tab[b, h % 3, kv % 5] * kv,
+              "transpose": lambda s, b, h, q, kv: s + (tab[b, :, kv % 5] * 2).sum(0) * kv}
+    q, k, v = rand_qkv(2, 3, 16, 16, 8)
+    for name, mod in mods.items():
+        out = flex_attention(q, k, v, score_mod=mod, kernel_options={"BACKEND": "reference"})
+        want, _ = dense_attention(q, k, v, lambda s, b, h, q_, kv: _oracle_loop(oracle[name], s, b, h, q_, kv))
+        torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+
+
+def _oracle_loop(fn, s, b, h, q, kv):
+    """Calls ``fn`` pair by pair with Python ints (for oracles written per pair)."""
+    out = torch.empty(torch.broadcast_shapes(s.shape, b.shape, h.shape, q.shape, kv.shape), dtype=s.dtype)
+    sb = torch.broadcast_to(s, out.shape)
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            for m in range(out.shape[2]):
+                for n in range(out.shape[3]):
+                    out[i, j, m, n] = fn(sb[i, j, m, n], i, j, m, n)
+    return out
+
+
+def test_torchs_refusals_are_ours_too():
+    emb = torch.randn(8, 4)
+    cases = [
+        (lambda s, b, h, q, kv: s + emb[q].sum(dim=1), IndexError, "out of range"),
+        (lambda s, b, h, q, kv: s + emb[q].sum(dim=(0, 0)), RuntimeError, "twice"),
+        (lambda s, b, h, q, kv: s + emb[kv, 3:0:-1].sum(), RuntimeError, "positive step"),
+        (lambda s, b, h, q, kv: s + ((q + 1) ** -1), RuntimeError, "negative integer powers"),
+        (lambda s, b, h, q, kv: s + (q + 100).to(torch.int8), RuntimeError, "int8"),
+    ]
+    for mod, exc, fragment in cases:
+        with pytest.raises(exc, match=fragment):
+            trace(mod, ModKind.SCORE)
+
+
+def test_ellipsis_after_traced_indices_and_to_another_traced_value():
+    flags = torch.rand(2, 4, 16) > 0.3
+    tab3 = torch.randn(2, 3, 4)
+    mods = [lambda b, h, q, kv: flags[b, h, ...][kv] | (q == kv),
+            lambda b, h, q, kv: (tab3[b, ..., -1].sum() > 0) | (q >= kv),
+            lambda b, h, q, kv: ((q - kv).to(kv) >= 0) & (q.to(kv) >= 0)]
+    for mod in mods:
+        assert torch.equal(create_mask(mod, 2, 4, 16, 16, device="cpu"), tfa.create_mask(mod, 2, 4, 16, 16, device="cpu"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_constants_shifted_by_traced_counts(backend):
+    def mod(s, b, h, q, kv):
+        return s + ((1 << (kv % 8)) % 7).float() * 0.1 + ((1000 >> (q % 70)) % 5).float() * 0.1
+
+    q, k, v = (t.to(dev(backend)) for t in rand_qkv(1, 2, 64, 64, 16, dtype=torch.float32))
+    out = flex_attention(q, k, v, score_mod=mod, kernel_options={"BACKEND": backend})
+    want, _ = dense_attention(q.cpu(), k.cpu(), v.cpu(), lambda s, b, h, q_, kv: mod(s, b, h, q_.long(), kv.long()))
+    torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=1e-4, atol=1e-4)
