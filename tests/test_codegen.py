@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexcomp.codegen.lower import CodegenError, lower
+from flexcomp.codegen.lower import CodegenError, _pow, lower
 from flexcomp.errors import FlexcompError
-from flexcomp.ir import ModKind
+from flexcomp.ir import Const, DType, Graph, ModKind, Node, Op
 from flexcomp.masks import alibi, causal_mask, document_mask, softcap, sliding_window
 from flexcomp.trace import trace
 
@@ -86,8 +86,11 @@ def test_function_names_say_which_variant():
 
 
 def test_integer_to_negative_power_is_refused_and_power_zero_is_one():
-    with pytest.raises(CodegenError, match="integer to a negative power"):
-        lower(trace(lambda s, b, h, q, kv: s + (kv + 1) ** -1, ModKind.SCORE).graph)
+    with pytest.raises(RuntimeError, match="negative integer powers"):  # now at trace time, as torch refuses it
+        trace(lambda s, b, h, q, kv: s + (kv + 1) ** -1, ModKind.SCORE)
+    pow_node = Node(0, Op.POW, DType.I32, (Const(3, DType.I32), Const(-1, DType.I32)))
+    with pytest.raises(CodegenError, match="integer to a negative power"):  # and the lowering still guards it
+        _pow(Graph(ModKind.MASK, "m", (), (), (), Const(True, DType.BOOL)), pow_node, "x", pow_node.args[1])
     assert "(1 + tl.zeros_like(" in _body(lambda s, b, h, q, kv: s + s ** 0, ModKind.SCORE)
 
 
