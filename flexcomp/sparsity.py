@@ -238,6 +238,8 @@ def propagate(g: Graph, inputs: dict[str, _Interval], scalars: dict[str, float],
                             torch.maximum(a.hi.abs(), a.lo.abs()))
         elif op in (Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE):
             out = _cmp(op, xs[0], xs[1])
+        elif op is Op.AND and n.dtype.is_int and isinstance(n.args[1], Const) and n.args[1].value >= 0:
+            out = _Interval(like + 0.0, like + float(n.args[1].value))  # x & mask: in [0, mask] (two's complement)
         elif op in (Op.AND, Op.OR) and n.dtype is DType.BOOL:
             f = torch.minimum if op is Op.AND else torch.maximum
             out = _Interval(f(xs[0].lo, xs[1].lo), f(xs[0].hi, xs[1].hi))

@@ -82,6 +82,7 @@ class Tracer:
         self.scalar_origin: dict[int, str] = {}  # scalar node id -> user-visible name
         self.walked: set[int] = set()  # ids of tensors reached through closures and globals
         self.cacheable = True  # False once a tensor came from anywhere else (attributes, the mod's body)
+        self.narrow: dict[int, torch.dtype] = {}  # IR values of torch's int8 / uint8 / int16 types
 
     # ---- errors --------------------------------------------------------------------------
     def error(self, what: str, fix: str = _FIX, where: tuple | None = None,
@@ -199,7 +200,10 @@ class Tracer:
         """``tensor[indices]``, one IR index (from :meth:`index_arg`) per dim: the captured tensor
         becomes a buffer."""
         spec = self.capture_tensor(tensor)
-        return Proxy(self, self.gb.load(spec, indices))
+        value = self.gb.load(spec, indices)
+        if tensor.dtype in (torch.int8, torch.uint8, torch.int16) and not isinstance(value, Const):
+            self.narrow[value] = tensor.dtype  # torch's arithmetic on it wraps at 8 or 16 bits
+        return Proxy(self, value)
 
     def to_arg(self, x: Any, what: str = "operand") -> Arg:
         """A proxy, Python number or 0-d captured tensor as an IR operand."""

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .builder import const
-from .ir import Arg, DType, Op
+from .ir import COMPARE_OPS, Arg, Const, DType, Op
 from .trace_vectors import Reduction, VectorLike, elementwise, is_vector, permute, reduce, stack
 
 F32 = DType.F32
@@ -203,38 +203,107 @@ def _tracer_of(items) -> Any:
     return None
 
 
+# ---- torch's narrow integers --------------------------------------------------------------------
+# A value read from an int8 / uint8 / int16 captured tensor keeps that type in torch's arithmetic
+# with Python numbers, bools and values of its own type, and wraps; with an index (int64) it
+# promotes. The IR computes such values in i32, so each narrow result is wrapped back to its range
+# (``t.narrow`` maps IR values to their torch dtype).
+_WRAP = {torch.uint8: (False, 8), torch.int8: (True, 8), torch.int16: (True, 16)}  # signed, bits
+_NARROW = tuple(_WRAP)
+
+
+def _narrow_of(t, a):
+    return None if isinstance(a, Const) else t.narrow.get(a)
+
+
+def _narrow_result(t, a, b):
+    """torch's narrow result type of ``a op b``, or None when the result is not narrow."""
+    na, nb = _narrow_of(t, a), _narrow_of(t, b)
+    if na is None and nb is None:
+        return None
+    if na is not None and nb is not None:
+        return na if na == nb else torch.int16  # uint8 with int8 (or int16): int16, as torch
+    n, other = (na, b) if na is not None else (nb, a)
+    weak = isinstance(other, Const) and not other.dtype.is_float or t.gb.dtype_of(other) is DType.BOOL
+    return n if weak else None
+
+
+def _wrap(t, x, dtype):
+    """``x`` (an int IR value) wrapped to torch's ``dtype`` range, recorded as of that dtype."""
+    signed, bits = _WRAP[dtype]
+    gb = t.gb
+    if signed:
+        half = const(1 << (bits - 1))
+        x = gb.binary(Op.SUB, gb.binary(Op.AND, gb.binary(Op.ADD, x, half), const((1 << bits) - 1)), half)
+    else:
+        x = gb.binary(Op.AND, x, const((1 << bits) - 1))
+    if not isinstance(x, Const):
+        t.narrow[x] = dtype
+    return x
+
+
+def _unary_arg(t, op: Op, a):
+    out = t.gb.unary(op, a)
+    n = _narrow_of(t, a)
+    if n is not None and op in (Op.NEG, Op.NOT, Op.ABS) and t.gb.dtype_of(out).is_int:
+        return _wrap(t, out, n)
+    return out
+
+
+def _binary_arg(t, op: Op, a, b):
+    out = t.gb.binary(op, a, b)
+    if op in COMPARE_OPS or not t.gb.dtype_of(out).is_int:
+        return out
+    n = _narrow_result(t, a, b)
+    return out if n is None else _wrap(t, out, n)
+
+
 def unary(t, op: Op, x):
     try:
-        return elementwise(t, lambda a: t.gb.unary(op, a), [x])
+        return elementwise(t, lambda a: _unary_arg(t, op, a), [x])
     except TypeError as err:
         raise t.error(str(err), "use ~ on bools and ints, and - on numbers") from None
 
 
 def binary(t, op: Op, a, b):
     try:
-        return elementwise(t, lambda x, y: t.gb.binary(op, x, y), [a, b])
+        return elementwise(t, lambda x, y: _binary_arg(t, op, x, y), [a, b])
     except TypeError as err:
         raise t.error(str(err), "use integer or bool operands for & | ^ ~ << >>") from None
 
 
 def where(t, c, a, b):
-    return elementwise(t, lambda x, y, z: t.gb.where(x, y, z), [c, a, b])
+    def pick(x, y, z):
+        out = t.gb.where(x, y, z)
+        n = _narrow_result(t, y, z)
+        if n is not None and not isinstance(out, Const) and t.gb.dtype_of(out).is_int:
+            t.narrow[out] = n
+        return out
 
-
-_NARROW = (torch.int8, torch.uint8, torch.int16)
+    return elementwise(t, pick, [c, a, b])
 
 
 def cast(t, x, dtype):
     from .proxy import ir_dtype_of_torch
 
-    if dtype in _NARROW:  # the IR's integers are 32 and 64 bits: torch would wrap at 8 or 16
-        raise t.error(f".to({dtype}) of a traced value (the IR computes integers in 32 or 64 bits, so values past "
-                      f"the {dtype} range would not wrap as torch's do)",
-                      "cast to torch.int32 or torch.int64, and wrap explicitly if needed (x & 255, ...)")
+    if dtype in _NARROW:  # an int32 (or int64) value wrapped to the narrow range, and known as narrow
+        def to_narrow(a):
+            if not (t.gb.dtype_of(a).is_int or t.gb.dtype_of(a) is DType.BOOL):
+                raise t.error(f".to({dtype}) of a float (torch leaves out-of-range values undefined)",
+                              f"convert to torch.int32 first, then to {dtype}")
+            return _wrap(t, t.gb.cast(a, DType.I32) if t.gb.dtype_of(a) is DType.BOOL else a, dtype)
+
+        return elementwise(t, to_narrow, [x])
     dt = ir_dtype_of_torch(dtype)
     if dt is None:
         raise t.error(f".to({dtype}) is not supported", "cast to a float, int or bool dtype")
-    return elementwise(t, lambda a: t.gb.cast(a, dt), [x])
+
+    def to(a):
+        if _narrow_of(t, a) is not None and dt is t.gb.dtype_of(a):
+            return t.gb.binary(Op.OR, a, const(0))  # a narrow value as a plain int32: a new value, not narrow
+        return t.gb.cast(a, dt)
+
+    return elementwise(t, to, [x])
 
 
 def clamp(t, x, lo=None, hi=None):

@@ -328,7 +328,7 @@ def test_torchs_refusals_are_ours_too():
         (lambda s, b, h, q, kv: s + emb[q].sum(dim=(0, 0)), RuntimeError, "twice"),
         (lambda s, b, h, q, kv: s + emb[kv, 3:0:-1].sum(), RuntimeError, "positive step"),
         (lambda s, b, h, q, kv: s + ((q + 1) ** -1), RuntimeError, "negative integer powers"),
-        (lambda s, b, h, q, kv: s + (q + 100).to(torch.int8), RuntimeError, "int8"),
+        (lambda s, b, h, q, kv: s + (s * 100).to(torch.int8), RuntimeError, "int8"),
     ]
     for mod, exc, fragment in cases:
         with pytest.raises(exc, match=fragment):
@@ -353,4 +353,31 @@ def test_constants_shifted_by_traced_counts(backend):
     q, k, v = (t.to(dev(backend)) for t in rand_qkv(1, 2, 64, 64, 16, dtype=torch.float32))
     out = flex_attention(q, k, v, score_mod=mod, kernel_options={"BACKEND": backend})
     want, _ = dense_attention(q.cpu(), k.cpu(), v.cpu(), lambda s, b, h, q_, kv: mod(s, b, h, q_.long(), kv.long()))
+    torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_narrow_integers_wrap_as_torchs():
+    """Values of int8 / uint8 / int16 captures (and casts to those types) wrap in torch's arithmetic
+    with Python numbers and with one another, and promote with indices."""
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (64,), generator=g, dtype=torch.uint8)
+    i8 = torch.randint(-128, 128, (64,), generator=g, dtype=torch.int8)
+    i16 = torch.randint(-30000, 30000, (64,), generator=g, dtype=torch.int16)
+    mods = [lambda b, h, q, kv: (u8[q] - u8[kv]) > 100,
+            lambda b, h, q, kv: (i16[q] * 3) > 0,
+            lambda b, h, q, kv: (i8[q] + i8[kv]) < 0,
+            lambda b, h, q, kv: (u8[q] + i8[kv]) < 0,
+            lambda b, h, q, kv: (u8[q] + q) > 200,
+            lambda b, h, q, kv: (u8[q].int() + 300) > 400,
+            lambda b, h, q, kv: (-i8[q]) < (~u8[kv]).to(torch.int32) - 100,
+            lambda b, h, q, kv: ((q >= kv) + u8[q]) == 0,
+            lambda b, h, q, kv: torch.where(q > kv, u8[q], u8[kv]) * 2 > 100,
+            lambda b, h, q, kv: (q + 100).to(torch.int8) < 0,
+            lambda b, h, q, kv: ((q * 7).to(torch.uint8) + kv.to(torch.int16) * 900) > 0]
+    for mod in mods:
+        assert torch.equal(create_mask(mod, 1, 1, 64, 64, device="cpu"), tfa.create_mask(mod, 1, 1, 64, 64, device="cpu"))
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(1, 1, 64, 64, 16, dtype=torch.float32))
+    bm = create_block_mask(mods[0], 1, 1, 64, 64, device=DEVICE, BLOCK_SIZE=16)
+    want, _ = dense_attention(q.cpu(), k.cpu(), v.cpu(), mask_mod=lambda b, h, q_, k_: mods[0](b, h, q_, k_))
+    out = flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "triton"})
     torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=1e-4, atol=1e-4)
