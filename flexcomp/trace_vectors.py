@@ -360,6 +360,9 @@ def reduce(t, x: Any, kind: Reduction, dim=None, keepdim: bool = False):
         if kind is Reduction.MEAN:
             count = math.prod(v.shape_[k] for k in dims)
             acc = gb.binary(Op.TRUEDIV, acc, Const(float(count), DType.F32))
+        narrow = t.narrow.get(v.elems[0]) if not isinstance(v.elems[0], Const) else None
+        if narrow is not None and kind in (Reduction.AMAX, Reduction.AMIN) and not isinstance(acc, Const):
+            t.narrow[acc] = narrow  # torch's max of uint8 values is uint8 (sums and products are int64)
         elems.append(acc)
     shape = tuple(keep_shape) if keepdim else tuple(out_shape)
     if not shape:

@@ -381,3 +381,11 @@ def test_narrow_integers_wrap_as_torchs():
     want, _ = dense_attention(q.cpu(), k.cpu(), v.cpu(), mask_mod=lambda b, h, q_, k_: mods[0](b, h, q_, k_))
     out = flex_attention(q, k, v, block_mask=bm, kernel_options={"BACKEND": "triton"})
     torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_reductions_of_narrow_rows_keep_torchs_types():
+    rows = torch.randint(0, 256, (32, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mods = [lambda b, h, q, kv: (rows[q].amax() + 100) > (rows[kv].sum() % 256),
+            lambda b, h, q, kv: (rows[q].amin() - rows[kv].amax()) > 120]
+    for mod in mods:
+        assert torch.equal(create_mask(mod, 1, 1, 32, 32, device="cpu"), tfa.create_mask(mod, 1, 1, 32, 32, device="cpu"))
