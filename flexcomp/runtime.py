@@ -269,10 +269,7 @@ def run_attention(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], m
     """
     backend = choose_backend(options, q.device)
     if backend is Backend.TRITON:
-        if want_max:
-            return _run_triton(q, k, v, score, mask, block_mask, scale, options, want_max)
-        res = _run_triton(q, k, v, score, mask, block_mask, scale, options)
-        return res[0], res[1], None
+        return _run_triton(q, k, v, score, mask, block_mask, scale, options, want_max)
     plan = ReferencePlan(
         score=score,
         mask=mask,

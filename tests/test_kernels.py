@@ -206,7 +206,7 @@ def test_dump_dir_names_say_which_variant(tmp_path, monkeypatch):
     import collections
 
     import flexcomp.codegen.modules as modules
-    import flexcomp.trace as trace_module
+    import flexcomp.trace_cache as trace_module
 
     monkeypatch.setenv("FLEXCOMP_DUMP_DIR", str(tmp_path))
     monkeypatch.setattr(modules, "_CACHE", {})

@@ -1,0 +1,188 @@
+"""The trace cache: a mod is traced again only when something its trace baked in changed.
+
+:func:`fingerprint` keys a mod by everything a trace bakes in (see its docstring); entries hold the
+captured tensors weakly. :mod:`flexcomp.trace` looks traces up here before tracing.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import types
+import weakref
+from typing import Any
+
+import torch
+
+from .ir import Graph
+
+# A mod is traced again only when what it captures changed. The fingerprint of a function is its
+# code and everything its closure cells and referenced globals hold: numbers by value, tensors by
+# identity (their values are read at run time, so in-place updates need no retrace), functions
+# recursively. A function that captures anything else (an object whose attributes it may read,
+# a dict) is not cached and is traced on every call.
+# Entries hold the captured tensors weakly: the cache never keeps a tensor (or a bias that a
+# training loop replaces every step) alive. A tensor's id cannot be reused while it lives, so a
+# live weak reference under a matching key is the very tensor the key saw.
+_TRACES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_TRACES_MAX = 512
+
+
+def remember(key: tuple, graph: Graph, buffers: tuple, scalars: tuple, launch_cache: dict, keep: list,
+             int_ranges: dict) -> None:
+    """Keep a trace under ``key`` (a :func:`fingerprint`); ``keep`` holds what the key names by id.
+
+    The integer width was proven for ``int_ranges`` (value ranges of int32 captures, by buffer
+    name): re-checked when a capture's version counter moves (an in-place update), and the entry
+    dropped if they no longer hold."""
+    guards = [[i, *int_ranges[b.name], t._version] for i, (b, t) in enumerate(zip(graph.buffers, buffers))
+              if b.name in int_ranges]
+    _TRACES[key] = (graph, tuple(weakref.ref(t) for t in buffers), scalars, tuple(keep), launch_cache, guards)
+    if len(_TRACES) > _TRACES_MAX:
+        _TRACES.popitem(last=False)
+
+
+def lookup(key: tuple) -> tuple | None:
+    """``(graph, buffers, scalars, launch_cache)`` kept under ``key``, or None (never kept, a
+    captured tensor gone, or an int32 capture outside the range its trace was proven for)."""
+    entry = _TRACES.get(key)
+    if entry is None:
+        return None
+    graph, refs, scalars, _, launch_cache, guards = entry
+    buffers = tuple(r() for r in refs)
+    if any(b is None for b in buffers):
+        del _TRACES[key]
+        return None
+    for guard in guards:
+        i, lo, hi, version = guard
+        t = buffers[i]
+        if t._version != version:
+            now = value_range(t)
+            if now[0] < lo or now[1] > hi:
+                del _TRACES[key]
+                return None
+            guard[3] = t._version
+    _TRACES.move_to_end(key)
+    return graph, buffers, scalars, launch_cache
+
+
+def value_range(t: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of an integer tensor's values (``(0, 0)`` when empty)."""
+    if t.numel() == 0:
+        return 0, 0
+    with torch.no_grad():
+        ext = torch.stack([t.min(), t.max()]).tolist()
+    return int(ext[0]), int(ext[1])
+
+
+class NoCache(Exception):
+    """What a mod reads cannot be fingerprinted: it is traced on every call."""
+
+
+def _code_names(code: types.CodeType) -> list[str]:
+    """Names a function's code may look up: its global and attribute names, and identifier-like
+    string constants (``getattr(cfg, "window")``, ``globals()["W"]``), nested functions' too."""
+    names = list(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names += _code_names(c)
+        elif isinstance(c, str) and c.isidentifier():
+            names.append(c)
+    return names
+
+
+# Modules whose attributes a mod reads are library code that does not change between calls.
+_LIBRARY_MODULES = ("torch", "numpy", "math", "operator", "functools", "builtins", "typing", "flexcomp",
+                    "triton", "sympy", "cmath", "numbers", "transformers")
+
+
+def _is_library(module_name: str | None) -> bool:
+    return bool(module_name) and module_name.split(".")[0] in _LIBRARY_MODULES
+
+
+def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: frozenset = frozenset()) -> tuple:
+    """What a trace of ``value`` depends on, as a hashable key (raises NoCache if unknowable).
+
+    Everything a trace bakes in is here: a function's code, closure cells, referenced globals,
+    positional and keyword-only defaults; for a user module or class the mod reads (``cfg.WINDOW``,
+    ``Config.scale``), the attributes it may read (every name its code uses that the module or class
+    has); numbers, strings and containers by value; tensors by identity (values are read at run time).
+    ``names`` are the attribute names the reading code uses.
+
+    Objects named by id (code, modules, types) are appended to ``keep``: a cache entry holds them
+    so that their ids cannot be reused while the entry exists. Tensors are named by id too, but
+    entries hold them weakly (see ``_cached``).
+    """
+    keep = [] if keep is None else keep
+    if depth > 12:
+        raise NoCache
+    if value is None or isinstance(value, (bool, int, str, bytes)):
+        return (type(value), value)
+    if isinstance(value, float):
+        return (float, repr(value))  # repr keeps -0.0 and nan apart
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), tuple(value.shape), value.dtype)  # a resize or a new dtype: a new trace
+    if isinstance(value, (torch.dtype, torch.device)):
+        return ("torch", str(value))
+    if isinstance(value, types.FunctionType):
+        if _is_library(getattr(value, "__module__", None)) and not value.__closure__ and not value.__kwdefaults__:
+            keep.append(value)  # library code reads only library globals: its identity says it all
+            return ("const", id(value))
+        code = value.__code__  # user code, or a library closure (a mask factory's, HF's and_masks'): its cells
+        keep.append(code)
+        used = frozenset(_code_names(code))
+        cells = tuple(fingerprint(c.cell_contents, depth + 1, keep, used) if _filled(c) else ("empty",)
+                      for c in (value.__closure__ or ()))
+        glob = tuple((n, fingerprint(value.__globals__[n], depth + 1, keep, used))
+                     for n in sorted(used) if n in value.__globals__)
+        kwdefaults = tuple(sorted((k, fingerprint(v, depth + 1, keep, used))
+                                  for k, v in (value.__kwdefaults__ or {}).items()))
+        return ("fn", id(code), cells, glob, fingerprint(value.__defaults__, depth + 1, keep, used), kwdefaults)
+    if isinstance(value, types.MethodType):
+        if not isinstance(value.__self__, type):
+            raise NoCache  # an object's method reads its attributes: traced on every call
+        # a classmethod bound to its class: the function, and the class attributes it may read
+        used = frozenset(_code_names(value.__func__.__code__)) if hasattr(value.__func__, "__code__") else names
+        return ("classmethod", fingerprint(value.__func__, depth + 1, keep), fingerprint(value.__self__, depth + 1,
+                                                                                          keep, used))
+    if isinstance(value, functools.partial):
+        return ("partial", fingerprint(value.func, depth + 1, keep), fingerprint(value.args, depth + 1, keep),
+                fingerprint(tuple(sorted(value.keywords.items())), depth + 1, keep))
+    if isinstance(value, (staticmethod, classmethod)):
+        return ("method", fingerprint(value.__func__, depth + 1, keep, names))
+    if isinstance(value, (tuple, list, frozenset, set)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return (type(value).__name__, tuple(fingerprint(v, depth + 1, keep, names) for v in items))
+    if isinstance(value, dict):
+        return ("dict", tuple((fingerprint(k, depth + 1, keep), fingerprint(v, depth + 1, keep, names))
+                              for k, v in value.items()))
+    if isinstance(value, types.ModuleType):
+        keep.append(value)
+        if _is_library(value.__name__):
+            return ("module", id(value))
+        attrs = vars(value)
+        return ("module", id(value), tuple((n, fingerprint(attrs[n], depth + 1, keep, names))
+                                           for n in sorted(names) if n in attrs))
+    if isinstance(value, type):
+        keep.append(value)
+        if _is_library(value.__module__):
+            return ("type", id(value))
+        read = []
+        for n in sorted(names):
+            for klass in value.__mro__:
+                if n in vars(klass) and klass is not object:
+                    read.append((n, fingerprint(vars(klass)[n], depth + 1, keep, names)))
+                    break
+        return ("type", id(value), tuple(read))
+    if isinstance(value, (types.BuiltinFunctionType, types.MethodWrapperType)) or (
+            callable(value) and _is_library(type(value).__module__) and not isinstance(value, torch.nn.Module)):
+        keep.append(value)
+        return ("const", id(value))
+    raise NoCache
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
