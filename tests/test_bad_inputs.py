@@ -10,12 +10,10 @@ the message (which names the argument or the user's mod, what was expected and w
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -27,215 +25,49 @@ from flexcomp import FlexcompError
 from flexcomp.masks import causal_mask
 
 
-@dataclass(frozen=True)
-class Row:
-    """One bad input.
-
-    ``call(L, ko)`` makes the call with library ``L`` (flexcomp, or torch's flex_attention module)
-    and ``ko`` (flexcomp: ``{"BACKEND": backend}`` for flex_attention rows; torch: None).
-    """
-
-    name: str
-    call: Callable
-    exc: type
-    match: str
-    flex: bool = False  # a flex_attention call: parametrised over both backends
-    torch: bool = True  # torch raises an instance of ``exc`` for the same input
-    ours: bool = True  # flexcomp raises one of its own errors (False: torch's, from inside torch)
-    xfail: str = ""  # 'fix in <file>' (both backends)
-    xfail_triton: str = ""  # 'fix in <file>' (the triton backend only)
-
-
-# ---- inputs ----------------------------------------------------------------------------------------
-def qkv(B=1, H=2, L=32, S=32, D=16, Hkv=None, dtype=torch.float32):
-    g = torch.Generator().manual_seed(L * 31 + S)
-    Hkv = H if Hkv is None else Hkv
-    return (torch.randn(B, H, L, D, generator=g).to(dtype), torch.randn(B, Hkv, S, D, generator=g).to(dtype),
-            torch.randn(B, Hkv, S, D, generator=g).to(dtype))
-
-
-def ko_with(ko, **extra):
-    return {**(ko or {}), **extra}
-
-
-@functools.lru_cache(maxsize=None)
-def bm_of(L, B=1, H=2, Q=32, KV=32, block=16, mask=causal_mask):
-    return L.create_block_mask(mask, B, H, Q, KV, device="cpu", BLOCK_SIZE=block)
-
-
-def fa(L, ko, *args, q=None, k=None, v=None, **kw):
-    """flex_attention on the default inputs (or those given), with the row's kernel_options."""
-    dq, dk, dv = qkv()
-    if "kernel_options" not in kw:
-        kw["kernel_options"] = ko
-    return L.flex_attention(dq if q is None else q, dk if k is None else k, dv if v is None else v, *args, **kw)
-
-
-def cbm(L, mask=causal_mask, B=1, H=1, Q=32, KV=32, **kw):
-    kw.setdefault("device", "cpu")
-    kw.setdefault("BLOCK_SIZE", 16)
-    return L.create_block_mask(mask, B, H, Q, KV, **kw)
-
-
-def lists():
-    g = torch.Generator().manual_seed(1)
-    dense = torch.randint(0, 3, (1, 2, 2, 2), generator=g)
-    return tfa._dense_to_ordered(dense == 1), tfa._dense_to_ordered(dense == 2)
-
-
-def fkb(L, *args, **kw):
-    (n, i), _ = lists()
-    args = args or (n, i)
-    kw.setdefault("BLOCK_SIZE", 16)
-    return L.BlockMask.from_kv_blocks(*args, **kw)
-
-
-# ---- mods ------------------------------------------------------------------------------------------
-ZEROS = torch.zeros(4, dtype=torch.int64)
-SHORT = torch.arange(4)
-SHORT_F = torch.randn(4)
-TABLE2D = torch.randint(0, 5, (4, 4))
-META = torch.arange(4, device="meta")
-COMPLEX = torch.randn(4, dtype=torch.complex64)
-PY_LIST = [1, 2, 3]
-
-
-def score_if(score, b, h, q_idx, kv_idx):
-    if q_idx > kv_idx:
-        return score
-    return score * 2
-
-
-def score_while(score, b, h, q_idx, kv_idx):
-    while score > 0:
-        score = score - 1
-    return score
-
-
-def score_bool(score, b, h, q_idx, kv_idx):
-    return score * float(bool(q_idx))
-
-
-def score_item(score, b, h, q_idx, kv_idx):
-    return score + q_idx.item()
-
-
-def score_numpy(score, b, h, q_idx, kv_idx):
-    return score + q_idx.numpy()
-
-
-def score_none(score, b, h, q_idx, kv_idx):
-    return None
-
-
-def score_str(score, b, h, q_idx, kv_idx):
-    return "score"
-
-
-def score_index_traced(score, b, h, q_idx, kv_idx):
-    return score[0]
-
-
-def score_div0(score, b, h, q_idx, kv_idx):
-    return score + q_idx // ZEROS[h]
-
-
-def score_mod0(score, b, h, q_idx, kv_idx):
-    return score + (kv_idx % (q_idx * 0))
-
-
-def score_oob(score, b, h, q_idx, kv_idx):
-    return score + SHORT_F[q_idx]
-
-
-def score_meta(score, b, h, q_idx, kv_idx):
-    return score + META[h]
-
-
-def score_complex(score, b, h, q_idx, kv_idx):
-    return score + COMPLEX[h].real
-
-
-def score_list(score, b, h, q_idx, kv_idx):
-    return score + PY_LIST[h]
-
-
-def mask_if(b, h, q_idx, kv_idx):
-    return True if q_idx >= kv_idx else False
-
-
-def mask_bool(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx if bool(h == 0) else q_idx < kv_idx
-
-
-def mask_item(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx.item()
-
-
-def mask_float(b, h, q_idx, kv_idx):
-    return (q_idx - kv_idx).float()
-
-
-def mask_int(b, h, q_idx, kv_idx):
-    return q_idx - kv_idx
-
-
-def mask_none(b, h, q_idx, kv_idx):
-    return None
-
-
-def mask_str(b, h, q_idx, kv_idx):
-    return "keep"
-
-
-def mask_div0(b, h, q_idx, kv_idx):
-    return (q_idx // ZEROS[h]) >= 0
-
-
-def mask_mod0(b, h, q_idx, kv_idx):
-    return (q_idx % (kv_idx - kv_idx)) == 0
-
-
-def mask_oob(b, h, q_idx, kv_idx):
-    return SHORT[q_idx] >= kv_idx
-
-
-def mask_oob_negative(b, h, q_idx, kv_idx):
-    return SHORT[q_idx - 40] >= 0
-
-
-def mask_too_many_indices(b, h, q_idx, kv_idx):
-    return TABLE2D[b, h, q_idx] > 0
-
-
-def mask_float_index(b, h, q_idx, kv_idx):
-    return SHORT[q_idx.float() / 8] >= 0
-
-
-def mask_meta(b, h, q_idx, kv_idx):
-    return META[h] >= 0
-
-
-def mask_three(b, h, q_idx):
-    return q_idx >= 0
-
-
-def mask_none_args():
-    return True
-
-
-def score_three(score, b, h):
-    return score
-
-
-def score_six(score, b, h, q_idx, kv_idx, extra):
-    return score
-
-
-def with_mask_mod(L, mod):
-    bm = L.create_block_mask(causal_mask, 1, 2, 32, 32, device="cpu", BLOCK_SIZE=16)
-    bm.mask_mod = mod
-    return bm
+from bad_inputs_mods import (  # tests/ is on sys.path (as for variants.py)
+    Row,
+    bm_of,
+    cbm,
+    fa,
+    fkb,
+    ko_with,
+    lists,
+    mask_bool,
+    mask_div0,
+    mask_float,
+    mask_float_index,
+    mask_if,
+    mask_int,
+    mask_item,
+    mask_meta,
+    mask_mod0,
+    mask_none,
+    mask_none_args,
+    mask_oob,
+    mask_oob_negative,
+    mask_str,
+    mask_three,
+    mask_too_many_indices,
+    qkv,
+    score_bool,
+    score_complex,
+    score_div0,
+    score_if,
+    score_index_traced,
+    score_item,
+    score_list,
+    score_meta,
+    score_mod0,
+    score_none,
+    score_numpy,
+    score_oob,
+    score_six,
+    score_str,
+    score_three,
+    score_while,
+    with_mask_mod,
+)
 
 
 # ---- the table -------------------------------------------------------------------------------------
@@ -324,7 +156,7 @@ flex("score_mod 3 args", lambda L, ko: fa(L, ko, score_mod=score_three), Runtime
 flex("score_mod 6 args", lambda L, ko: fa(L, ko, score_mod=score_six), RuntimeError,
      r"score_mod 'score_six' at .* takes 6 positional arguments")
 flex("score_mod if on traced", lambda L, ko: fa(L, ko, score_mod=score_if), RuntimeError,
-     r"cannot trace score_mod 'score_if' at .*test_bad_inputs.py")
+     r"cannot trace score_mod 'score_if' at .*bad_inputs_mods.py")
 flex("score_mod while on traced", lambda L, ko: fa(L, ko, score_mod=score_while), RuntimeError,
      r"cannot trace score_mod 'score_while'")
 flex("score_mod bool()", lambda L, ko: fa(L, ko, score_mod=score_bool), RuntimeError, r"cannot trace score_mod 'score_bool'")
@@ -344,13 +176,13 @@ flex("score_mod indexes a list", lambda L, ko: fa(L, ko, score_mod=score_list), 
 flex("score_mod captures complex", lambda L, ko: fa(L, ko, score_mod=score_complex), RuntimeError,
      r"score_mod 'score_complex'.*complex64", torch=False)
 flex("score_mod // 0", lambda L, ko: fa(L, ko, score_mod=score_div0), RuntimeError,
-     r"score_mod 'score_div0' at .*test_bad_inputs.py:\d+ divides an integer by zero in '%\d+ = floordiv")
+     r"score_mod 'score_div0' at .*bad_inputs_mods.py:\d+ divides an integer by zero in '%\d+ = floordiv")
 flex("score_mod % 0", lambda L, ko: fa(L, ko, score_mod=score_mod0), ZeroDivisionError,
      r"score_mod 'score_mod0' .* divides an integer by zero", torch=False)
 flex("score_mod index out of range", lambda L, ko: fa(L, ko, score_mod=score_oob), IndexError,
      r"score_mod 'score_oob': .* index(es|ed) the captured tensor 'SHORT_F' of shape \(4,\) out of range")
 flex("score_mod captures meta", lambda L, ko: fa(L, ko, score_mod=score_meta), RuntimeError,
-     r"score_mod 'score_meta' at .*test_bad_inputs.py.* on the meta device")
+     r"score_mod 'score_meta' at .*bad_inputs_mods.py.* on the meta device")
 flex("return_aux True", lambda L, ko: fa(L, ko, return_aux=True), AttributeError,
      r"return_aux must be an AuxRequest\(lse=..., max_scores=...\) or None, got bool")
 flex("return_aux str", lambda L, ko: fa(L, ko, return_aux="lse"), AttributeError, r"return_aux must be an AuxRequest.* got str")
@@ -401,7 +233,7 @@ flex("block_mask mask_mod out of range", lambda L, ko: fa(L, ko, block_mask=with
 flex("block_mask mask_mod // 0", lambda L, ko: fa(L, ko, block_mask=with_mask_mod(L, mask_div0)), RuntimeError,
      r"mask_mod 'mask_div0' at .* divides an integer by zero")
 flex("block_mask mask_mod captures meta", lambda L, ko: fa(L, ko, block_mask=with_mask_mod(L, mask_meta)), RuntimeError,
-     r"mask_mod 'mask_meta' at .*test_bad_inputs.py.* on the meta device", torch=False)
+     r"mask_mod 'mask_meta' at .*bad_inputs_mods.py.* on the meta device", torch=False)
 
 # D. kernel_options: container, keys, and the type of every key's value
 flex("kernel_options list", lambda L, ko: fa(L, ko, kernel_options=[1]), TypeError,
@@ -486,7 +318,7 @@ row("cbm mask_mod if", lambda L, ko: cbm(L, mask_if), RuntimeError, r"cannot tra
 row("cbm mask_mod bool()", lambda L, ko: cbm(L, mask_bool), RuntimeError, r"cannot trace mask_mod 'mask_bool'")
 row("cbm mask_mod .item()", lambda L, ko: cbm(L, mask_item), RuntimeError, r"mask_mod 'mask_item'.*item")
 row("cbm mask_mod // 0", lambda L, ko: cbm(L, mask_div0), RuntimeError,
-    r"mask_mod 'mask_div0' at .*test_bad_inputs.py:\d+ divides an integer by zero in '%\d+ = floordiv")
+    r"mask_mod 'mask_div0' at .*bad_inputs_mods.py:\d+ divides an integer by zero in '%\d+ = floordiv")
 row("cbm mask_mod % 0", lambda L, ko: cbm(L, mask_mod0), ZeroDivisionError,
     r"mask_mod 'mask_mod0' .* divides an integer by zero", torch=False)
 row("cbm mask_mod out of range", lambda L, ko: cbm(L, mask_oob), IndexError,
@@ -500,7 +332,7 @@ row("cbm mask_mod float index", lambda L, ko: cbm(L, mask_float_index), IndexErr
     r"mask_mod 'mask_float_index'.*index with integers",
 )
 row("cbm mask_mod captures meta", lambda L, ko: cbm(L, mask_meta), RuntimeError,
-    r"mask_mod 'mask_meta' at .*test_bad_inputs.py.* on the meta device and holds no values", torch=False)
+    r"mask_mod 'mask_meta' at .*bad_inputs_mods.py.* on the meta device and holds no values", torch=False)
 row("cbm B str", lambda L, ko: cbm(L, B="2"), TypeError, r"B \(or None to broadcast\) must be an int >= 0, got '2' \(str\)")
 row("cbm B float", lambda L, ko: cbm(L, B=1.5), TypeError, r"got 1.5 \(float\)", torch=False)
 row("cbm B negative", lambda L, ko: cbm(L, B=-1), RuntimeError, r"B \(or None to broadcast\) must be an int >= 0, got -1")
