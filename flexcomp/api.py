@@ -17,9 +17,9 @@ from .blockmask import BlockMask, _sliced_mask_mod_error, is_noop_block_mask, no
 from .errors import (FlexcompAttributeError, FlexcompError, FlexcompNotCallableError, FlexcompNotImplementedError,
                      FlexcompRuntimeError, FlexcompTypeError, FlexcompZeroDivisionError)
 from .ir import ModKind
-from .ranges import Domain, check_index_limit
+from .ranges import Domain, check_runnable
 from .runtime import Options, run_attention
-from .trace import check_captures, trace
+from .trace import trace
 
 
 class AuxRequest(NamedTuple):
@@ -228,8 +228,7 @@ def flex_attention(
         mask = trace(block_mask.mask_mod, ModKind.MASK)
     for tm in (score, mask):
         if tm is not None:
-            check_captures(tm, query.device)
-            check_index_limit(tm, Domain(query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+            check_runnable(tm, query.device, Domain(query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
     want_lse = return_lse or (return_aux is not None and bool(return_aux.lse))
     want_max = return_aux is not None and bool(return_aux.max_scores)
     out, lse, max_scores = run_attention(query, key, value, score, mask, block_mask, float(scale), options, want_max)

@@ -21,9 +21,9 @@ from .blockmask_lists import dense_to_ordered as _dense_to_ordered
 from .errors import FlexcompError, FlexcompNotCallableError, zero_division_names
 from .evaluate import evaluate
 from .ir import ModKind
-from .ranges import Domain, check_index_limit
+from .ranges import Domain, check_runnable
 from .sparsity import BlockGrid, BlockKind, classify_blocks
-from .trace import check_captures, trace
+from .trace import trace
 
 
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
@@ -129,8 +129,7 @@ def create_block_mask(
                             f"{dq_kv_order!r}")
     device = torch.device(device if device is not None else _default_device())
     tm = trace(mask_mod, ModKind.MASK)
-    check_captures(tm, device)
-    check_index_limit(tm, Domain(B, H, Q_LEN, KV_LEN))
+    check_runnable(tm, device, Domain(B, H, Q_LEN, KV_LEN))
     grid = BlockGrid(Q_LEN, KV_LEN, qb, kvb)
     shape = (B, H, grid.num_q, grid.num_kv)
     if device.type == "meta" or 0 in shape:
@@ -170,8 +169,7 @@ def create_mask(mod_fn: Callable, B: Optional[int], H: Optional[int], Q_LEN: int
     device = torch.device(device if device is not None else _default_device())
     kind = ModKind.SCORE if _num_params(mod_fn) == 5 else ModKind.MASK
     tm = trace(mod_fn, kind)
-    check_captures(tm, device)
-    check_index_limit(tm, Domain(B, H, Q_LEN, KV_LEN))
+    check_runnable(tm, device, Domain(B, H, Q_LEN, KV_LEN))
     ar = functools.partial(torch.arange, device=device, dtype=torch.int32)
     inputs = {"b": ar(B).view(-1, 1, 1, 1), "h": ar(H).view(1, -1, 1, 1),
               "q_idx": ar(Q_LEN).view(1, 1, -1, 1), "kv_idx": ar(KV_LEN).view(1, 1, 1, -1)}

@@ -25,6 +25,8 @@ import torch
 from .errors import FlexcompError
 from .ir import Const, DType, Graph, Node, Op
 from .sparsity import _INT_RANGE, _Interval, propagate
+from .trace import check_captures
+from .trace_cache import value_range
 
 # Indices (and batch, head counts) a graph is proven for at trace time: 2**24 = 16,777,216 tokens.
 INDEX_LIMIT = 1 << 24
@@ -113,16 +115,21 @@ def needs_int64(g: Graph, scalars: dict, value_ranges: dict | None = None) -> bo
     return bool(overflowing_nodes(g, scalars, limit, value_ranges))
 
 
+def check_runnable(tm, device, domain: Domain) -> None:
+    """Before a traced mod runs on ``device`` over ``domain``: its captures hold values there
+    (:func:`flexcomp.trace.check_captures`), and its integer widths were proven for the sizes
+    (:func:`check_index_limit`). What ``create_block_mask``, ``create_mask`` and ``flex_attention`` ask."""
+    check_captures(tm, device)
+    check_index_limit(tm, domain)
+
+
 def check_index_limit(tm, domain: Domain) -> None:
     """Refuse a problem beyond :data:`INDEX_LIMIT` whose 32-bit arithmetic was not proven for it."""
     if max(domain.batch, domain.heads, domain.q_len, domain.kv_len) <= INDEX_LIMIT:
         return
     g = tm.graph
     scalars = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
-    ranges = {}
-    for b, t in zip(g.buffers, tm.buffers):
-        if b.storage == "int32" and t.numel():
-            ranges[b.name] = (int(t.min()), int(t.max()))
+    ranges = {b.name: value_range(t) for b, t in zip(g.buffers, tm.buffers) if b.storage == "int32"}
     bad = overflowing_nodes(g, scalars, domain, ranges)
     if bad:
         raise FlexcompError(

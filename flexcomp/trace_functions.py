@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .builder import const
-from .ir import COMPARE_OPS, Arg, Const, DType, Op
+from .ir import COMPARE_OPS, Const, DType, Op
 from .trace_vectors import Reduction, VectorLike, elementwise, is_vector, permute, reduce, stack
 
 F32 = DType.F32
