@@ -173,7 +173,7 @@ def test_flatten_unflatten_match_torch(name, compute):
                                      x.view(1, 1, 1, -1) * 40),
                        mod(x.view(-1, 1, 1, 1) * 0, x.view(1, -1, 1, 1) % 3, x.view(1, 1, -1, 1) * 50,
                            x.view(1, 1, 1, -1) * 40))
-    (kl, kc), (tkl, tkc) = fb._flatten_with_keys(), tb._flatten_with_keys()
+    (kl, _), (tkl, _) = fb._flatten_with_keys(), tb._flatten_with_keys()
     assert [str(key) for key, _ in kl] == [str(key) for key, _ in tkl]
     assert all(a is b for (_, a), b in zip(kl, fl))
 
