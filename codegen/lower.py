@@ -1,6 +1,6 @@
 """Lowering: an IR graph becomes the source of one small ``@triton.jit`` function.
 
-Every mod, whatever it captures, gets one signature, so the kernels call it the same way::
+Every mod, whatever it captures, gets one signature::
 
     score_mod_<name>_<key>(score, b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F)
     mask_mod_<name>_<key>(b, h, q_idx, kv_idx, BUFS, STRIDES, SIZES, SCALARS_I, SCALARS_F)
@@ -12,12 +12,19 @@ read from two small device tensors (``SCALARS_I`` int64, ``SCALARS_F`` float32, 
 float64 mod), so their values never enter a compiled kernel's specialisation. Loads are masked to
 each buffer's extent: no index a mod computes can read outside a captured tensor.
 
+The kernels pass each mod ONE flat tuple (:func:`flat_args`: the pointers, the strides, the sizes,
+the two scalar tensors); :func:`entry` renders the small function that unpacks it, ``<name>_args``,
+which the kernels call (Triton takes flat tuples of arguments on the GPU, not nested ones).
+
+Each op renders through one row of :data:`TRITON` (``tests/test_ir_ops.py`` checks that every IR
+op has one); the op's other facts live in :data:`flexcomp.ir_ops.OPS`.
+
 Two switches make variants of one graph, each its own function (name and cache key):
 
 - :class:`FloatType`: the Triton type of the IR's working float ``f32`` (float32; float64 for
   float64 inputs, where float constants are formed as float64 tensors too, never rounded to float32);
 - ``checked``: before each load, every index is compared with its dim (``ops.check_index``) and any
-  index outside ``[-size, size)`` is written into an int64 error tensor passed as the last pointer of
+  index outside ``[-size, size)`` is written into an int64 error tensor passed after the pointers in
   ``BUFS`` (one slot per load and dim, :class:`LoadCheck`), so the launcher raises IndexError as torch
   would. Used when ``flexcomp.ranges`` cannot prove every index in range.
 
@@ -28,27 +35,17 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Mapping, Union
 
 from flexcomp.errors import FlexcompError
 from flexcomp.ir import Const, DType, Graph, ModKind, Node, Op
+from flexcomp.plan import Reduce, depends_on, gathers_per_pair, reduce_kind
+
+__all__ = ["TRITON", "FloatType", "CheckKind", "LoadCheck", "LoweredMod", "CodegenError", "lower", "lower_scatter",
+           "function_name", "Reduce", "gathers_per_pair"]
 
 _TL_TYPES = {DType.BOOL: "tl.int1", DType.I32: "tl.int32", DType.I64: "tl.int64", DType.F32: "tl.float32"}
-
-_BINARY = {
-    Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})", Op.TRUEDIV: "({0} / {1})",
-    Op.EQ: "({0} == {1})", Op.NE: "({0} != {1})", Op.LT: "({0} < {1})", Op.LE: "({0} <= {1})",
-    Op.GT: "({0} > {1})", Op.GE: "({0} >= {1})", Op.AND: "({0} & {1})", Op.OR: "({0} | {1})",
-    Op.XOR: "({0} ^ {1})",
-}
-_UNARY = {
-    Op.NEG: "(-{0})", Op.ABS: "tl.abs({0})", Op.EXP: "tl.exp({0})", Op.EXP2: "tl.exp2({0})",
-    Op.LOG: "tl.log({0})", Op.LOG2: "tl.log2({0})", Op.SQRT: "tl.sqrt_rn({0})", Op.RSQRT: "tl.rsqrt({0})",
-    Op.TANH: "ops.tanh({0})", Op.SIGMOID: "tl.sigmoid({0})", Op.SIN: "tl.sin({0})", Op.COS: "tl.cos({0})",
-    Op.SIGN: "ops.sign({0})", Op.FLOOR: "tl.floor({0})", Op.CEIL: "tl.ceil({0})",
-    Op.TAN: "ops.tan({0})", Op.ATAN: "ops.atan({0})", Op.ERF: "tl.erf({0})", Op.LOG1P: "ops.log1p({0})",
-    Op.EXPM1: "ops.expm1({0})",
-}
-_SHIFT = {Op.SHL: "shl", Op.SHR: "shr"}  # ops.shl / ops.shr: torch's results for any shift count
+_SHIFT_BITS = {DType.I32: 32, DType.I64: 64}
 
 
 class CodegenError(FlexcompError):
@@ -94,11 +91,12 @@ class LoweredMod:
         name: the function's name, ``<kind>_<fn name>_<structural key>``.
         source: a whole Python module defining the ``@triton.jit`` function.
         graph: the IR it was generated from.
-        stride_offsets: for each buffer, where its dims start in ``STRIDES`` / ``SIZES``.
+        stride_offsets: for each buffer, where its dims start among the strides (and the sizes) in ``BUFS``.
         int_scalars, float_scalars: for each of ``graph.scalars``, its slot in ``SCALARS_I`` or
             ``SCALARS_F`` (-1 when it lives in the other one).
         float_type: what ``f32`` became.
         checks: a checked mod's error-tensor slots, in order (empty when unchecked).
+        checked: the checked variant (its error tensor follows the buffers' pointers).
     """
 
     name: str
@@ -109,6 +107,7 @@ class LoweredMod:
     float_scalars: tuple[int, ...]
     float_type: FloatType = FloatType.F32
     checks: tuple[LoadCheck, ...] = ()
+    checked: bool = False
 
 
 def _const(c: Const, ft: FloatType = FloatType.F32) -> str:
@@ -140,16 +139,98 @@ def _pow(g: Graph, n: Node, a: str, exp) -> str:
         "constant integer exponent")
 
 
+@dataclass
+class _Emit:
+    """What a renderer sees: the graph, the variant's layout and the lines so far (checks go there)."""
+
+    g: Graph
+    lay: "_Layout"
+    lines: list
+
+
+Renderer = Union[str, Callable[[_Emit, Node, list[str]], str]]
+
+
+def _scalar(e: _Emit, n: Node, a: list[str]) -> str:
+    slot = e.lay.scalar_slot[n.attr]
+    return (f"tl.load(SCALARS_F + {slot})" if n.dtype is DType.F32
+            else f"tl.load(SCALARS_I + {slot}).to({_TL_TYPES[n.dtype]})")
+
+
+def _render_load(e: _Emit, n: Node, a: list[str]) -> str:
+    e.lines += _checks(e.g, e.lay, n, a)
+    return _load(e.lay, n, a)
+
+
+def _cast(e: _Emit, n: Node, a: list[str]) -> str:
+    return f"({a[0]} != 0)" if n.dtype is DType.BOOL else f"{a[0]}.to({e.lay.tl(n.dtype)})"
+
+
+def _division(fn: str) -> Callable[[_Emit, Node, list[str]], str]:
+    def render(e: _Emit, n: Node, a: list[str]) -> str:
+        if e.g.dtype_of(n.args[0]).is_float:
+            return f"ops.{fn}_f({a[0]}, {a[1]})"
+        e.lines += _divisor_check(e.g, e.lay, n, a[1])
+        return f"ops.{fn}({a[0]}, {a[1]})"
+    return render
+
+
+def _shift(symbol: str, helper: str) -> Callable[[_Emit, Node, list[str]], str]:
+    """``<<`` / ``>>`` for in-range constant counts, else ``ops.shl`` / ``ops.shr`` (torch's results
+    for any count)."""
+    def render(e: _Emit, n: Node, a: list[str]) -> str:
+        c, bits = n.args[1], _SHIFT_BITS[n.dtype]
+        x = f"tl.full([], {a[0]}, {_TL_TYPES[n.dtype]})" if isinstance(n.args[0], Const) else a[0]  # typed
+        if isinstance(c, Const) and 0 <= c.value < bits:
+            return f"({x} {symbol} {a[1]})"
+        return f"ops.{helper}({x}, {a[1]}, {bits})"
+    return render
+
+
+def _extreme(fn: str) -> Callable[[_Emit, Node, list[str]], str]:
+    def render(e: _Emit, n: Node, a: list[str]) -> str:
+        nan = ", propagate_nan=tl.PropagateNan.ALL" if e.g.dtype_of(n.args[0]).is_float else ""
+        return f"{fn}({a[0]}, {a[1]}{nan})"
+    return render
+
+
+def _not(e: _Emit, n: Node, a: list[str]) -> str:
+    return f"({a[0]} == 0)" if e.g.dtype_of(n.args[0]) is DType.BOOL else f"(~{a[0]})"
+
+
+def _input(e: _Emit, n: Node, a: list[str]) -> str:  # pragma: no cover - inputs are named, not rendered
+    raise CodegenError(f"internal: input {n.attr} rendered as a value")
+
+
+# The Triton renderer: one row per IR op, a format string over the operands or a function.
+TRITON: Mapping[Op, Renderer] = {
+    Op.INPUT: _input, Op.SCALAR: _scalar, Op.LOAD: _render_load, Op.CAST: _cast,
+    Op.WHERE: "tl.where({0}, {1}, {2})",
+    Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})", Op.TRUEDIV: "({0} / {1})",
+    Op.FLOORDIV: _division("floordiv"), Op.MOD: _division("pymod"),
+    Op.POW: lambda e, n, a: _pow(e.g, n, a[0], n.args[1]),
+    Op.EQ: "({0} == {1})", Op.NE: "({0} != {1})", Op.LT: "({0} < {1})", Op.LE: "({0} <= {1})",
+    Op.GT: "({0} > {1})", Op.GE: "({0} >= {1})", Op.AND: "({0} & {1})", Op.OR: "({0} | {1})",
+    Op.XOR: "({0} ^ {1})", Op.MINIMUM: _extreme("tl.minimum"), Op.MAXIMUM: _extreme("tl.maximum"),
+    Op.SHL: _shift("<<", "shl"), Op.SHR: _shift(">>", "shr"),
+    Op.NEG: "(-{0})", Op.ABS: "tl.abs({0})", Op.NOT: _not, Op.EXP: "tl.exp({0})", Op.EXP2: "tl.exp2({0})",
+    Op.LOG: "tl.log({0})", Op.LOG2: "tl.log2({0})", Op.SQRT: "tl.sqrt_rn({0})", Op.RSQRT: "tl.rsqrt({0})",
+    Op.TANH: "ops.tanh({0})", Op.SIGMOID: "tl.sigmoid({0})", Op.SIN: "tl.sin({0})", Op.COS: "tl.cos({0})",
+    Op.TAN: "ops.tan({0})", Op.ATAN: "ops.atan({0})", Op.ERF: "tl.erf({0})", Op.LOG1P: "ops.log1p({0})",
+    Op.EXPM1: "ops.expm1({0})", Op.SIGN: "ops.sign({0})", Op.FLOOR: "tl.floor({0})", Op.CEIL: "tl.ceil({0})",
+}
+
+
 def _body(g: Graph, lowered: "_Layout", names: dict | None = None) -> list[str]:
     """One line per node; ``names`` (filled in) maps node ids to the Triton variables."""
     names = {} if names is None else names
     lines: list[str] = []
+    emit = _Emit(g, lowered, lines)
 
     def arg(a) -> str:
         return _const(a, lowered.float_type) if isinstance(a, Const) else names[a]
 
     n_values = 0  # v0, v1, ...: one per node (check lines take none)
-
     for n in g.nodes:
         if n.op is Op.INPUT:
             names[n.id] = n.attr
@@ -159,46 +240,8 @@ def _body(g: Graph, lowered: "_Layout", names: dict | None = None) -> list[str]:
         a = [arg(x) for x in n.args]
         if a and all(isinstance(x, Const) for x in n.args):  # left unfolded (e.g. 1 // 0): compute on the device
             a[0] = f"tl.full([], {_const(n.args[0])}, {lowered.tl(g.dtype_of(n.args[0]))})"
-        ts = [g.dtype_of(x) for x in n.args]
-        if n.op is Op.SCALAR:
-            slot = lowered.scalar_slot[n.attr]
-            expr = (f"tl.load(SCALARS_F + {slot})" if n.dtype is DType.F32
-                    else f"tl.load(SCALARS_I + {slot}).to({_TL_TYPES[n.dtype]})")
-        elif n.op is Op.LOAD:
-            lines += _checks(g, lowered, n, a)
-            expr = _load(lowered, n, a)
-        elif n.op is Op.CAST:
-            expr = f"({a[0]} != 0)" if n.dtype is DType.BOOL else f"{a[0]}.to({lowered.tl(n.dtype)})"
-        elif n.op is Op.WHERE:
-            expr = f"tl.where({a[0]}, {a[1]}, {a[2]})"
-        elif n.op in _BINARY:
-            expr = _BINARY[n.op].format(*a)
-        elif n.op in (Op.FLOORDIV, Op.MOD):
-            if not ts[0].is_float:
-                lines += _divisor_check(g, lowered, n, a[1])
-            fn = {Op.FLOORDIV: "floordiv", Op.MOD: "pymod"}[n.op] + ("_f" if ts[0].is_float else "")
-            expr = f"ops.{fn}({a[0]}, {a[1]})"
-        elif n.op is Op.POW:
-            expr = _pow(g, n, a[0], n.args[1])
-        elif n.op in _SHIFT:
-            c = n.args[1]
-            bits = 32 if n.dtype is DType.I32 else 64
-            if isinstance(n.args[0], Const):  # a typed scalar: ops.shl/shr need a dtype
-                a[0] = f"tl.full([], {a[0]}, {_TL_TYPES[n.dtype]})"
-            if isinstance(c, Const) and 0 <= c.value < bits:
-                expr = f"({a[0]} {'<<' if n.op is Op.SHL else '>>'} {a[1]})"
-            else:
-                expr = f"ops.{_SHIFT[n.op]}({a[0]}, {a[1]}, {bits})"
-        elif n.op in (Op.MINIMUM, Op.MAXIMUM):
-            fn = "tl.minimum" if n.op is Op.MINIMUM else "tl.maximum"
-            nan = ", propagate_nan=tl.PropagateNan.ALL" if ts[0].is_float else ""
-            expr = f"{fn}({a[0]}, {a[1]}{nan})"
-        elif n.op is Op.NOT:
-            expr = f"({a[0]} == 0)" if ts[0] is DType.BOOL else f"(~{a[0]})"
-        elif n.op in _UNARY:
-            expr = _UNARY[n.op].format(*a)
-        else:  # pragma: no cover - the verifier admits no other op
-            raise CodegenError(f"{g.kind.value} {g.fn_name!r}: cannot lower '{g.format_node(n)}'")
+        render = TRITON[n.op]
+        expr = render.format(*a) if isinstance(render, str) else render(emit, n, a)
         lines.append(f"    {var} = {expr}  # {g.format_node(n)}")
         names[n.id] = var
     return lines
@@ -209,26 +252,12 @@ def _returns(g: Graph, names: dict, ft: "FloatType" = FloatType.F32) -> str:
     for a in g.outputs:
         out = _const(a, ft) if isinstance(a, Const) else names[a]
         if g.kind is ModKind.SCORE:
-            if isinstance(a, Const) or not _depends_on(g, a, "score"):
+            if isinstance(a, Const) or not depends_on(g, a, "score"):
                 out = f"({out} + tl.zeros_like(score))"  # a full tile, whatever the mod reads
         elif isinstance(a, Const):  # a constant mask, as a full [BLOCK_M, BLOCK_N] tile
             out = "((q_idx >= 0) & (kv_idx >= 0))" if a.value else "((q_idx >= 0) & (kv_idx < 0))"
         outs.append(out)
     return f"    return {', '.join(outs)}"
-
-
-def _depends_on(g: Graph, a, name: str) -> bool:
-    stack, seen = [a], set()
-    while stack:
-        i = stack.pop()
-        if isinstance(i, Const) or i in seen:
-            continue
-        seen.add(i)
-        n = g.nodes[i]
-        if n.op is Op.INPUT and n.attr == name:
-            return True
-        stack += list(n.args)
-    return False
 
 
 def _load(lowered: "_Layout", n: Node, a: list[str]) -> str:
@@ -245,7 +274,7 @@ def _load(lowered: "_Layout", n: Node, a: list[str]) -> str:
 
 def _checks(g: Graph, lowered: "_Layout", n: Node, a: list[str]) -> list[str]:
     """In a checked mod, one ``ops.check_index`` line per index of load ``n``, each with its own slot
-    of the error tensor (``BUFS[-1]``, recorded in ``lowered.checks``); nothing otherwise."""
+    of the error tensor (``BUFS[<after the pointers>]``, recorded in ``lowered.checks``); nothing otherwise."""
     if not lowered.checked:
         return []
     j = lowered.buffer_index[n.attr]
@@ -270,7 +299,8 @@ def _divisor_check(g: Graph, lowered: "_Layout", n: Node, divisor: str) -> list[
 
 
 def _address(lowered: "_Layout", j: int, a: list[str], strides: str) -> tuple[str, str]:
-    """Element offset into buffer ``j`` at indices ``a`` (negatives wrapped) and the in-range mask."""
+    """Element offset into buffer ``j`` at indices ``a`` (negatives wrapped) and the in-range mask;
+    ``strides`` names the flat stride tuple (the mod's ``STRIDES``, or the gradients' ``GSTRIDES``)."""
     s = lowered.stride_offsets[j]
     idx = [f"ops.wrap_index({x}, SIZES[{s + d}])" for d, x in enumerate(a)]
     off = " + ".join(f"{x} * {strides}[{s + d}]" for d, x in enumerate(idx))
@@ -363,68 +393,81 @@ def lower(g: Graph, ft: FloatType = FloatType.F32, checked: bool = False) -> Low
     body = _body(g, lay, names) + [_returns(g, names, ft)]
     what = ("value and derivatives" if g.extra_outputs else "code") + (" with index checks" if checked else "")
     return LoweredMod(name, _module(g, name, params, body, what), g, lay.stride_offsets, lay.int_scalars,
-                      lay.float_scalars, ft, tuple(lay.checks))
+                      lay.float_scalars, ft, tuple(lay.checks), checked)
 
 
-class Reduce(enum.IntEnum):
-    """How a captured-tensor gradient is summed in a tile before its atomic add, by what its
-    index depends on (see ``ops.scatter_grad``)."""
+def lower_scatter(joint: Graph, grad_buffers: tuple[str, ...], ft: FloatType = FloatType.F32) -> LoweredMod:
+    """The gradient scatter into the captured tensors named in ``grad_buffers``, from ``joint``: the
+    plan's ``scatter`` graph (``flexcomp.plan``), which returns the score_mod's value, ``d/d score``
+    and ``d/d load`` for each float load of those tensors, in order.
 
-    NONE = 0  # on (q_idx and kv_idx): one atomic per pair
-    ALL = 1  # on b and h only: one atomic per tile
-    PER_Q = 2  # on b, h, q_idx: one per query row
-    PER_KV = 3  # on b, h, kv_idx: one per key
-
-
-def _reduce_kind(g: Graph, load: Node) -> Reduce:
-    if any(_depends_on(g, a, "score") for a in load.args):  # an index computed from the score: per pair
-        return Reduce.NONE
-    on_q = any(_depends_on(g, a, "q_idx") for a in load.args)
-    on_kv = any(_depends_on(g, a, "kv_idx") for a in load.args)
-    return {(False, False): Reduce.ALL, (True, False): Reduce.PER_Q, (False, True): Reduce.PER_KV}.get(
-        (on_q, on_kv), Reduce.NONE)
-
-
-def gathers_per_pair(g: Graph) -> bool:
-    """Whether ``g`` reads a captured tensor at an index that differs pair by pair (a bias table
-    indexed by query and key): such mods favour narrower forward tiles (``launch.forward_config``)."""
-    return any(_reduce_kind(g, n) is Reduce.NONE for n in g.nodes if n.op is Op.LOAD)
-
-
-def lower_scatter(g: Graph, grad_buffers: tuple[str, ...], ft: FloatType = FloatType.F32) -> LoweredMod:
-    """The gradient scatter of score_mod ``g`` into its captured tensors named in ``grad_buffers``.
-
-    For each float load of those tensors, ``grad * d score_mod / d load`` (derived by
-    :func:`flexcomp.derivative.value_and_derivatives`, sharing the forward nodes) is added into
-    ``GRADS[buffer]`` at the load's own (wrapped) index, for the ``valid`` pairs, by
-    ``ops.scatter_grad`` (atomics, or the two deterministic passes; ``MODE``)::
+    For each such load, ``grad * d score_mod / d load`` is added into the tensor's gradient at the
+    load's own (wrapped) index, for the ``valid`` pairs, by ``ops.scatter_grad`` (atomics, or the two
+    deterministic passes; ``MODE``)::
 
         score_scatter_<fn>_<key>(score, grad, valid, <mod args>, GRADS, GSTRIDES, AUX, Q_AXIS, MODE)
 
-    ``GSTRIDES`` are the gradient buffers' strides, flat as ``STRIDES``; ``AUX`` one float32 per
-    buffer (largest contribution, then the fixed-point scale); ``Q_AXIS`` the tile axis of queries.
-    ``ft``: the working float (float64 for float64 inputs: contributions and atomics in float64).
+    ``GRADS`` holds one gradient pointer per captured tensor of the score_mod, ``GSTRIDES`` their
+    strides, flat as ``STRIDES``; ``AUX`` one float per tensor (largest contribution, then the
+    fixed-point scale); ``Q_AXIS`` the tile axis of queries. The kernels pass ``GRADS``,
+    ``GSTRIDES`` and ``AUX`` as one flat tuple too (:func:`entry`). ``ft``: the working float (float64 for float64 inputs:
+    contributions and atomics in float64).
     """
-    from flexcomp.derivative import float_loads, value_and_derivatives
-
-    loads = tuple(n for n in float_loads(g) if n.attr in grad_buffers)
-    joint = value_and_derivatives(g, loads)
-    joint_loads = [n for n in float_loads(joint) if n.attr in grad_buffers]
-    if len(joint_loads) != len(loads):  # pragma: no cover - re-emission keeps every load
-        raise CodegenError(f"score_mod {g.fn_name!r}: loads changed while deriving {[str(n) for n in loads]}")
+    loads = [n for n in joint.nodes if n.op is Op.LOAD and n.dtype.is_float and n.attr in grad_buffers]
+    if len(loads) != len(joint.extra_outputs) - 1:
+        raise CodegenError(f"internal: score_mod {joint.fn_name!r}: the scatter graph has {len(loads)} loads of "
+                           f"{grad_buffers} and {len(joint.extra_outputs) - 1} load derivatives")
     lay = _layout(joint, ft)
     tag = "_".join(str(lay.buffer_index[b]) for b in grad_buffers)
-    name = f"score_scatter_{g.fn_name}_{g.structural_key()}_{tag}{ft.suffix}"
+    name = f"score_scatter_{joint.fn_name}_{joint.structural_key()}_{tag}{ft.suffix}"
     params = f"score, grad, valid, {_MOD_PARAMS}, GRADS, GSTRIDES, AUX, Q_AXIS: tl.constexpr, MODE: tl.constexpr"
     names: dict = {}
     body = _body(joint, lay, names)
-    for load, d in zip(joint_loads, joint.extra_outputs[1:]):  # extra_outputs[0] is d / d score
+    for load, d in zip(loads, joint.extra_outputs[1:]):  # extra_outputs[0] is d / d score
         j = lay.buffer_index[load.attr]
         idx = [_const(x) if isinstance(x, Const) else names[x] for x in load.args]
         off, inb = _address(lay, j, idx, "GSTRIDES") if idx else ("0", "(b >= 0)")
         dval = _const(d, ft) if isinstance(d, Const) else names[d]
         body.append(f"    ops.scatter_grad(GRADS[{j}], {off}, {inb}, grad * {dval}, valid, AUX + {j}, "
-                    f"REDUCE={int(_reduce_kind(joint, load))}, Q_AXIS=Q_AXIS, MODE=MODE)"
+                    f"REDUCE={int(reduce_kind(joint, load))}, Q_AXIS=Q_AXIS, MODE=MODE)"
                     f"  # d/d {joint.format_node(load)}")
     return LoweredMod(name, _module(joint, name, params, body, "gradient scatter"), joint, lay.stride_offsets,
                       lay.int_scalars, lay.float_scalars, ft)
+
+
+def arg_counts(lowered: LoweredMod) -> tuple[int, int]:
+    """``(pointers, dims)`` of a mod's flat tuple: its captured tensors (a checked mod's error tensor
+    after them) and their dims (0-d tensors count one); a mod that captures no tensor gets one
+    placeholder pointer with one dim, so no tuple is empty."""
+    g = lowered.graph
+    pointers = len(g.buffers) + (1 if lowered.checked else 0)
+    dims = sum(max(1, b.ndim) for b in g.buffers)
+    return (pointers, dims) if pointers else (1, 1)
+
+
+def flat_args(pointers: list, strides: list, sizes: list, scalars_i, scalars_f) -> tuple:
+    """The one flat tuple the kernels pass a mod (:func:`entry` unpacks it)."""
+    if not pointers:  # the placeholder of arg_counts
+        pointers, strides, sizes = [scalars_i], [0], [1]
+    return (*pointers, *strides, *sizes, scalars_i, scalars_f)
+
+
+def entry(lowered: LoweredMod, scatter: bool = False) -> tuple[str, str]:
+    """``(name, source)`` of the function the kernels call: it unpacks the flat tuple of captured
+    values (and, for a gradient scatter, the flat tuple of gradient pointers, strides and ``AUX``)
+    into ``lowered``'s signature. Appended to the generated module by the loader."""
+    nb, nd = arg_counts(lowered)
+    mod = f"ARGS[0:{nb}], ARGS[{nb}:{nb + nd}], ARGS[{nb + nd}:{nb + 2 * nd}], ARGS[-2], ARGS[-1]"
+    name = lowered.name + "_args"
+    if scatter:
+        ng, gd = len(lowered.graph.buffers), sum(max(1, b.ndim) for b in lowered.graph.buffers)
+        params = "score, grad, valid, b, h, q_idx, kv_idx, ARGS, GARGS, Q_AXIS: tl.constexpr, MODE: tl.constexpr"
+        call = (f"{lowered.name}(score, grad, valid, b, h, q_idx, kv_idx, {mod}, GARGS[0:{ng}], "
+                f"GARGS[{ng}:{ng + gd}], GARGS[-1], Q_AXIS, MODE)")
+    else:
+        inputs = "score, b, h, q_idx, kv_idx" if lowered.graph.kind is ModKind.SCORE else "b, h, q_idx, kv_idx"
+        params = f"{inputs}, ARGS"
+        call = f"{lowered.name}({inputs}, {mod})"
+    return name, "\n".join(["", "", "@triton.jit", f"def {name}({params}):",
+                            f'    """The kernels\' entry: one flat tuple of captured values, unpacked."""',
+                            f"    return {call}", ""])

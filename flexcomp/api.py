@@ -18,7 +18,8 @@ from .errors import (FlexcompAttributeError, FlexcompError, FlexcompNotCallableE
                      FlexcompRuntimeError, FlexcompTypeError, FlexcompZeroDivisionError)
 from .ir import ModKind
 from .ranges import Domain, check_runnable
-from .runtime import Options, run_attention
+from .options import Options
+from .runtime import run_attention
 from .trace import trace
 
 

@@ -3,54 +3,67 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .ir import ModKind
-from .trace import TracedMod, trace
+import torch
+
+from .ir import Graph, ModKind
+from .options import Backend, Options
+from .plan import plan_for
+from .problem import make_problem
+from .trace import trace
 
 
-def generated_source(tm: TracedMod, backward: bool = False) -> str:
-    """The Triton source flexcomp generates for a traced mod (a message if Triton is missing);
-    ``backward``: the score_mod's joint (value, d value / d score) function of the backward kernels."""
+def generated_source(g: Graph) -> str:
+    """The Triton source flexcomp generates for a graph of the plan (a message if Triton is missing)."""
     try:
-        from flexcomp.codegen.modules import jit_function, jit_grad_function
+        from flexcomp.codegen.modules import jit_function
     except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
         return f"# (no Triton here: {e})"
-    return (jit_grad_function if backward else jit_function)(tm.graph)[0].source
+    return jit_function(g)[0].source
 
 
 def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] = None,
-            Q_LEN: int = 1024, KV_LEN: int = 1024, BLOCK_SIZE=128, print_fn: Callable = print) -> str:
-    """Print (and return) the IR of each mod, its structural key, its captured inputs, the
-    generated Triton source (for a score_mod also the backward's value-and-derivative function)
-    and, for a mask_mod, the block map at ``Q_LEN x KV_LEN``.
+            Q_LEN: int = 1024, KV_LEN: int = 1024, BLOCK_SIZE=128, print_fn: Callable = print,
+            head_dim: int = 64, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Print (and return) the IR of each mod, its structural key, its captured inputs, for a
+    mask_mod the block map at ``Q_LEN x KV_LEN``, then the plan of the Triton backend for one
+    head of that size (``head_dim``, ``dtype``): its passes, graphs, tiles and backward launches,
+    and the generated Triton source of each mod (for a score_mod also the backward's
+    value-and-derivative function).
 
-    >>> from flexcomp.masks import causal_mask
-    >>> text = explain(mask_mod=causal_mask, Q_LEN=256, KV_LEN=256, print_fn=lambda s: None)
-    >>> "ge q_idx, kv_idx" in text
-    True
+    >>> from flexcomp.masks import causal_mask, softcap
+    >>> text = explain(softcap(20.0), causal_mask, Q_LEN=256, KV_LEN=256, print_fn=lambda s: None)
+    >>> "ge q_idx, kv_idx" in text, "# plan: triton backend, prefill kernels" in text
+    (True, True)
     """
     from .blockmask import create_block_mask
 
-    parts = []
+    parts, traced, block_mask = [], {}, None
     for kind, fn in ((ModKind.SCORE, score_mod), (ModKind.MASK, mask_mod)):
         if fn is None:
             continue
-        tm = trace(fn, kind)
+        tm = traced[kind] = trace(fn, kind)
         parts.append(f"# {kind.value} {getattr(fn, '__qualname__', fn)}  key={tm.key}")
         parts.append(str(tm.graph))
         for spec, t in zip(tm.graph.buffers, tm.buffers):
             parts.append(f"#   buffer {spec.name}: {t.dtype} {tuple(t.shape)} on {t.device}")
         for spec, v in zip(tm.graph.scalars, tm.scalars):
             parts.append(f"#   scalar {spec.name} = {v!r}")
-        parts.append(f"# generated Triton source ({kind.value}):")
-        parts.append(generated_source(tm))
-        if kind is ModKind.SCORE:
-            parts.append("# generated Triton source (score_mod and its derivative, for the backward):")
-            parts.append(generated_source(tm, backward=True))
         if kind is ModKind.MASK:
-            bm = create_block_mask(fn, 1, 1, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=BLOCK_SIZE)
-            parts.append(f"# block map {Q_LEN}x{KV_LEN}, BLOCK_SIZE={bm.BLOCK_SIZE}, "
-                         f"sparsity {bm.sparsity():.1f}%")
-            parts.append(bm.to_string())
+            block_mask = create_block_mask(fn, 1, 1, Q_LEN, KV_LEN, device="cpu", BLOCK_SIZE=BLOCK_SIZE)
+            parts.append(f"# block map {Q_LEN}x{KV_LEN}, BLOCK_SIZE={block_mask.BLOCK_SIZE}, "
+                         f"sparsity {block_mask.sparsity():.1f}%")
+            parts.append(block_mask.to_string())
+    q = torch.empty(1, 1, Q_LEN, head_dim, dtype=dtype, device="meta")
+    kv = torch.empty(1, 1, KV_LEN, head_dim, dtype=dtype, device="meta")
+    problem = make_problem(q, kv, kv, traced.get(ModKind.SCORE), traced.get(ModKind.MASK), block_mask,
+                           head_dim ** -0.5, Options())
+    plan = plan_for(problem, Backend.TRITON)
+    parts.append(plan.describe())
+    for title, g in (("score_mod", plan.score), ("mask_mod", plan.mask),
+                     ("score_mod and its derivative, for the backward", plan.score_grad)):
+        if g is not None:
+            parts.append(f"# generated Triton source ({title}):")
+            parts.append(generated_source(g))
     text = "\n".join(parts)
     print_fn(text)
     return text

@@ -23,12 +23,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .blockmask import _ordered_to_dense
 from .errors import zero_division_names
 from .evaluate import evaluate
+from .options import DEFAULT_CHUNK_ELEMENTS
+from .problem import Grads, Outputs
 from .trace import TracedMod
 
-# Elements of one [B, H, chunk, KV_LEN] score tile; the chunk length follows from it.
-DEFAULT_CHUNK_ELEMENTS = 1 << 23
+BLOCK_FULL = 2  # BlockMap.kind of a full block (0 empty, 1 partial)
 
 
 @dataclass(frozen=True)
@@ -135,63 +137,85 @@ def _chunk_len(plan: ReferencePlan, q: Tensor, k: Tensor) -> int:
     return max(1, plan.chunk_elements // max(1, per_row))
 
 
+def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor,
+                    score_buffers: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    """Output, LSE and row max for every query, a chunk at a time (no autograd)."""
+    step = _chunk_len(plan, q, k)
+    B, H = q.shape[:2]
+    outs = [q.new_empty(B, H, 0, v.shape[-1])]  # so that Q_LEN = 0 gives empty outputs
+    lses = [q.new_empty(B, H, 0, dtype=_working_dtype(q.dtype))]
+    maxes = [lses[0]]
+    for s in range(0, q.shape[2], step):
+        o, lse, mx = _chunk_forward(plan, q[:, :, s:s + step], s, k, v, score_buffers)
+        outs.append(o)
+        lses.append(lse)
+        maxes.append(mx)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2), torch.cat(maxes, dim=2)
+
+
+def chunked_backward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, bufs: tuple, d_out: Optional[Tensor],
+                     d_lse: Optional[Tensor], needs: tuple) -> tuple:
+    """``(dq, dk, dv, *d_bufs)`` (None where ``needs`` is False): each chunk recomputed under autograd."""
+    step = _chunk_len(plan, q, k)
+    B, H, L = q.shape[:3]
+    wd = _working_dtype(q.dtype)
+    d_out = torch.zeros(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device) if d_out is None else d_out
+    d_lse = torch.zeros(B, H, L, dtype=wd, device=q.device) if d_lse is None else d_lse
+    with torch.enable_grad():
+        kk = k.detach().requires_grad_(needs[1])
+        vv = v.detach().requires_grad_(needs[2])
+        bb = [b.detach().requires_grad_(n and b.is_floating_point()) for b, n in zip(bufs, needs[3:])]
+        dq = torch.zeros_like(q) if needs[0] else None
+        acc = {id(x): None for x in [kk, vv, *bb]}
+        for s in range(0, L, step):
+            qc = q[:, :, s:s + step].detach().requires_grad_(needs[0])
+            o, lse, _ = _chunk_forward(plan, qc, s, kk, vv, [_on(b, q.device) for b in bb])
+            wrt = [x for x in [qc, kk, vv, *bb] if x.requires_grad]
+            outs = [(t, g[:, :, s:s + step]) for t, g in ((o, d_out), (lse, d_lse)) if t.requires_grad]
+            if not wrt or not outs:
+                continue
+            grads = torch.autograd.grad([t for t, _ in outs], wrt, [g for _, g in outs], allow_unused=True)
+            for x, g in zip(wrt, grads):
+                if g is None:
+                    continue
+                if x is qc:
+                    dq[:, :, s:s + step] = g
+                else:
+                    acc[id(x)] = g if acc[id(x)] is None else acc[id(x)] + g
+
+    def grad_of(x, n):
+        if not n:
+            return None
+        g = acc[id(x)]
+        return torch.zeros_like(x) if g is None else g.to(x.dtype)
+
+    return (dq, grad_of(kk, needs[1]), grad_of(vv, needs[2]),
+            *(grad_of(b, n and b.is_floating_point()) for b, n in zip(bb, needs[3:])))
+
+
+def _on(t: Tensor, device) -> Tensor:
+    return t if t.device == device else t.to(device)
+
+
 class _ChunkedAttention(torch.autograd.Function):
+    """:func:`reference_attention`'s autograd (``flex_attention`` runs the reference through
+    ``flexcomp.runtime`` and :class:`ReferenceBackend`, on the same chunk functions)."""
+
     @staticmethod
     def forward(ctx, plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, *score_buffers: Tensor):
-        step = _chunk_len(plan, q, k)
-        B, H = q.shape[:2]
-        outs = [q.new_empty(B, H, 0, v.shape[-1])]  # so that Q_LEN = 0 gives empty outputs
-        lses = [q.new_empty(B, H, 0, dtype=_working_dtype(q.dtype))]
-        maxes = [lses[0]]
-        for s in range(0, q.shape[2], step):
-            o, lse, mx = _chunk_forward(plan, q[:, :, s:s + step], s, k, v, score_buffers)
-            outs.append(o)
-            lses.append(lse)
-            maxes.append(mx)
+        out, lse, max_scores = chunked_forward(plan, q, k, v, score_buffers)
         ctx.plan = plan
         ctx.n_score = len(score_buffers)  # the mask's captures are saved too, for torch's in-place check
         ctx.save_for_backward(q, k, v, *score_buffers, *plan.mask_buffers)
-        max_scores = torch.cat(maxes, dim=2)
         ctx.mark_non_differentiable(max_scores)  # as torch's: no gradient through the max
-        return torch.cat(outs, dim=2), torch.cat(lses, dim=2), max_scores
+        return out, lse, max_scores
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a gradient of the gradient raises, never silently 0
     def backward(ctx, d_out: Tensor, d_lse: Tensor, d_max: Optional[Tensor] = None):
-        plan: ReferencePlan = ctx.plan
         q, k, v, *saved = ctx.saved_tensors
-        bufs = saved[:ctx.n_score]
-        needs = ctx.needs_input_grad[1:]
-        step = _chunk_len(plan, q, k)
-        with torch.enable_grad():
-            kk = k.detach().requires_grad_(needs[1])
-            vv = v.detach().requires_grad_(needs[2])
-            bb = [b.detach().requires_grad_(n and b.is_floating_point()) for b, n in zip(bufs, needs[3:])]
-            dq = torch.zeros_like(q) if needs[0] else None
-            acc = {id(x): None for x in [kk, vv, *bb]}
-            for s in range(0, q.shape[2], step):
-                qc = q[:, :, s:s + step].detach().requires_grad_(needs[0])
-                o, lse, _ = _chunk_forward(plan, qc, s, kk, vv, bb)
-                wrt = [x for x in [qc, kk, vv, *bb] if x.requires_grad]
-                outs = [(t, g[:, :, s:s + step]) for t, g in ((o, d_out), (lse, d_lse)) if t.requires_grad]
-                if not wrt or not outs:
-                    continue
-                grads = torch.autograd.grad([t for t, _ in outs], wrt, [g for _, g in outs], allow_unused=True)
-                for x, g in zip(wrt, grads):
-                    if g is None:
-                        continue
-                    if x is qc:
-                        dq[:, :, s:s + step] = g
-                    else:
-                        acc[id(x)] = g if acc[id(x)] is None else acc[id(x)] + g
-        def grad_of(x, n):
-            if not n:
-                return None
-            g = acc[id(x)]
-            return torch.zeros_like(x) if g is None else g.to(x.dtype)
-
-        return (None, dq, grad_of(kk, needs[1]), grad_of(vv, needs[2]),
-                *(grad_of(b, n and b.is_floating_point()) for b, n in zip(bb, needs[3:])))
+        return (None, *chunked_backward(ctx.plan, q, k, v, tuple(saved[:ctx.n_score]), d_out, d_lse,
+                                        ctx.needs_input_grad[1:]))
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, plan: ReferencePlan,
@@ -214,3 +238,49 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, plan: ReferencePlan,
     """
     out, lse, max_scores = _ChunkedAttention.apply(plan, q, k, v, *score_buffers)
     return (out, lse, max_scores) if want_max else (out, lse)
+
+
+def block_map_of(block_mask, device) -> Optional[BlockMap]:
+    """Unpack a BlockMask's partial/full lists into the reference's dense block map."""
+    if block_mask is None:
+        return None
+    n = block_mask.kv_indices.shape[-1]
+    kind = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, n).to(torch.int8)
+    if block_mask.full_kv_num_blocks is not None:
+        full = _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n).to(torch.int8)
+        kind = torch.where(full.bool(), BLOCK_FULL, kind).to(torch.int8)
+    while kind.dim() < 4:
+        kind = kind.unsqueeze(0)
+    return BlockMap(kind.to(device), block_mask.BLOCK_SIZE[0], block_mask.BLOCK_SIZE[1])
+
+
+class ReferenceBackend:
+    """The reference as a :class:`flexcomp.runtime.AttentionBackend`: runs anything, any device."""
+
+    def check(self, problem) -> None:
+        """The reference runs every problem the API accepts."""
+
+    def forward(self, problem, plan, q: Tensor, k: Tensor, v: Tensor):
+        """Chunked attention; captured tensors are moved to q's device for the call."""
+        out, lse, max_scores = chunked_forward(self._plan(problem, q.device), q, k, v, self._score_buffers(problem))
+        return Outputs(out, lse, max_scores)
+
+    def backward(self, problem, plan, saved, d_out, d_lse, wanted):
+        """Each chunk recomputed under autograd; gradients of captured tensors on their own devices."""
+        dq, dk, dv, *d_bufs = chunked_backward(self._plan(problem, saved.q.device), saved.q, saved.k, saved.v,
+                                               saved.score_buffers, d_out, d_lse, wanted)
+        return Grads(dq, dk, dv, tuple(d_bufs))
+
+    @staticmethod
+    def _score_buffers(problem) -> tuple:
+        return tuple(_on(t, problem.device) for t in problem.score.buffers) if problem.score is not None else ()
+
+    @staticmethod
+    def _plan(problem, device) -> ReferencePlan:
+        mask = problem.mask
+        return ReferencePlan(problem.score, mask, block_map_of(problem.block_mask, device),
+                             tuple(_on(t, device) for t in mask.buffers) if mask is not None else (),
+                             problem.scale, problem.options.chunk_elements)
+
+
+REFERENCE_BACKEND = ReferenceBackend()

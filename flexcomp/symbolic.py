@@ -6,18 +6,18 @@ tree into a sympy polynomial and re-emitting it in sympy's canonical term order 
 one graph: one structural key, one compiled kernel, one CSE'd value, and affine forms that the
 block-sparsity analysis (:mod:`flexcomp.sparsity`) reads directly. Integer ring arithmetic is exact
 in sympy and wraps identically modulo 2**32, so the rewrite never changes a result. Floats are left
-alone: reassociating float arithmetic changes rounding. Results are cached per structural key, so
-sympy runs once per distinct mod, not once per call.
+alone: reassociating float arithmetic changes rounding. Results are cached per graph (in
+:data:`flexcomp.cache.CACHE` under ``("simplify", graph)``), so sympy runs once per distinct mod,
+not once per call.
 
 Issue 4 (autograd) adds symbolic derivatives of score_mods here.
 """
 from __future__ import annotations
 
-import functools
-
 import sympy
 
 from .builder import GraphBuilder, rebuild, wrap_int
+from .cache import CACHE
 from .ir import Arg, Const, DType, Graph, Node, Op
 
 _ARITH = (Op.ADD, Op.SUB, Op.MUL, Op.NEG)
@@ -112,11 +112,11 @@ def canonicalize_int_arith(g: Graph) -> Graph:
     return rebuild(g, rewrite)
 
 
-@functools.lru_cache(maxsize=1024)
 def simplify(g: Graph) -> Graph:
-    """All simplification passes, in order (cached by the graph, so sympy runs once per mod).
+    """All simplification passes, in order (cached by the graph in :data:`~flexcomp.cache.CACHE`
+    under ``("simplify", g)``, so sympy runs once per mod).
 
     1. folding, identities and CSE (done by every :class:`GraphBuilder`);
     2. :func:`canonicalize_int_arith`.
     """
-    return canonicalize_int_arith(g)
+    return CACHE.get_or_make(("simplify", g), lambda: canonicalize_int_arith(g))

@@ -23,21 +23,28 @@ import numbers
 import re
 import sys
 import types
-from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .builder import GraphBuilder, const
-from .errors import (FlexcompIndexError, FlexcompModOutputError, FlexcompModSignatureError, FlexcompRuntimeError,
-                     FlexcompTraceError, FlexcompTraceIndexError)
+from .errors import (
+    FlexcompIndexError,
+    FlexcompModOutputError,
+    FlexcompModSignatureError,
+    FlexcompRuntimeError,
+    FlexcompTraceError,
+    FlexcompTraceIndexError,
+)
 from .evaluate import ir_dtype_of
 from .ir import Arg, BufferSpec, Const, DType, Graph, ModKind, Op
 from .proxy import _FIX, Proxy, _Concretize, _user_frame
 from .trace_cache import NoCache, fingerprint, lookup, remember, value_range
 from .trace_vectors import VectorLike
 
-Number = Union[bool, int, float]
+Number = bool | int | float
 
 
 
@@ -50,15 +57,12 @@ class TracedMod:
         buffers: captured tensors, one per ``graph.buffers`` entry, in order.
         scalars: captured Python numbers, one per ``graph.scalars`` entry, in order.
         fn: the user's function.
-        launch_cache: what the Triton launcher derived from these values (kernel arguments),
-            kept with them so that a cached trace launches without recomputing it.
     """
 
     graph: Graph
     buffers: tuple[torch.Tensor, ...]
     scalars: tuple[Number, ...]
     fn: Callable
-    launch_cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property
     def key(self) -> str:
@@ -110,7 +114,7 @@ class Tracer:
 
     def index_error(self, what: str) -> FlexcompIndexError:
         """An out-of-range constant index, raised as torch raises it (``IndexError``), at the user's line."""
-        filename, lineno, func = self.where()
+        filename, lineno, _ = self.where()
         line = linecache.getline(filename, lineno).strip()
         return FlexcompIndexError(f"{self.kind.value} {self.name!r} at {filename}:{lineno}:\n    {line}\n{what}")
 
@@ -262,7 +266,7 @@ class Tracer:
             raise self.error(f"the {self.kind.value} returned None", "return the score or the mask", where)
         if isinstance(out, torch.Tensor) and out.dim() == 0:
             out = Proxy(self, self.to_arg(out))
-        if isinstance(out, VectorLike) or isinstance(out, torch.Tensor):
+        if isinstance(out, (VectorLike, torch.Tensor)):
             raise self.error(f"the {self.kind.value} returned a tensor of shape {tuple(out.shape)}, not one value "
                              f"per (b, h, q_idx, kv_idx)",
                              "index every dim of captured tensors by traced values (bias[h, q_idx]), or reduce "
@@ -395,8 +399,8 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         key = None
     hit = lookup(key) if key is not None else None
     if hit is not None:
-        graph, bufs, scalar_values, launch_cache = hit
-        return TracedMod(graph, bufs, scalar_values, fn, launch_cache)
+        graph, bufs, scalar_values = hit
+        return TracedMod(graph, bufs, scalar_values, fn)
     _check_signature(fn, kind)
     baked: set[str] = set()
     wide = False
@@ -422,7 +426,7 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         tm = TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
                        tuple(value_of[c.name] for c in simple.scalars), fn)
         if key is not None and tracer.cacheable:
-            remember(key, tm.graph, tm.buffers, tm.scalars, tm.launch_cache, keep, int_ranges)
+            remember(key, tm.graph, tm.buffers, tm.scalars, keep, int_ranges)
         return tm
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")
 

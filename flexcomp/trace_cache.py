@@ -1,11 +1,11 @@
 """The trace cache: a mod is traced again only when something its trace baked in changed.
 
-:func:`fingerprint` keys a mod by everything a trace bakes in (see its docstring); entries hold the
-captured tensors weakly. :mod:`flexcomp.trace` looks traces up here before tracing.
+:func:`fingerprint` keys a mod by everything a trace bakes in (see its docstring); traces are kept
+in :data:`flexcomp.cache.CACHE` under ``("trace", key)``, owned by the captured tensors (the entry
+dies with any of them). :mod:`flexcomp.trace` looks traces up here before tracing.
 """
 from __future__ import annotations
 
-import collections
 import functools
 import types
 import weakref
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .cache import CACHE
 from .ir import Graph
 
 # A mod is traced again only when what it captures changed. The fingerprint of a function is its
@@ -20,15 +21,14 @@ from .ir import Graph
 # identity (their values are read at run time, so in-place updates need no retrace), functions
 # recursively. A function that captures anything else (an object whose attributes it may read,
 # a dict) is not cached and is traced on every call.
-# Entries hold the captured tensors weakly: the cache never keeps a tensor (or a bias that a
-# training loop replaces every step) alive. A tensor's id cannot be reused while it lives, so a
-# live weak reference under a matching key is the very tensor the key saw.
-_TRACES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-_TRACES_MAX = 512
+# The captured tensors own their entry (flexcomp.cache): the cache never keeps a tensor (or a bias
+# that a training loop replaces every step) alive, and the entry dies with any of them, so a
+# tensor id in a key always names the very tensor the key saw.
+_NAMESPACE = "trace"
+_MAX_DEPTH = 12  # how deep fingerprint follows closures, globals and containers before giving up
 
 
-def remember(key: tuple, graph: Graph, buffers: tuple, scalars: tuple, launch_cache: dict, keep: list,
-             int_ranges: dict) -> None:
+def remember(key: tuple, graph: Graph, buffers: tuple, scalars: tuple, keep: list, int_ranges: dict) -> None:
     """Keep a trace under ``key`` (a :func:`fingerprint`); ``keep`` holds what the key names by id.
 
     The integer width was proven for ``int_ranges`` (value ranges of int32 captures, by buffer
@@ -36,21 +36,20 @@ def remember(key: tuple, graph: Graph, buffers: tuple, scalars: tuple, launch_ca
     dropped if they no longer hold."""
     guards = [[i, *int_ranges[b.name], t._version] for i, (b, t) in enumerate(zip(graph.buffers, buffers))
               if b.name in int_ranges]
-    _TRACES[key] = (graph, tuple(weakref.ref(t) for t in buffers), scalars, tuple(keep), launch_cache, guards)
-    if len(_TRACES) > _TRACES_MAX:
-        _TRACES.popitem(last=False)
+    entry = (graph, tuple(weakref.ref(t) for t in buffers), scalars, tuple(keep), guards)
+    CACHE.put((_NAMESPACE, key), entry, owners=tuple(buffers))
 
 
 def lookup(key: tuple) -> tuple | None:
-    """``(graph, buffers, scalars, launch_cache)`` kept under ``key``, or None (never kept, a
-    captured tensor gone, or an int32 capture outside the range its trace was proven for)."""
-    entry = _TRACES.get(key)
+    """``(graph, buffers, scalars)`` kept under ``key``, or None (never kept, a captured tensor
+    gone, or an int32 capture outside the range its trace was proven for)."""
+    entry = CACHE.get((_NAMESPACE, key))
     if entry is None:
         return None
-    graph, refs, scalars, _, launch_cache, guards = entry
+    graph, refs, scalars, _, guards = entry
     buffers = tuple(r() for r in refs)
-    if any(b is None for b in buffers):
-        del _TRACES[key]
+    if any(b is None for b in buffers):  # dying: its finalizer has not dropped it yet
+        CACHE.discard((_NAMESPACE, key))
         return None
     for guard in guards:
         i, lo, hi, version = guard
@@ -58,11 +57,10 @@ def lookup(key: tuple) -> tuple | None:
         if t._version != version:
             now = value_range(t)
             if now[0] < lo or now[1] > hi:
-                del _TRACES[key]
+                CACHE.discard((_NAMESPACE, key))
                 return None
             guard[3] = t._version
-    _TRACES.move_to_end(key)
-    return graph, buffers, scalars, launch_cache
+    return graph, buffers, scalars
 
 
 def value_range(t: torch.Tensor) -> tuple[int, int]:
@@ -110,10 +108,10 @@ def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: fro
 
     Objects named by id (code, modules, types) are appended to ``keep``: a cache entry holds them
     so that their ids cannot be reused while the entry exists. Tensors are named by id too, but
-    entries hold them weakly (see ``_cached``).
+    entries hold them weakly (they own their entry).
     """
     keep = [] if keep is None else keep
-    if depth > 12:
+    if depth > _MAX_DEPTH:
         raise NoCache
     if value is None or isinstance(value, (bool, int, str, bytes)):
         return (type(value), value)
@@ -182,7 +180,7 @@ def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: fro
 
 def _filled(cell) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
     except ValueError:
         return False
     return True

@@ -289,7 +289,8 @@ def test_a_config_out_of_shared_memory_is_retried_smaller_and_remembered(monkeyp
 
 
 def test_smaller_configs_step_down_to_the_smallest_tiles():
-    from flexcomp.codegen.launch_backward import BackwardConfig, _smaller
+    from flexcomp.tiles import BackwardConfig
+    from flexcomp.tiles import smaller_backward as _smaller
 
     cfg = BackwardConfig(64, 128, 128, 64, 8, 2)
     steps = []

@@ -95,7 +95,7 @@ def test_integer_to_negative_power_is_refused_and_power_zero_is_one():
 
 
 def test_forward_config_fits_shared_memory():
-    from flexcomp.codegen.launch import forward_config
+    from flexcomp.tiles import forward_config
 
     smem = 232448  # H100 / H200 opt-in limit
     bf16_128 = forward_config(128, 128, 2, 128, 128, {}, False, False, smem)
@@ -111,7 +111,7 @@ def test_forward_config_fits_shared_memory():
 
 
 def test_pair_gathers_are_told_apart_from_per_head_and_per_row_reads():
-    from flexcomp.codegen.lower import gathers_per_pair
+    from flexcomp.plan import gathers_per_pair
 
     table, doc, slopes = torch.randn(8, 8), torch.arange(64) // 8, torch.rand(4)
     pair = trace(lambda s, b, h, q, kv: s + table[doc[q], doc[kv]], ModKind.SCORE).graph
@@ -129,7 +129,8 @@ def test_joint_function_returns_the_value_and_its_derivative_sharing_tanh():
 
 
 def test_scatter_sums_a_tile_by_what_the_index_depends_on():
-    from flexcomp.codegen.lower import Reduce, lower_scatter
+    from flexcomp.codegen.lower import lower_scatter
+    from flexcomp.plan import Reduce, scatter_graph
 
     per_head, per_q, per_kv, pair = (torch.randn(4), torch.randn(64), torch.randn(64), torch.randn(64, 64))
 
@@ -137,16 +138,16 @@ def test_scatter_sums_a_tile_by_what_the_index_depends_on():
         return s * per_head[h] + per_q[q_idx] + per_kv[kv_idx] + pair[q_idx, kv_idx]
 
     g = trace(score, ModKind.SCORE).graph
-    src = lower_scatter(g, tuple(b.name for b in g.buffers)).source
+    src = lower_scatter(scatter_graph(g, tuple(b.name for b in g.buffers)), tuple(b.name for b in g.buffers)).source
     reduces = [line.split("REDUCE=")[1][0] for line in src.splitlines() if "ops.scatter_grad(" in line]
     assert reduces == [str(int(r)) for r in (Reduce.ALL, Reduce.PER_Q, Reduce.PER_KV, Reduce.NONE)]
     assert "grad * score, valid, AUX + 0, REDUCE=1" in src  # d(s * per_head[h]) / d per_head[h] = s
-    only_pair = lower_scatter(g, ("pair",)).source
+    only_pair = lower_scatter(scatter_graph(g, ("pair",)), ("pair",)).source
     assert only_pair.count("ops.scatter_grad(") == 1  # tensors that need no gradient get no atomics
 
 
 def test_backward_config_choices_and_errors():
-    from flexcomp.codegen.launch_backward import backward_config
+    from flexcomp.tiles import backward_config
 
     plain = backward_config(128, 128, 2, 128, 128, {}, False)
     assert (plain.block_m1, plain.block_n1, plain.num_warps, plain.split) == (64, 64, 4, False)
@@ -179,8 +180,7 @@ def test_float64_variant_lowers_the_working_float_to_float64():
 
 
 def test_float64_tiles_fit_shared_memory_and_loop_over_sub_tiles():
-    from flexcomp.codegen.launch import forward_config, pad_dim
-    from flexcomp.codegen.launch_backward import backward_config
+    from flexcomp.tiles import backward_config, forward_config, pad_dim
 
     smem = 232448
     for D in (64, 128, 256):

@@ -203,14 +203,10 @@ def test_new_captured_values_generate_nothing_new():
 
 
 def test_dump_dir_names_say_which_variant(tmp_path, monkeypatch):
-    import collections
-
-    import flexcomp.codegen.modules as modules
-    import flexcomp.trace_cache as trace_module
+    from flexcomp.cache import CACHE
 
     monkeypatch.setenv("FLEXCOMP_DUMP_DIR", str(tmp_path))
-    monkeypatch.setattr(modules, "_CACHE", {})
-    monkeypatch.setattr(trace_module, "_TRACES", collections.OrderedDict())  # traces keep their launch args
+    CACHE.clear()  # generated functions are kept per structure: generate them again, into tmp_path
     q, k, v = _qkv(1, 1, 32, 32, 16)
     bm = create_block_mask(causal_mask, 1, 1, 32, 32, device=DEVICE, BLOCK_SIZE=32)
     flex_attention(q, k, v, score_mod=softcap(3.0), block_mask=bm, kernel_options=TRITON)
@@ -267,7 +263,7 @@ def test_full_blocks_hanging_over_the_end_are_bounded():
 
 def test_unsupported_dtypes_are_refused_with_a_pointer_to_the_reference_backend():
     """float64 runs (tests/test_kernels_float64.py); other float types do not."""
-    from flexcomp.codegen.launch import check_inputs
+    from flexcomp.plan import check_inputs
 
     q = torch.zeros(1, 1, 16, 16, dtype=torch.float8_e4m3fn)
     with pytest.raises(FlexcompError, match="float32 and float64 inputs, got torch.float8_e4m3fn; use kernel_options"):

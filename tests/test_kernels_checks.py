@@ -8,7 +8,9 @@ import torch
 
 from flexcomp import create_block_mask, flex_attention
 from flexcomp.blockmask import BlockMask
-from flexcomp.codegen import launch, modules
+import flexcomp.plan as plan_module
+from flexcomp.cache import CACHE
+from flexcomp.codegen import modules
 from flexcomp.codegen.lower import FloatType
 from flexcomp.errors import FlexcompIndexError
 from flexcomp.ir import ModKind
@@ -38,7 +40,7 @@ def _every_block_partial(mask_mod, L=64, S=64, bs=32, kv_blocks=None):
 
 def _generated(fn, kind, checked):
     tm = trace(fn, kind)
-    return (kind, tm.graph.structural_key(), FloatType.F32, checked) in modules._CACHE
+    return ("kernel", "mod", kind, tm.graph.structural_key(), FloatType.F32, checked) in CACHE
 
 
 @pytest.mark.parametrize("past", ["end", "start"])
@@ -109,8 +111,8 @@ def test_a_proven_mod_runs_unchecked_and_the_proof_is_kept():
         return score + bias[h, q_idx - kv_idx + 63]  # 0..126: in range, and provably so
 
     calls = []
-    prove = launch.mod_proven_safe
-    launch.mod_proven_safe = lambda *a: calls.append(a) or prove(*a)
+    prove = plan_module.mod_proven_safe
+    plan_module.mod_proven_safe = lambda *a: calls.append(a) or prove(*a)
     try:
         q, k, v = _qkv()
         bm = create_block_mask(causal_mask, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=32)
@@ -122,7 +124,7 @@ def test_a_proven_mod_runs_unchecked_and_the_proof_is_kept():
         flex_attention(q, k, v, score_mod=rel_bias, block_mask=bm, kernel_options=TRITON)
         assert len(calls) == 2 and modules.STATS.generated == before
     finally:
-        launch.mod_proven_safe = prove
+        plan_module.mod_proven_safe = prove
     assert _generated(rel_bias, ModKind.SCORE, checked=False)
     assert not _generated(rel_bias, ModKind.SCORE, checked=True)
     got = flex_attention(q, k, v, score_mod=rel_bias, block_mask=bm, kernel_options=TRITON)

@@ -1,0 +1,44 @@
+"""The Triton backend: a :class:`flexcomp.runtime.AttentionBackend` over the generated kernels.
+
+It chooses the kernel family inside (the plan's ``family``: prefill today; decode, paged KV and
+varlen kernels join here) and runs it; the reference backend stays the oracle for all of them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from flexcomp.errors import FlexcompError
+from flexcomp.plan import Plan
+from flexcomp.problem import Grads, Outputs, Problem, Saved
+from flexcomp.tiles import KernelFamily
+
+from . import launch, launch_backward
+
+
+class TritonBackend:
+    """Generated Triton kernels: CUDA tensors, or any device under ``TRITON_INTERPRET=1`` (tests)."""
+
+    def check(self, problem: Problem) -> None:
+        """The kernels need CUDA tensors, or Triton's interpreter."""
+        if problem.device.type != "cuda" and not problem.options.interpret:
+            raise FlexcompError(
+                f"the 'triton' backend needs CUDA tensors (got {problem.device}) or TRITON_INTERPRET=1 set before "
+                f"flexcomp launches its first kernel (the Triton interpreter, slow, for tests)")
+
+    def forward(self, problem: Problem, plan: Plan, q: Tensor, k: Tensor, v: Tensor) -> Outputs:
+        """The plan's family's forward."""
+        if plan.family is KernelFamily.PREFILL:
+            return launch.forward(problem, plan, q, k, v)
+        raise FlexcompError(f"internal: no Triton forward for kernel family {plan.family.value!r}")
+
+    def backward(self, problem: Problem, plan: Plan, saved: Saved, d_out: Optional[Tensor],
+                 d_lse: Optional[Tensor], wanted: tuple[bool, ...]) -> Grads:
+        """The plan's family's backward (every gradient; autograd keeps the wanted ones)."""
+        if plan.family is KernelFamily.PREFILL:
+            return launch_backward.backward(problem, plan, saved, d_out, d_lse)
+        raise FlexcompError(f"internal: no Triton backward for kernel family {plan.family.value!r}")
+
+
+TRITON_BACKEND = TritonBackend()
