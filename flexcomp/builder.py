@@ -7,15 +7,25 @@ is one node, ``True & m`` is ``m``, and ``2 * 3`` is ``6``.
 from __future__ import annotations
 
 import math
-import operator
-from typing import Callable, Union
+from collections.abc import Callable
 
 from .ir import (
-    BINARY_OPS, COMMUTATIVE_OPS, COMPARE_OPS, FLOAT_UNARY_OPS, LOGIC_OPS, SHIFT_OPS, Arg, BufferSpec, Const,
-    DType, Graph, ModKind, Node, Op, ScalarSpec, promote,
+    OPS,
+    Arg,
+    BufferSpec,
+    Const,
+    DType,
+    Family,
+    Graph,
+    ModKind,
+    Node,
+    Op,
+    ScalarSpec,
+    Signature,
+    promote,
 )
 
-Number = Union[bool, int, float]
+Number = bool | int | float
 
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
@@ -45,69 +55,6 @@ def _coerce(value: Number, dtype: DType) -> Number:
             value = int(value)  # truncation, as torch's .to(int)
         return wrap_int(value, dtype)
     return float(value)
-
-
-def _floordiv(a, b):
-    if b == 0:
-        raise ZeroDivisionError
-    return a // b if not isinstance(a, float) and not isinstance(b, float) else float(math.floor(a / b))
-
-
-def _mod(a, b):
-    if b == 0:
-        raise ZeroDivisionError
-    return a % b
-
-
-def _truediv(a, b):
-    if b == 0:  # IEEE, as torch: x / 0 is +-inf, 0 / 0 is nan
-        if a == 0 or math.isnan(a):
-            return math.nan
-        return math.copysign(math.inf, a) * math.copysign(1.0, b)
-    return a / b
-
-
-def _pow(a, b):
-    if isinstance(a, int) and isinstance(b, int) and b < 0:
-        raise ValueError("integer to a negative power")
-    return a**b
-
-
-def _sign(a):
-    return type(a)((a > 0) - (a < 0))
-
-
-def _shl(a, b):
-    if b < 0:
-        raise ValueError("negative shift count")  # left for run time (torch gives 0)
-    return a << min(b, 64)  # wrapped to the type's width by the caller: 0 once b >= bits
-
-
-def _shr(a, b):
-    if b < 0:
-        raise ValueError("negative shift count")
-    return a >> min(b, 64)
-
-
-def _not(a):
-    return (not a) if isinstance(a, bool) else ~a
-
-
-_FOLD: dict[Op, Callable] = {
-    Op.ADD: operator.add, Op.SUB: operator.sub, Op.MUL: operator.mul, Op.TRUEDIV: _truediv,
-    Op.FLOORDIV: _floordiv, Op.MOD: _mod, Op.POW: _pow,
-    Op.EQ: operator.eq, Op.NE: operator.ne, Op.LT: operator.lt, Op.LE: operator.le,
-    Op.GT: operator.gt, Op.GE: operator.ge,
-    Op.AND: operator.and_, Op.OR: operator.or_, Op.XOR: operator.xor,
-    Op.MINIMUM: min, Op.MAXIMUM: max, Op.SHL: _shl, Op.SHR: _shr,
-    Op.NEG: operator.neg, Op.ABS: abs, Op.NOT: _not, Op.SIGN: _sign,
-    Op.FLOOR: lambda a: float(math.floor(a)) if isinstance(a, float) else a,
-    Op.CEIL: lambda a: float(math.ceil(a)) if isinstance(a, float) else a,
-    Op.EXP: math.exp, Op.EXP2: lambda a: 2.0**a, Op.LOG: math.log, Op.LOG2: math.log2,
-    Op.SQRT: math.sqrt, Op.RSQRT: lambda a: 1.0 / math.sqrt(a), Op.TANH: math.tanh,
-    Op.SIGMOID: lambda a: 1.0 / (1.0 + math.exp(-a)), Op.SIN: math.sin, Op.COS: math.cos,
-    Op.TAN: math.tan, Op.ATAN: math.atan, Op.ERF: math.erf, Op.LOG1P: math.log1p, Op.EXPM1: math.expm1,
-}
 
 
 class GraphBuilder:
@@ -165,11 +112,12 @@ class GraphBuilder:
 
     def emit(self, op: Op, dtype: DType, args: tuple[Arg, ...], attr: str | None = None) -> Arg:
         """Add a node whose operand types are already right: fold, simplify, or reuse."""
-        if op in COMMUTATIVE_OPS:
+        info = OPS[op]
+        if info.commutative:
             args = tuple(sorted(args, key=lambda a: (1, str(a.value)) if isinstance(a, Const) else (0, a)))
-        if op in _FOLD and all(isinstance(a, Const) for a in args):
+        if info.fold is not None and all(isinstance(a, Const) for a in args):
             try:
-                return Const(_coerce(_FOLD[op](*(a.value for a in args)), dtype), dtype)
+                return Const(_coerce(info.fold(*(a.value for a in args)), dtype), dtype)
             except (ArithmeticError, ValueError):
                 pass  # left for run time, where torch gives inf / nan / an error as usual
         if op is Op.CAST and all(isinstance(a, Const) for a in args):
@@ -210,7 +158,7 @@ class GraphBuilder:
         unit = {Op.ADD: 0, Op.SUB: 0, Op.MUL: 1, Op.TRUEDIV: 1}.get(op)  # x op unit == x
         if unit is not None and is_c(b, unit):
             return a
-        if unit is not None and op in COMMUTATIVE_OPS and is_c(a, unit):
+        if unit is not None and OPS[op].commutative and is_c(a, unit):
             return b
         return None
 
@@ -220,33 +168,36 @@ class GraphBuilder:
         return self.emit(Op.CAST, dtype, (a,))
 
     def binary(self, op: Op, a: Arg, b: Arg) -> Arg:
-        assert op in BINARY_OPS
+        info = OPS[op]
+        assert info.arity == 2, op
+        sig = info.signature
         ta, tb = self.dtype_of(a), self.dtype_of(b)
         t = promote(ta, tb)
-        if op is Op.TRUEDIV:
+        if sig is Signature.FLOAT:
             t = DType.F32
-        elif op in LOGIC_OPS:
+        elif sig is Signature.BITS:
             if t.is_float:
                 raise TypeError(f"bitwise '{op.value}' is not defined on floats")
         elif op is Op.POW and t.is_int and isinstance(b, Const) and b.value < 0:
             raise TypeError("integers to negative integer powers are not allowed (as torch); convert to float first")
-        elif op in SHIFT_OPS:
+        elif sig is Signature.INT:
             if t.is_float:
                 raise TypeError(f"shift '{'<<' if op is Op.SHL else '>>'}' is not defined on floats")
             t = DType.I32 if t is DType.BOOL else t
-        elif op not in COMPARE_OPS and op not in (Op.MINIMUM, Op.MAXIMUM) and t is DType.BOOL:
+        elif info.family is Family.ARITH and t is DType.BOOL:
             t = self.bool_int  # arithmetic on bools counts them as integers
-        if t.is_int and self.bool_int is DType.I64 and op not in COMPARE_OPS and DType.BOOL in (ta, tb) and \
-                isinstance(a if tb is DType.BOOL else b, Const):
+        if t.is_int and self.bool_int is DType.I64 and sig is not Signature.SAME_TO_BOOL and DType.BOOL in (ta, tb) \
+                and isinstance(a if tb is DType.BOOL else b, Const):
             t = DType.I64  # torch: a bool tensor with a Python int gives int64
         a, b = self.cast(a, t), self.cast(b, t)
-        return self.emit(op, DType.BOOL if op in COMPARE_OPS else t, (a, b))
+        return self.emit(op, sig.result(t), (a, b))
 
     def unary(self, op: Op, a: Arg) -> Arg:
+        info = OPS[op]
         t = self.dtype_of(a)
-        if op in FLOAT_UNARY_OPS:
+        if info.signature is Signature.FLOAT:
             return self.emit(op, DType.F32, (self.cast(a, DType.F32),))
-        if op is Op.NOT:
+        if info.signature is Signature.BITS:  # ~
             if t.is_float:
                 raise TypeError("'~' is not defined on floats")
             return self.emit(op, t, (a,))
@@ -297,7 +248,7 @@ class GraphBuilder:
         return Graph(self.kind, self.fn_name, tuple(nodes), buffers, scalars, out, extras)
 
 
-Rewrite = Callable[[GraphBuilder, Node, tuple[Arg, ...], dict[int, Arg]], Union[Arg, None]]
+Rewrite = Callable[[GraphBuilder, Node, tuple[Arg, ...], dict[int, Arg]], Arg | None]
 
 
 def rebuild(g: Graph, rewrite: Rewrite | None = None) -> Graph:

@@ -18,29 +18,22 @@ there, as the README does.
 """
 from __future__ import annotations
 
+import argparse
+import math
 import os
+import resource
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
-if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on a CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import argparse  # noqa: E402
-import math  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Callable, Optional  # noqa: E402
-
 # Triton's interpreter trips numpy deprecations and overflows in exp on -inf tiles: not ours to show
-warnings.filterwarnings("ignore", category=DeprecationWarning, module="triton")
-warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
-
-from . import and_masks, create_block_mask, flex_attention, or_masks  # noqa: E402
-from .ir import ModKind  # noqa: E402
+from . import and_masks, create_block_mask, flex_attention, or_masks
+from .ir import ModKind
 
 try:
     from .masks import alibi, causal_mask, document_mask, padding_mask, prefix_lm, sliding_window, softcap
@@ -53,8 +46,8 @@ except ModuleNotFoundError as e:  # pragma: no cover - only in a shadowed checko
         "which holds only part of the package (codegen/ and masks/ are mapped into it at install). With a\n"
         "non-editable install, run `PYTHONSAFEPATH=1 python -m flexcomp.demo` (the current folder then\n"
         "stays off sys.path) or run it from another folder; or install with `pip install -e .`.") from e
-from .testing import dense_attention, grads, rand_qkv  # noqa: E402
-from .trace import trace  # noqa: E402
+from .testing import dense_attention, grads, rand_qkv
+from .trace import trace
 
 REF_TOL = 1e-9     # reference backend (float64) against the float64 oracle and torch's eager forward
 TRITON_TOL = 1e-4  # Triton kernels (float32) against the float64 oracle
@@ -266,6 +259,11 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="do not print IRs and block maps")
     p.add_argument("--skip-long", action="store_true", help="skip the long-sequence checks")
     a = p.parse_args(argv)
+    if not torch.cuda.is_available():  # the Triton kernels run in Triton's interpreter on a CPU: set before
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # flexcomp first imports its kernels (Triton wants it so)
+    # Triton's interpreter trips numpy deprecations and overflows in exp on -inf tiles: not ours to show
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="triton")
+    warnings.filterwarnings("ignore", message="overflow encountered", category=RuntimeWarning)
     torch.manual_seed(0)
     t_start = time.perf_counter()
     say(f"flexcomp demo: B={a.batch} H={a.heads} S={a.seq} D={a.head_dim}, float64, reference backend; "

@@ -6,6 +6,7 @@ incoming ``dS`` by it. ``load_derivative(g, load)`` returns ``d score_mod / d (v
 load)``, from which gradients into captured tensors are scattered. Both are rebuilt through the
 :class:`~flexcomp.builder.GraphBuilder`, so the forward values a derivative needs (``tanh`` for
 soft-cap's ``1 - tanh^2``) are the same nodes, shared and CSE'd, and zero tangents are never emitted.
+Each op's tangent rule is its row's ``derivative`` in :mod:`flexcomp.ir_ops`.
 
 >>> from flexcomp.trace import trace
 >>> from flexcomp.ir import ModKind
@@ -23,14 +24,35 @@ graph score_mod(score: f32, b: i32, h: i32, q_idx: i32, kv_idx: i32) scalars(cap
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 from .builder import GraphBuilder
 from .errors import FlexcompError
-from .ir import Arg, Const, DType, Graph, ModKind, Node, Op, verify
+from .ir import OPS, Arg, Const, DType, Graph, ModKind, Node, Op, verify
+from .ir_ops import TangentBuilder
 
 _ONE, _ZERO = Const(1.0, DType.F32), Const(0.0, DType.F32)
+
+
+class _Tangents(TangentBuilder):
+    """The four primitives the derivative rules of :mod:`flexcomp.ir_ops` build with, on a builder."""
+
+    def __init__(self, gb: GraphBuilder):
+        self.gb = gb
+
+    def emit(self, op: Op, dtype: DType, args: tuple) -> Arg:
+        """A node through the builder (folded, simplified, CSE'd)."""
+        return self.gb.emit(op, dtype, args)
+
+    def dtype_of(self, a: Arg) -> DType:
+        """The type of a value."""
+        return self.gb.dtype_of(a)
+
+    def const(self, value: float) -> Const:
+        """An ``f32`` literal."""
+        return Const(float(value), DType.F32)
+
+    def literal(self, a: Arg):
+        """The number a literal holds; None for a node."""
+        return a.value if isinstance(a, Const) else None
 
 
 def _tangents(g: Graph, seeds: tuple[int, ...]) -> tuple[GraphBuilder, Arg, list[Arg]]:
@@ -51,112 +73,24 @@ def _tangents(g: Graph, seeds: tuple[int, ...]) -> tuple[GraphBuilder, Arg, list
             new[n.id] = gb.emit(n.op, n.dtype, tuple(x if isinstance(x, Const) else new[x] for x in n.args), n.attr)
     out = g.output if isinstance(g.output, Const) else new[g.output]
     result = []
+    d = _Tangents(gb)
     for seed in seeds:
-        tan: dict[int, Optional[Arg]] = {}  # old node id -> tangent (None: zero)
+        tan: dict[int, Arg | None] = {}  # old node id -> tangent (None: zero)
         for n in g.nodes:
             if n.id == seed:
                 tan[n.id] = _ONE
-            elif n.dtype.is_float and n.op not in (Op.INPUT, Op.SCALAR):
+            elif n.dtype.is_float:
+                rule = OPS[n.op].derivative
+                if rule is None:  # pragma: no cover - every op that can give a float has a rule (test_ir_ops)
+                    raise FlexcompError(f"no derivative rule for {n.op.value}")
                 args = tuple(x if isinstance(x, Const) else new[x] for x in n.args)
                 targs = [None if isinstance(x, Const) else tan[x] for x in n.args]
-                tan[n.id] = _rule(gb, n, args, new[n.id], targs)
+                tan[n.id] = rule(d, args, new[n.id], targs)
             else:
                 tan[n.id] = None
         t = None if isinstance(g.output, Const) else tan[g.output]
         result.append(t if t is not None else _ZERO)
     return gb, out, result
-
-
-def _rule(gb: GraphBuilder, n: Node, a, out, t) -> Optional[Arg]:
-    """Tangent of node ``n`` (new value ``out``, new args ``a``) from its args' tangents ``t``."""
-    F = DType.F32
-
-    def mul(x, y):
-        return gb.emit(Op.MUL, F, (x, y))
-
-    def add(x, y):
-        if x is None:
-            return y
-        if y is None:
-            return x
-        return gb.emit(Op.ADD, F, (x, y))
-
-    def neg(x):
-        return None if x is None else gb.emit(Op.NEG, F, (x,))
-
-    def scale(x, factor):
-        return None if x is None else mul(factor, x)
-
-    op = n.op
-    if not n.dtype.is_float or op in (Op.INPUT, Op.SCALAR, Op.LOAD, Op.SIGN, Op.FLOOR, Op.CEIL, Op.FLOORDIV):
-        return None
-    if op is Op.CAST:
-        return t[0] if gb.dtype_of(a[0]).is_float else None
-    if op is Op.ADD:
-        return add(t[0], t[1])
-    if op is Op.SUB:
-        return add(t[0], neg(t[1]))
-    if op is Op.NEG:
-        return neg(t[0])
-    if op is Op.MUL:
-        return add(scale(t[0], a[1]), scale(t[1], a[0]))
-    if op is Op.TRUEDIV:
-        first = None if t[0] is None else gb.emit(Op.TRUEDIV, F, (t[0], a[1]))
-        second = None
-        if t[1] is not None:  # - a * tb / b^2 = - out * tb / b
-            second = neg(gb.emit(Op.TRUEDIV, F, (mul(out, t[1]), a[1])))
-        return add(first, second)
-    if op is Op.MOD:  # a - b * floor(a / b)
-        fl = gb.emit(Op.FLOOR, F, (gb.emit(Op.TRUEDIV, F, (a[0], a[1])),))
-        return add(t[0], neg(scale(t[1], fl)))
-    if op is Op.POW:
-        base, exp = a
-        if t[0] is not None and isinstance(exp, Const) and exp.value == 0.5:  # sqrt: 0.5 / out, lowerable
-            first = mul(gb.emit(Op.TRUEDIV, F, (Const(0.5, F), out)), t[0])
-        elif t[0] is not None:
-            dbase = mul(exp, gb.emit(Op.POW, F, (base, gb.emit(Op.SUB, F, (exp, _ONE)))))
-            first = mul(dbase, t[0])
-        else:
-            first = None
-        second = scale(t[1], mul(out, gb.emit(Op.LOG, F, (base,)))) if t[1] is not None else None
-        return add(first, second)
-    if op in (Op.MINIMUM, Op.MAXIMUM):
-        if t[0] is None and t[1] is None:
-            return None
-        ta, tb = (x if x is not None else _ZERO for x in t)
-        first = gb.emit(Op.LT if op is Op.MINIMUM else Op.GT, DType.BOOL, (a[0], a[1]))
-        second = gb.emit(Op.LT if op is Op.MINIMUM else Op.GT, DType.BOOL, (a[1], a[0]))
-        half = mul(Const(0.5, F), add(ta, tb))  # ties split the gradient, as torch does
-        return gb.emit(Op.WHERE, F, (first, ta, gb.emit(Op.WHERE, F, (second, tb, half))))
-    if op is Op.WHERE:
-        if t[1] is None and t[2] is None:
-            return None
-        return gb.emit(Op.WHERE, F, (a[0], t[1] if t[1] is not None else _ZERO, t[2] if t[2] is not None else _ZERO))
-    if op is Op.ABS:
-        return scale(t[0], gb.emit(Op.SIGN, F, (a[0],)))
-    if t[0] is None:
-        return None
-    x = a[0]
-    local = {
-        Op.EXP: lambda: out,
-        Op.EXP2: lambda: mul(out, Const(math.log(2.0), F)),
-        Op.LOG: lambda: gb.emit(Op.TRUEDIV, F, (_ONE, x)),
-        Op.LOG2: lambda: gb.emit(Op.TRUEDIV, F, (_ONE, mul(x, Const(math.log(2.0), F)))),
-        Op.SQRT: lambda: gb.emit(Op.TRUEDIV, F, (Const(0.5, F), out)),
-        Op.RSQRT: lambda: mul(Const(-0.5, F), mul(out, mul(out, out))),
-        Op.TANH: lambda: gb.emit(Op.SUB, F, (_ONE, mul(out, out))),
-        Op.SIGMOID: lambda: mul(out, gb.emit(Op.SUB, F, (_ONE, out))),
-        Op.SIN: lambda: gb.emit(Op.COS, F, (x,)),
-        Op.TAN: lambda: gb.emit(Op.ADD, F, (_ONE, mul(out, out))),
-        Op.ATAN: lambda: gb.emit(Op.TRUEDIV, F, (_ONE, gb.emit(Op.ADD, F, (_ONE, mul(x, x))))),
-        Op.ERF: lambda: mul(Const(2.0 / math.sqrt(math.pi), F), gb.emit(Op.EXP, F, (neg(mul(x, x)),))),
-        Op.LOG1P: lambda: gb.emit(Op.TRUEDIV, F, (_ONE, gb.emit(Op.ADD, F, (_ONE, x)))),
-        Op.EXPM1: lambda: gb.emit(Op.ADD, F, (out, _ONE)),
-        Op.COS: lambda: neg(gb.emit(Op.SIN, F, (x,))),
-    }
-    if op not in local:  # pragma: no cover - every float op of the IR has a rule above
-        raise FlexcompError(f"no derivative rule for {op.value}")
-    return mul(t[0], local[op]())
 
 
 def _score_input(g: Graph) -> int:

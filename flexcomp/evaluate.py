@@ -6,47 +6,14 @@ runs is the recorded graph.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from .errors import FlexcompIndexError
-from .ir import Const, DType, Graph, Op
+from .ir import OPS, Const, DType, Graph, Op
 
-Number = Union[bool, int, float]
-
-_TORCH_OPS = {
-    Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.TRUEDIV: torch.true_divide,
-    Op.FLOORDIV: torch.floor_divide, Op.MOD: torch.remainder, Op.POW: torch.pow,
-    Op.EQ: torch.eq, Op.NE: torch.ne, Op.LT: torch.lt, Op.LE: torch.le, Op.GT: torch.gt, Op.GE: torch.ge,
-    Op.AND: torch.bitwise_and, Op.OR: torch.bitwise_or, Op.XOR: torch.bitwise_xor,
-    Op.MINIMUM: torch.minimum, Op.MAXIMUM: torch.maximum,
-    Op.SHL: torch.bitwise_left_shift, Op.SHR: torch.bitwise_right_shift,
-    Op.TAN: torch.tan, Op.ATAN: torch.atan, Op.ERF: torch.erf, Op.LOG1P: torch.log1p, Op.EXPM1: torch.expm1,
-    Op.NEG: torch.neg, Op.ABS: torch.abs, Op.NOT: torch.bitwise_not, Op.EXP: torch.exp,
-    Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2, Op.SQRT: torch.sqrt,
-    Op.RSQRT: torch.rsqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid, Op.SIN: torch.sin,
-    Op.COS: torch.cos, Op.SIGN: torch.sign, Op.FLOOR: torch.floor, Op.CEIL: torch.ceil,
-    Op.WHERE: torch.where,
-}
-
-# How each op reads as Python (Graph.to_python). Constants may stand on either side.
-PYTHON_TEMPLATES = {
-    Op.ADD: "({0} + {1})", Op.SUB: "({0} - {1})", Op.MUL: "({0} * {1})", Op.TRUEDIV: "({0} / {1})",
-    Op.FLOORDIV: "({0} // {1})", Op.MOD: "({0} % {1})", Op.POW: "({0} ** {1})",
-    Op.EQ: "({0} == {1})", Op.NE: "({0} != {1})", Op.LT: "({0} < {1})", Op.LE: "({0} <= {1})",
-    Op.GT: "({0} > {1})", Op.GE: "({0} >= {1})", Op.AND: "({0} & {1})", Op.OR: "({0} | {1})",
-    Op.XOR: "({0} ^ {1})", Op.SHL: "({0} << {1})", Op.SHR: "({0} >> {1})",
-    Op.TAN: "torch.tan({0})", Op.ATAN: "torch.atan({0})", Op.ERF: "torch.erf({0})",
-    Op.LOG1P: "torch.log1p({0})", Op.EXPM1: "torch.expm1({0})", Op.MINIMUM: "torch.minimum({0}, {1})", Op.MAXIMUM: "torch.maximum({0}, {1})",
-    Op.NEG: "(-{0})", Op.ABS: "torch.abs({0})", Op.NOT: "(~{0})", Op.EXP: "torch.exp({0})",
-    Op.EXP2: "torch.exp2({0})", Op.LOG: "torch.log({0})", Op.LOG2: "torch.log2({0})",
-    Op.SQRT: "torch.sqrt({0})", Op.RSQRT: "torch.rsqrt({0})", Op.TANH: "torch.tanh({0})",
-    Op.SIGMOID: "torch.sigmoid({0})", Op.SIN: "torch.sin({0})", Op.COS: "torch.cos({0})",
-    Op.SIGN: "torch.sign({0})", Op.FLOOR: "torch.floor({0})", Op.CEIL: "torch.ceil({0})",
-    Op.WHERE: "torch.where({0}, {1}, {2})", Op.CAST: "{0}.to({dtype})",
-}
-
+Number = bool | int | float
 
 def torch_dtype(dtype: DType, float_dtype: torch.dtype) -> torch.dtype:
     """The torch dtype an IR type is evaluated in (``f32`` is the working float)."""
@@ -72,7 +39,7 @@ def evaluate(
     buffers: Sequence[torch.Tensor],
     scalars: Sequence[Number],
     float_dtype: torch.dtype = torch.float32,
-    grad_keep: Optional[torch.Tensor] = None,
+    grad_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Evaluate ``g`` on broadcastable tensors.
 
@@ -121,5 +88,5 @@ def evaluate(
         elif n.op is Op.CAST:
             vals[n.id] = arg(n.args[0]).to(torch_dtype(n.dtype, float_dtype))
         else:
-            vals[n.id] = _TORCH_OPS[n.op](*(arg(a) for a in n.args))
+            vals[n.id] = OPS[n.op].torch_fn(*(arg(a) for a in n.args))
     return arg(g.output)

@@ -19,6 +19,8 @@ Types: ``bool``, ``i32``, ``i64`` and ``f32``. ``f32`` is the *working float*: t
 scores in float32; the reference backend evaluates it in float64 when the inputs are float64.
 Float buffers of any storage dtype load as ``f32``.
 
+The types and ops are defined in :mod:`flexcomp.ir_ops`, one row per op (re-exported here).
+
 Semantics follow torch: ``floordiv`` rounds towards -inf and ``mod`` takes the sign of the divisor
 (Python's ``//`` and ``%``); ``truediv`` of integers gives a float.
 """
@@ -28,39 +30,12 @@ import enum
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Union
 
 from .errors import FlexcompIRError
+from .ir_ops import OPS, DType, Family, Op, OpInfo, Signature, promote
 
-
-class DType(enum.Enum):
-    """Value types of the IR."""
-
-    BOOL = "bool"
-    I32 = "i32"
-    I64 = "i64"
-    F32 = "f32"
-
-    @property
-    def is_float(self) -> bool:
-        return self is DType.F32
-
-    @property
-    def is_int(self) -> bool:
-        return self in (DType.I32, DType.I64)
-
-    @property
-    def rank(self) -> int:
-        """Promotion order: bool < i32 < i64 < f32."""
-        return _RANK[self]
-
-
-_RANK = {DType.BOOL: 0, DType.I32: 1, DType.I64: 2, DType.F32: 3}
-
-
-def promote(*dtypes: DType) -> DType:
-    """torch-like promotion between IR types (all operands are tensors of one category)."""
-    return max(dtypes, key=lambda d: d.rank)
+__all__ = ["OPS", "Arg", "BufferSpec", "Const", "DType", "Family", "Graph", "ModKind", "Node", "Op", "OpInfo",
+           "ScalarSpec", "Signature", "promote", "verify"]
 
 
 class ModKind(enum.Enum):
@@ -75,74 +50,6 @@ class ModKind(enum.Enum):
         return ("score",) + idx if self is ModKind.SCORE else idx
 
 
-class Op(enum.Enum):
-    """Node operations. The value is the name printed in the IR."""
-
-    INPUT = "input"  # attr: name (score, b, h, q_idx, kv_idx)
-    SCALAR = "scalar"  # attr: name of a captured Python number
-    LOAD = "load"  # attr: buffer name; args: one index per buffer dim
-    CAST = "cast"
-    WHERE = "where"
-    # binary
-    ADD = "add"
-    SUB = "sub"
-    MUL = "mul"
-    TRUEDIV = "truediv"
-    FLOORDIV = "floordiv"
-    MOD = "mod"
-    POW = "pow"
-    EQ = "eq"
-    NE = "ne"
-    LT = "lt"
-    LE = "le"
-    GT = "gt"
-    GE = "ge"
-    AND = "and"
-    OR = "or"
-    XOR = "xor"
-    MINIMUM = "minimum"
-    MAXIMUM = "maximum"
-    SHL = "shl"  # integer << (torch: 0 for shift counts outside [0, bits))
-    SHR = "shr"  # integer >> (arithmetic; torch: 0 or -1 for counts outside [0, bits))
-    # unary
-    NEG = "neg"
-    ABS = "abs"
-    NOT = "not"
-    EXP = "exp"
-    EXP2 = "exp2"
-    LOG = "log"
-    LOG2 = "log2"
-    SQRT = "sqrt"
-    RSQRT = "rsqrt"
-    TANH = "tanh"
-    SIGMOID = "sigmoid"
-    SIN = "sin"
-    COS = "cos"
-    TAN = "tan"
-    ATAN = "atan"
-    ERF = "erf"
-    LOG1P = "log1p"
-    EXPM1 = "expm1"
-    SIGN = "sign"
-    FLOOR = "floor"
-    CEIL = "ceil"
-
-
-BINARY_OPS = frozenset(
-    {Op.ADD, Op.SUB, Op.MUL, Op.TRUEDIV, Op.FLOORDIV, Op.MOD, Op.POW, Op.EQ, Op.NE, Op.LT, Op.LE,
-     Op.GT, Op.GE, Op.AND, Op.OR, Op.XOR, Op.MINIMUM, Op.MAXIMUM, Op.SHL, Op.SHR}
-)
-COMPARE_OPS = frozenset({Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE})
-LOGIC_OPS = frozenset({Op.AND, Op.OR, Op.XOR})
-SHIFT_OPS = frozenset({Op.SHL, Op.SHR})  # integers only
-COMMUTATIVE_OPS = frozenset({Op.ADD, Op.MUL, Op.EQ, Op.NE, Op.AND, Op.OR, Op.XOR, Op.MINIMUM, Op.MAXIMUM})
-FLOAT_UNARY_OPS = frozenset(
-    {Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.RSQRT, Op.TANH, Op.SIGMOID, Op.SIN, Op.COS, Op.TAN,
-     Op.ATAN, Op.ERF, Op.LOG1P, Op.EXPM1}
-)
-UNARY_OPS = FLOAT_UNARY_OPS | {Op.NEG, Op.ABS, Op.NOT, Op.SIGN, Op.FLOOR, Op.CEIL, Op.CAST}
-
-
 @dataclass(frozen=True, eq=False)
 class Const:
     """A literal operand, printed inline (``31``, ``-inf``, ``True``).
@@ -151,7 +58,7 @@ class Const:
     differ (``1 / x`` tells them apart), and ``nan`` equals ``nan``.
     """
 
-    value: Union[bool, int, float]
+    value: bool | int | float
     dtype: DType
 
     def _key(self) -> tuple:
@@ -172,7 +79,7 @@ class Const:
         return repr(self.value)
 
 
-Arg = Union[int, Const]  # an int names a node by its id
+Arg = int | Const  # an int names a node by its id
 
 
 @dataclass(frozen=True)
@@ -326,8 +233,6 @@ class Graph:
         ``make(*buffers, *scalars)`` returns a function with the mod's signature; tracing it gives a
         graph with the same :meth:`structural_key` (checked in tests).
         """
-        from .evaluate import PYTHON_TEMPLATES
-
         params = [b.name for b in self.buffers] + [c.name for c in self.scalars]
         lines = ["import torch", "", "", f"def make({', '.join(params)}):"]
         lines.append(f"    def {self.fn_name}({', '.join(self.kind.input_names)}):")
@@ -340,12 +245,12 @@ class Graph:
             args = [_py_arg(a, py) for a in n.args]
             if n.op is Op.LOAD:
                 expr = f"{n.attr}[{', '.join(args)}]" if args else n.attr  # a 0-d tensor is used whole
-            elif n.op in (Op.MINIMUM, Op.MAXIMUM) and any(isinstance(a, Const) for a in n.args):
+            elif OPS[n.op].family is Family.MINMAX and any(isinstance(a, Const) for a in n.args):
                 # torch.minimum takes tensors only; clamp takes a number
                 x, c = (args[1], args[0]) if isinstance(n.args[0], Const) else (args[0], args[1])
                 expr = f"torch.clamp({x}, {'max' if n.op is Op.MINIMUM else 'min'}={c})"
             else:
-                expr = PYTHON_TEMPLATES[n.op].format(*args, dtype=_TORCH_DTYPE_NAMES[n.dtype])
+                expr = OPS[n.op].python.format(*args, dtype=_TORCH_DTYPE_NAMES[n.dtype])
             lines.append(f"        {var} = {expr}  # {self.format_node(n)}")
             py[n.id] = var
         lines.append(f"        return {', '.join(_py_arg(a, py) for a in self.outputs)}")
@@ -372,8 +277,9 @@ def verify(g: Graph) -> Graph:
 
     - node ids equal positions, and every argument names an earlier node;
     - INPUT nodes are exactly the kind's inputs, SCALAR nodes match ``scalars``;
-    - arity and operand types per op: binary operands share one type, comparisons give bool,
-      logic ops take bool or int, float math takes and gives ``f32``, WHERE takes a bool condition;
+    - arity and operand types per op, by its :class:`~flexcomp.ir_ops.Signature`: binary operands
+      share one type, comparisons give bool, logic ops take bool or int, shifts take ints, float
+      math takes and gives ``f32``, WHERE takes a bool condition;
     - a LOAD names a declared buffer, with one integer index per dim, and has the buffer's type;
     - the output is ``f32`` for a score_mod and ``bool`` for a mask_mod.
     """
@@ -408,32 +314,10 @@ def verify(g: Graph) -> Graph:
                 fail(f"load {n.attr} has a non-integer index")
             if n.dtype is not b.dtype:
                 fail(f"load {n.attr} has type {n.dtype.value}, buffer has {b.dtype.value}")
-        elif n.op in BINARY_OPS:
-            if len(ts) != 2 or ts[0] is not ts[1]:
-                fail(f"{n.op.value} needs two operands of one type, got {[t.value for t in ts]}")
-            want = DType.BOOL if n.op in COMPARE_OPS else ts[0]
-            if n.op is Op.TRUEDIV and not ts[0].is_float:
-                fail("truediv operands must be f32")
-            if n.op in LOGIC_OPS and ts[0].is_float:
-                fail(f"{n.op.value} on floats")
-            if n.op in SHIFT_OPS and not ts[0].is_int:
-                fail(f"{n.op.value} needs integers, got {ts[0].value}")
-            if n.dtype is not want:
-                fail(f"{n.op.value} gives {n.dtype.value}, expected {want.value}")
-        elif n.op is Op.WHERE:
-            if len(ts) != 3 or ts[0] is not DType.BOOL or ts[1] is not ts[2] or n.dtype is not ts[1]:
-                fail(f"where needs (bool, T, T) -> T, got {[t.value for t in ts]} -> {n.dtype.value}")
-        elif n.op in UNARY_OPS:
-            if len(ts) != 1:
-                fail(f"{n.op.value} takes one operand")
-            if n.op in FLOAT_UNARY_OPS and (ts[0] is not DType.F32 or n.dtype is not DType.F32):
-                fail(f"{n.op.value} needs f32 -> f32")
-            if n.op not in FLOAT_UNARY_OPS and n.op is not Op.CAST and n.dtype is not ts[0]:
-                fail(f"{n.op.value} changes type {ts[0].value} -> {n.dtype.value}")
-            if n.op is Op.NOT and ts[0].is_float:
-                fail("not on a float")
         else:
-            fail(f"unknown op {n.op}")
+            err = _operand_error(n, ts)
+            if err is not None:
+                fail(err)
     if tuple(seen_inputs) != g.kind.input_names:
         fail(f"inputs {seen_inputs}, expected {list(g.kind.input_names)}")
     if tuple(seen_scalars) != tuple(c.name for c in g.scalars):
@@ -448,3 +332,42 @@ def verify(g: Graph) -> Graph:
     if any(g.dtype_of(a) is not DType.F32 for a in g.extra_outputs):
         fail("extra outputs must be f32")
     return g
+
+
+_REJECTED = {  # why a binary op's (one) operand type is not allowed, by signature
+    Signature.FLOAT: "{op} operands must be f32",
+    Signature.BITS: "{op} on floats",
+    Signature.INT: "{op} needs integers, got {t}",
+}
+
+
+def _operand_error(n: Node, ts: list[DType]) -> str | None:
+    """What is wrong with the operand and result types of a non-structural node, or None."""
+    info: OpInfo = OPS[n.op]
+    name, sig = n.op.value, info.signature
+    if sig is Signature.SELECT:
+        if len(ts) != 3 or ts[0] is not DType.BOOL or ts[1] is not ts[2] or n.dtype is not ts[1]:
+            return f"{name} needs (bool, T, T) -> T, got {[t.value for t in ts]} -> {n.dtype.value}"
+        return None
+    if info.arity == 2:
+        if len(ts) != 2 or ts[0] is not ts[1]:
+            return f"{name} needs two operands of one type, got {[t.value for t in ts]}"
+        if not sig.accepts(ts[0]):
+            return _REJECTED[sig].format(op=name, t=ts[0].value)
+        want = sig.result(ts[0])
+        if n.dtype is not want:
+            return f"{name} gives {n.dtype.value}, expected {want.value}"
+        return None
+    if info.arity != 1:
+        return f"unknown op {n.op}"
+    if len(ts) != 1:
+        return f"{name} takes one operand"
+    if sig is Signature.ANY_TO_ANY:
+        return None
+    if sig is Signature.FLOAT and (ts[0] is not DType.F32 or n.dtype is not DType.F32):
+        return f"{name} needs f32 -> f32"
+    if sig is not Signature.FLOAT and n.dtype is not ts[0]:
+        return f"{name} changes type {ts[0].value} -> {n.dtype.value}"
+    if not sig.accepts(ts[0]):
+        return f"{name} on a float"
+    return None

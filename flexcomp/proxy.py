@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .evaluate import ir_dtype_of
-from .ir import Arg, DType, Op
+from .ir import OPS, Arg, DType, Op
 from .trace_functions import array_ufunc, binary, dispatch, method, unary
 from .trace_vectors import VectorLike, View
 
@@ -52,7 +52,7 @@ def _bytecode_hint(frame) -> str:
         instrs = {i.offset: i for i in dis.get_instructions(frame.f_code)}
         op = instrs.get(frame.f_lasti)
         name = op.opname if op else ""
-    except Exception:  # pragma: no cover - best effort only
+    except Exception:  # noqa: BLE001  # pragma: no cover - best effort only
         name = ""
     if "OR_POP" in name and "TRUE" in name:
         return "'or' on a traced value"
@@ -87,7 +87,7 @@ class Proxy:
     """A traced scalar. Python operators, ``torch.*`` functions (``__torch_function__``), tensor
     methods and numpy ufuncs record nodes (:mod:`flexcomp.trace_functions` says what each means)."""
 
-    __slots__ = ("tracer", "arg")
+    __slots__ = ("arg", "tracer")
 
     def __init__(self, tracer, arg: Arg):
         self.tracer = tracer
@@ -102,73 +102,41 @@ class Proxy:
     def dtype(self) -> torch.dtype:
         return torch_dtype_of(self.tracer.gb.dtype_of(self.arg))
 
-    # ---- Python operators ----------------------------------------------------------------
-    def __add__(self, o): return binary(self.tracer, Op.ADD, self, o)
-    def __radd__(self, o): return binary(self.tracer, Op.ADD, o, self)
-    def __sub__(self, o): return binary(self.tracer, Op.SUB, self, o)
-    def __rsub__(self, o): return binary(self.tracer, Op.SUB, o, self)
-    def __mul__(self, o): return binary(self.tracer, Op.MUL, self, o)
-    def __rmul__(self, o): return binary(self.tracer, Op.MUL, o, self)
-    def __truediv__(self, o): return binary(self.tracer, Op.TRUEDIV, self, o)
-    def __rtruediv__(self, o): return binary(self.tracer, Op.TRUEDIV, o, self)
-    def __floordiv__(self, o): return binary(self.tracer, Op.FLOORDIV, self, o)
-    def __rfloordiv__(self, o): return binary(self.tracer, Op.FLOORDIV, o, self)
-    def __mod__(self, o): return binary(self.tracer, Op.MOD, self, o)
-    def __rmod__(self, o): return binary(self.tracer, Op.MOD, o, self)
-    def __pow__(self, o): return binary(self.tracer, Op.POW, self, o)
-    def __rpow__(self, o): return binary(self.tracer, Op.POW, o, self)
-    def __and__(self, o): return binary(self.tracer, Op.AND, self, o)
-    def __rand__(self, o): return binary(self.tracer, Op.AND, o, self)
-    def __or__(self, o): return binary(self.tracer, Op.OR, self, o)
-    def __ror__(self, o): return binary(self.tracer, Op.OR, o, self)
-    def __xor__(self, o): return binary(self.tracer, Op.XOR, self, o)
-    def __rxor__(self, o): return binary(self.tracer, Op.XOR, o, self)
-    def __lshift__(self, o): return binary(self.tracer, Op.SHL, self, o)
-    def __rlshift__(self, o): return binary(self.tracer, Op.SHL, o, self)
-    def __rshift__(self, o): return binary(self.tracer, Op.SHR, self, o)
-    def __rrshift__(self, o): return binary(self.tracer, Op.SHR, o, self)
-    def __eq__(self, o): return binary(self.tracer, Op.EQ, self, o)  # type: ignore[override]
-    def __ne__(self, o): return binary(self.tracer, Op.NE, self, o)  # type: ignore[override]
-    def __lt__(self, o): return binary(self.tracer, Op.LT, self, o)
-    def __le__(self, o): return binary(self.tracer, Op.LE, self, o)
-    def __gt__(self, o): return binary(self.tracer, Op.GT, self, o)
-    def __ge__(self, o): return binary(self.tracer, Op.GE, self, o)
+    # ---- Python operators: those of the ops' rows (bound below), and these -------------------
     def __matmul__(self, o): return dispatch(torch.matmul, (self, o), {})
     def __rmatmul__(self, o): return dispatch(torch.matmul, (o, self), {})
-    def __neg__(self): return unary(self.tracer, Op.NEG, self)
     def __pos__(self): return self
-    def __abs__(self): return unary(self.tracer, Op.ABS, self)
-    def __invert__(self): return unary(self.tracer, Op.NOT, self)
 
     # ---- things that need a concrete value -------------------------------------------------
-    def _concrete(self, what: str, fix: str = _FIX):
+    def _concrete(self, what: str, fix: str = _FIX) -> Exception:
+        """What to raise where Python needs a value: a retrace with the captured numbers baked in, or a trace error."""
         names = self.tracer.deps_are_scalars(self.arg)
         if names is not None and names:
-            raise _Concretize(names)
-        raise self.tracer.error(what, fix)
+            return _Concretize(names)
+        return self.tracer.error(what, fix)
 
     def __bool__(self):
-        self._concrete(_bytecode_hint(_user_frame()) + " needs a concrete value, and traced values have none")
+        raise self._concrete(_bytecode_hint(_user_frame()) + " needs a concrete value, and traced values have none")
 
     def __index__(self):
-        self._concrete("a traced value was used as a Python index (list/tuple indexing, range, slicing)",
-                       "keep lookup tables in tensors: torch.tensor(table)[idx]")
+        raise self._concrete("a traced value was used as a Python index (list/tuple indexing, range, slicing)",
+                             "keep lookup tables in tensors: torch.tensor(table)[idx]")
 
     def __int__(self):
-        self._concrete("int() of a traced value", "use .to(torch.int32) or // for integer results")
+        raise self._concrete("int() of a traced value", "use .to(torch.int32) or // for integer results")
 
     def __float__(self):
-        self._concrete("float() or a math.* function on a traced value",
-                       "use torch functions (torch.exp, torch.tanh, ...) instead of math.*")
+        raise self._concrete("float() or a math.* function on a traced value",
+                             "use torch functions (torch.exp, torch.tanh, ...) instead of math.*")
 
     def __complex__(self):
-        self._concrete("complex() of a traced value", "traced values are real numbers")
+        raise self._concrete("complex() of a traced value", "traced values are real numbers")
 
     def __len__(self):
-        self._concrete("len() of a traced value", "traced values are scalars")
+        raise self._concrete("len() of a traced value", "traced values are scalars")
 
     def __iter__(self):
-        self._concrete("iterating over a traced value", "traced values are scalars")
+        raise self._concrete("iterating over a traced value", "traced values are scalars")
 
     def __getitem__(self, idx):
         raise self.tracer.error("indexing a traced value (a scalar per pair)",
@@ -194,6 +162,35 @@ class Proxy:
     def __array_function__(self, func, types_, args, kwargs):
         raise self.tracer.error(f"numpy function {func.__name__!r} on a traced value",
                                 f"use the torch function (torch.{func.__name__})")
+
+
+def _operator(name: str, op: Op, reflected: bool):
+    """The Proxy method ``name`` that records ``op``; a reflected one (``__radd__``) takes the other
+    operand first."""
+    if OPS[op].arity == 1:
+        def method(self):
+            return unary(self.tracer, op, self)
+    elif reflected:
+        def method(self, o):
+            return binary(self.tracer, op, o, self)
+    else:
+        def method(self, o):
+            return binary(self.tracer, op, self, o)
+    method.__name__ = name
+    method.__qualname__ = f"Proxy.{name}"
+    return method
+
+
+def _bind_operators(cls) -> None:
+    """Bind every op row's ``dunders`` and ``reflected_dunders`` on ``cls``."""
+    for info in OPS.values():
+        for name in info.dunders:
+            setattr(cls, name, _operator(name, info.op, reflected=False))
+        for name in info.reflected_dunders:
+            setattr(cls, name, _operator(name, info.op, reflected=True))
+
+
+_bind_operators(Proxy)
 
 
 def getitem(t, base: Any, index: Any):

@@ -19,14 +19,17 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .evaluate import evaluate
-from .ir import Const, DType, Graph, Node, Op
+from .ir import OPS, Const, DType, Graph, Node, Op
+from .ir_rules import Interval, IntervalArgs
 from .trace import TracedMod
+
+_Interval = Interval  # the old name, which flexcomp.ranges imports
 
 # Elements of the mask evaluated at once in step 2 (bounded peak memory: a few hundred MB).
 EVAL_BUDGET = 1 << 22
@@ -63,28 +66,11 @@ class BlockGrid:
         return -(-self.kv_len // self.kv_block)
 
 
-class _Interval:
-    __slots__ = ("lo", "hi")
-
-    def __init__(self, lo: torch.Tensor, hi: torch.Tensor):
-        bad = torch.isnan(lo) | torch.isnan(hi)
-        if bad.any():
-            lo = torch.where(bad, -math.inf, lo)
-            hi = torch.where(bad, math.inf, hi)
-        self.lo, self.hi = lo, hi
-
-
-def _unknown(dtype: DType, like: torch.Tensor) -> _Interval:
-    if dtype is DType.BOOL:
-        return _Interval(torch.zeros_like(like), torch.ones_like(like))
-    return _Interval(torch.full_like(like, -math.inf), torch.full_like(like, math.inf))
-
-
 def _f(x) -> torch.Tensor:
     return x.to(torch.float64)
 
 
-def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> tuple[_Interval, torch.Tensor]:
+def _range_load(buf: torch.Tensor, iv: list[Interval], device) -> tuple[Interval, torch.Tensor]:
     """Sound bounds of ``buf[i0, i1, ...]`` with each index in its interval, and where an index may
     fall outside ``[0, size)`` (bool, broadcastable): such blocks are evaluated pair by pair, where an
     index out of torch's range raises as torch does (negative indices count from the end there)."""
@@ -96,11 +82,11 @@ def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> tuple[_Interv
         safe = safe & torch.isfinite(v.lo) & torch.isfinite(v.hi) & (v.lo >= 0) & (v.hi < buf.shape[d])
     if buf.numel() == 0:
         z = torch.zeros((), dtype=torch.float64, device=device)
-        return _Interval(z, z), ~safe
+        return Interval(z, z), ~safe
     gmin, gmax = _f(buf.min()), _f(buf.max())
-    fallback = _Interval(gmin, gmax)
+    fallback = Interval(gmin, gmax)
     if buf.dim() == 0:
-        return _Interval(_f(buf), _f(buf)), ~safe
+        return Interval(_f(buf), _f(buf)), ~safe
     if not bool(safe.all()):
         return fallback, ~safe  # some block may index out of range: global bounds, and those blocks evaluated
     ranged = [d for d, v in enumerate(iv) if bool((v.lo != v.hi).any())]
@@ -109,7 +95,7 @@ def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> tuple[_Interv
     if not ranged:
         idx = tuple(v.lo.long() for v in iv)
         val = _f(buf[idx])
-        return _Interval(val, val), ~safe
+        return Interval(val, val), ~safe
     d = ranged[0]
     # sparse table of min / max along dim d: level k covers 2**k elements
     x = buf.movedim(d, -1)
@@ -139,7 +125,7 @@ def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> tuple[_Interv
         oth = [o[sel] for o in others]
         out_lo[sel] = torch.minimum(mn[(*oth, a)], mn[(*oth, b)])
         out_hi[sel] = torch.maximum(mx[(*oth, a)], mx[(*oth, b)])
-    return _Interval(out_lo, out_hi), ~safe
+    return Interval(out_lo, out_hi), ~safe
 
 
 # The bounds are computed in float64; the mask runs in float32. Each float op may round by half
@@ -148,51 +134,31 @@ def _range_load(buf: torch.Tensor, iv: list[_Interval], device) -> tuple[_Interv
 _FLOAT_SLACK = 2.0 ** -20
 
 
-def _widen(iv: _Interval) -> _Interval:
-    return _Interval(iv.lo - iv.lo.abs() * _FLOAT_SLACK - 1e-30, iv.hi + iv.hi.abs() * _FLOAT_SLACK + 1e-30)
-
-
-def _cmp(op: Op, a: _Interval, b: _Interval) -> _Interval:
-    if op is Op.GE:
-        lo, hi = a.lo >= b.hi, a.hi >= b.lo
-    elif op is Op.GT:
-        lo, hi = a.lo > b.hi, a.hi > b.lo
-    elif op is Op.LE:
-        lo, hi = a.hi <= b.lo, a.lo <= b.hi
-    elif op is Op.LT:
-        lo, hi = a.hi < b.lo, a.lo < b.hi
-    else:
-        same = (a.lo == a.hi) & (b.lo == b.hi) & (a.lo == b.lo)
-        overlap = (a.lo <= b.hi) & (b.lo <= a.hi)
-        lo, hi = (same, overlap) if op is Op.EQ else (~overlap, ~same)
-    return _Interval(_f(lo), _f(hi))
-
-
-_MONOTONE = {Op.EXP: torch.exp, Op.EXP2: torch.exp2, Op.LOG: torch.log, Op.LOG2: torch.log2,
-             Op.SQRT: torch.sqrt, Op.TANH: torch.tanh, Op.SIGMOID: torch.sigmoid,
-             Op.FLOOR: torch.floor, Op.CEIL: torch.ceil, Op.SIGN: torch.sign, Op.ERF: torch.erf,
-             Op.LOG1P: torch.log1p, Op.EXPM1: torch.expm1, Op.ATAN: torch.atan}
+def _widen(iv: Interval) -> Interval:
+    return Interval(iv.lo - iv.lo.abs() * _FLOAT_SLACK - 1e-30, iv.hi + iv.hi.abs() * _FLOAT_SLACK + 1e-30)
 
 
 _INT_RANGE = {DType.I32: (-(2.0 ** 31), 2.0 ** 31 - 1), DType.I64: (-(2.0 ** 63), 2.0 ** 63 - 1)}
 
-LoadBounds = Callable[[Node, list[_Interval]], _Interval]
+LoadBounds = Callable[[Node, list[Interval]], Interval]
 
 
-def propagate(g: Graph, inputs: dict[str, _Interval], scalars: dict[str, float], load: LoadBounds,
-              like: torch.Tensor, wrap_guard: bool = True) -> list[_Interval]:
+def propagate(g: Graph, inputs: dict[str, Interval], scalars: dict[str, float], load: LoadBounds,
+              like: torch.Tensor, wrap_guard: bool = True) -> list[Interval]:
     """Bounds of every node of ``g`` from bounds of its inputs (tensors of any broadcastable shape).
 
+    Each op's bounds come from its row's ``interval`` rule (:mod:`flexcomp.ir_rules`); inputs,
+    scalars, loads, the float widening and the wrap guard are handled here.
     ``load(node, index_bounds)`` bounds a load; ``scalars`` are the captured numbers by name.
     ``wrap_guard``: an integer node whose exact bounds leave its type's range may wrap, so it is
     unknown there (sound); without it the exact, unwrapped bounds are kept (to find such nodes).
     """
     vals: list = [None] * len(g.nodes)
 
-    def iv(a) -> _Interval:
+    def iv(a) -> Interval:
         if isinstance(a, Const):
             v = like + float(a.value)
-            return _Interval(v, v)
+            return Interval(v, v)
         return vals[a]
 
     for n in g.nodes:
@@ -202,83 +168,26 @@ def propagate(g: Graph, inputs: dict[str, _Interval], scalars: dict[str, float],
             out = inputs[n.attr]
         elif op is Op.SCALAR:
             v = like + float(scalars[n.attr])
-            out = _Interval(v, v)
+            out = Interval(v, v)
         elif op is Op.LOAD:
             out = load(n, xs)
-        elif op is Op.ADD:
-            out = _Interval(xs[0].lo + xs[1].lo, xs[0].hi + xs[1].hi)
-        elif op is Op.SUB:
-            out = _Interval(xs[0].lo - xs[1].hi, xs[0].hi - xs[1].lo)
-        elif op is Op.NEG:
-            out = _Interval(-xs[0].hi, -xs[0].lo)
-        elif op is Op.MUL or (op is Op.SHL and isinstance(n.args[1], Const) and 0 <= n.args[1].value < 62):
-            a = xs[0]
-            b = xs[1] if op is Op.MUL else _Interval(like + 2.0 ** n.args[1].value, like + 2.0 ** n.args[1].value)
-            ps = [a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]
-            out = _Interval(torch.stack(torch.broadcast_tensors(*ps)).amin(0), torch.stack(torch.broadcast_tensors(*ps)).amax(0))
-        elif (op in (Op.FLOORDIV, Op.MOD) and isinstance(n.args[1], Const) and n.args[1].value != 0 and n.dtype.is_int) \
-                or (op is Op.SHR and isinstance(n.args[1], Const) and 0 <= n.args[1].value < 62):
-            c = float(n.args[1].value) if op is not Op.SHR else 2.0 ** n.args[1].value
-            a = xs[0]
-            flo, fhi = torch.floor(a.lo / c), torch.floor(a.hi / c)
-            if op is not Op.MOD:
-                out = _Interval(torch.minimum(flo, fhi), torch.maximum(flo, fhi))
-            else:
-                same = flo == fhi
-                rlo, rhi = a.lo - flo * c, a.hi - fhi * c
-                full_lo, full_hi = (0.0, c - 1) if c > 0 else (c + 1, 0.0)
-                out = _Interval(torch.where(same, torch.minimum(rlo, rhi), full_lo),
-                                torch.where(same, torch.maximum(rlo, rhi), full_hi))
-        elif op in (Op.MINIMUM, Op.MAXIMUM):
-            f = torch.minimum if op is Op.MINIMUM else torch.maximum
-            out = _Interval(f(xs[0].lo, xs[1].lo), f(xs[0].hi, xs[1].hi))
-        elif op is Op.ABS:
-            a = xs[0]
-            out = _Interval(torch.where(a.lo >= 0, a.lo, torch.where(a.hi <= 0, -a.hi, 0.0)),
-                            torch.maximum(a.hi.abs(), a.lo.abs()))
-        elif op in (Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE):
-            out = _cmp(op, xs[0], xs[1])
-        elif op is Op.AND and n.dtype.is_int and isinstance(n.args[1], Const) and n.args[1].value >= 0:
-            out = _Interval(like + 0.0, like + float(n.args[1].value))  # x & mask: in [0, mask] (two's complement)
-        elif op in (Op.AND, Op.OR) and n.dtype is DType.BOOL:
-            f = torch.minimum if op is Op.AND else torch.maximum
-            out = _Interval(f(xs[0].lo, xs[1].lo), f(xs[0].hi, xs[1].hi))
-        elif op is Op.NOT and n.dtype is DType.BOOL:
-            out = _Interval(1 - xs[0].hi, 1 - xs[0].lo)
-        elif op is Op.WHERE:
-            c, a, b = xs
-            lo = torch.where(c.lo == 1, a.lo, torch.where(c.hi == 0, b.lo, torch.minimum(a.lo, b.lo)))
-            hi = torch.where(c.lo == 1, a.hi, torch.where(c.hi == 0, b.hi, torch.maximum(a.hi, b.hi)))
-            out = _Interval(lo, hi)
-        elif op is Op.CAST:
-            a, src = xs[0], g.dtype_of(n.args[0])
-            if n.dtype is DType.BOOL and src is not DType.BOOL:
-                out = _cmp(Op.NE, a, _Interval(like, like))
-            elif n.dtype.is_int and src.is_float:
-                out = _Interval(torch.trunc(a.lo), torch.trunc(a.hi))
-            else:
-                out = a
-        elif op in _MONOTONE:
-            out = _Interval(_MONOTONE[op](xs[0].lo), _MONOTONE[op](xs[0].hi))
-        elif op is Op.RSQRT:
-            out = _Interval(torch.rsqrt(xs[0].hi), torch.rsqrt(xs[0].lo))
-        elif op in (Op.SIN, Op.COS):
-            out = _Interval(like - 1, like + 1)
         else:
-            out = _unknown(n.dtype, like)
+            consts = tuple(a.value if isinstance(a, Const) else None for a in n.args)
+            arg_dtypes = tuple(g.dtype_of(a) for a in n.args)
+            out = OPS[op].interval(IntervalArgs(tuple(xs), consts, n.dtype, arg_dtypes, like))
         if n.dtype is DType.F32 and op is not Op.SCALAR:
             out = _widen(out)
         elif wrap_guard and n.dtype.is_int and op not in (Op.INPUT, Op.SCALAR):
             tmin, tmax = _INT_RANGE[n.dtype]
             wraps = (out.lo < tmin) | (out.hi > tmax)
             if bool(wraps.any()):
-                out = _Interval(torch.where(wraps, -math.inf, out.lo), torch.where(wraps, math.inf, out.hi))
+                out = Interval(torch.where(wraps, -math.inf, out.lo), torch.where(wraps, math.inf, out.hi))
         vals[n.id] = out
     return vals
 
 
 def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device,
-                    unsafe: list | None = None) -> _Interval:
+                    unsafe: list | None = None) -> Interval:
     """Bounds of the mask output for every block: tensors broadcastable to ``[B, H, num_q, num_kv]``.
 
     ``unsafe`` (a list, filled in): for each load, where (broadcastable to the blocks) an index may
@@ -286,19 +195,22 @@ def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device,
     """
     g: Graph = tm.graph
     nq, nkv = grid.num_q, grid.num_kv
-    ar = lambda n: torch.arange(n, device=device, dtype=torch.float64)  # noqa: E731
+
+    def ar(n: int) -> torch.Tensor:
+        return torch.arange(n, device=device, dtype=torch.float64)
+
     q0 = ar(nq) * grid.q_block
     k0 = ar(nkv) * grid.kv_block
     inputs = {
-        "b": _Interval(ar(B).view(-1, 1, 1, 1), ar(B).view(-1, 1, 1, 1)),
-        "h": _Interval(ar(H).view(1, -1, 1, 1), ar(H).view(1, -1, 1, 1)),
-        "q_idx": _Interval(q0.view(1, 1, -1, 1), torch.clamp(q0 + grid.q_block - 1, max=grid.q_len - 1).view(1, 1, -1, 1)),
-        "kv_idx": _Interval(k0.view(1, 1, 1, -1), torch.clamp(k0 + grid.kv_block - 1, max=grid.kv_len - 1).view(1, 1, 1, -1)),
+        "b": Interval(ar(B).view(-1, 1, 1, 1), ar(B).view(-1, 1, 1, 1)),
+        "h": Interval(ar(H).view(1, -1, 1, 1), ar(H).view(1, -1, 1, 1)),
+        "q_idx": Interval(q0.view(1, 1, -1, 1), torch.clamp(q0 + grid.q_block - 1, max=grid.q_len - 1).view(1, 1, -1, 1)),
+        "kv_idx": Interval(k0.view(1, 1, 1, -1), torch.clamp(k0 + grid.kv_block - 1, max=grid.kv_len - 1).view(1, 1, 1, -1)),
     }
     buf_of = {b.name: t for b, t in zip(g.buffers, tm.buffers)}
     unsafe = [] if unsafe is None else unsafe
 
-    def load(n: Node, xs: list[_Interval]) -> _Interval:
+    def load(n: Node, xs: list[Interval]) -> Interval:
         out, maybe_out = _range_load(buf_of[n.attr], xs, device)
         unsafe.append(maybe_out)
         return out
@@ -309,7 +221,7 @@ def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device,
     out = g.output
     if isinstance(out, Const):
         v = like + float(out.value)
-        return _Interval(v, v)
+        return Interval(v, v)
     return vals[out]
 
 

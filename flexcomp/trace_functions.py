@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .builder import const
-from .ir import COMPARE_OPS, Const, DType, Op
+from .ir import OPS, Const, DType, Family, Op
 from .trace_vectors import Reduction, VectorLike, elementwise, is_vector, permute, reduce, stack
 
 F32 = DType.F32
@@ -252,7 +252,7 @@ def _unary_arg(t, op: Op, a):
 
 def _binary_arg(t, op: Op, a, b):
     out = t.gb.binary(op, a, b)
-    if op in COMPARE_OPS or not t.gb.dtype_of(out).is_int:
+    if OPS[op].family is Family.COMPARE or not t.gb.dtype_of(out).is_int:
         return out
     n = _narrow_result(t, a, b)
     return out if n is None else _wrap(t, out, n)
