@@ -74,33 +74,38 @@ def mod_args(tm: Optional[TracedMod], graph: Optional[Graph], device, ft: FloatT
     afresh each call (in-place updates show); the captured numbers' device tensors are kept."""
     float_dtype = torch.float64 if ft is FloatType.F64 else torch.float32
     if tm is None:
-        si, sf = scalar_tensor((), torch.int64, device), scalar_tensor((), float_dtype, device)
-        return ModArgs(None, flat_args([], [], [], si, sf))
+        return CACHE.get_or_make(("no_mod_args", device, float_dtype), lambda: ModArgs(None, flat_args(
+            [], [], [], scalar_tensor((), torch.int64, device), scalar_tensor((), float_dtype, device))))
     bufs, strides, sizes = [], [], []
     for t in tm.buffers:
         if t.device != device:
             t = t.to(device)
         if t.dtype == torch.bool:
             t = t.view(torch.int8)
-        strides += t.stride() or (0,)
-        sizes += t.shape or (1,)
-        bufs.append(t)
-    lowered, fn = jit_function(graph, ft, checked, sources)
-    key = ("mod_scalars", graph.structural_key(), tuple(repr(v) for v in tm.scalars), device, ft)
-    si, sf = CACHE.get_or_make(key, lambda: (
-        scalar_tensor(tuple(int(v) for v, s in zip(tm.scalars, lowered.int_scalars) if s >= 0), torch.int64, device),
-        scalar_tensor(tuple(float(v) for v, s in zip(tm.scalars, lowered.float_scalars) if s >= 0), float_dtype,
-                      device)))
-    for t in bufs:
         if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= MAX_OFFSET:
             raise FlexcompError(
                 f"the captured tensor of shape {tuple(t.shape)} in {graph.kind.value} {graph.fn_name!r} "
                 f"spans 2**31 elements or more; the triton backend indexes captured tensors with 32-bit offsets")
+        strides += t.stride() or (0,)
+        sizes += t.shape or (1,)
+        bufs.append(t)
+    fn, si, sf, checks = CACHE.get_or_make(
+        ("mod_args", graph.structural_key(), tuple(map(repr, tm.scalars)), device, ft, checked),
+        lambda: _compiled(graph, tm, device, ft, float_dtype, checked, sources))
     err = None
     if checked:  # one more pointer, after the buffers: the generated checks write here
-        err = torch.full((max(1, len(lowered.checks)),), INT64_MIN, dtype=torch.int64, device=device)
+        err = torch.full((max(1, len(checks)),), INT64_MIN, dtype=torch.int64, device=device)
         bufs.append(err)
-    return ModArgs(fn, flat_args(bufs, strides, sizes, si, sf), err, lowered.checks)
+    return ModArgs(fn, flat_args(bufs, strides, sizes, si, sf), err, checks)
+
+
+def _compiled(graph: Graph, tm: TracedMod, device, ft: FloatType, float_dtype: torch.dtype, checked: bool,
+              sources: Optional[Sources]) -> tuple:
+    """A mod's function, its captured numbers' tensors and its checks, once per structure and values."""
+    lowered, fn = jit_function(graph, ft, checked, sources)
+    ints = tuple(int(v) for v, s in zip(tm.scalars, lowered.int_scalars) if s >= 0)
+    floats = tuple(float(v) for v, s in zip(tm.scalars, lowered.float_scalars) if s >= 0)
+    return fn, scalar_tensor(ints, torch.int64, device), scalar_tensor(floats, float_dtype, device), lowered.checks
 
 
 def raise_if_out_of_range(mods: tuple) -> None:

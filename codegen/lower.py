@@ -16,7 +16,7 @@ The kernels pass each mod ONE flat tuple (:func:`flat_args`: the pointers, the s
 the two scalar tensors); :func:`entry` renders the small function that unpacks it, ``<name>_args``,
 which the kernels call (Triton takes flat tuples of arguments on the GPU, not nested ones).
 
-Each op renders through one row of :data:`TRITON` (``tests/test_ir_ops.py`` checks that every IR
+Each op renders through one row of :data:`TRITON` (``tests/test_codegen.py`` checks that every IR
 op has one); the op's other facts live in :data:`flexcomp.ir_ops.OPS`.
 
 Two switches make variants of one graph, each its own function (name and cache key):
@@ -469,5 +469,5 @@ def entry(lowered: LoweredMod, scatter: bool = False) -> tuple[str, str]:
         params = f"{inputs}, ARGS"
         call = f"{lowered.name}({inputs}, {mod})"
     return name, "\n".join(["", "", "@triton.jit", f"def {name}({params}):",
-                            f'    """The kernels\' entry: one flat tuple of captured values, unpacked."""',
+                            '    """The kernels\' entry: one flat tuple of captured values, unpacked."""',
                             f"    return {call}", ""])

@@ -85,6 +85,9 @@ class Cache:
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """The value under ``key`` (now the most recently used), or ``default``."""
+        hit = self._fast_get(key)
+        if hit is not _MISSING:
+            return hit
         garbage: list = []
         with self._lock:
             self._drain(garbage)
@@ -93,6 +96,21 @@ class Cache:
                 return default
             self._entries.move_to_end(key)
             return entry[0]
+
+    def _fast_get(self, key: Hashable) -> Any:
+        """A hit without the lock, when no owner's death waits to be processed (then every entry
+        whose key holds a dead owner's id is gone already; the GIL makes each dict step atomic).
+        :data:`_MISSING` otherwise: the caller takes the locked path. Host time per call matters."""
+        if self._dead:
+            return _MISSING
+        entry = self._entries.get(key)
+        if entry is None:
+            return _MISSING
+        try:
+            self._entries.move_to_end(key)
+        except KeyError:  # dropped by another thread meanwhile: still a valid value
+            pass
+        return entry[0]
 
     def put(self, key: Hashable, value: Any, owners: tuple = ()) -> Any:
         """Keep ``value`` under ``key`` while every one of ``owners`` lives; returns ``value``.
@@ -127,6 +145,9 @@ class Cache:
         key waits for it and takes its value. (If ``make()`` raises, nothing is kept and a waiting
         thread tries its own ``make()``; a ``make()`` that asks for its own key calls ``make()``
         again rather than waiting for itself.)"""
+        hit = self._fast_get(key)
+        if hit is not _MISSING:
+            return hit
         owners = _unique(owners)
         for owner in owners:
             _check_owner(owner)  # before make(), not after it
@@ -250,6 +271,9 @@ class Cache:
         f = weakref.finalize(owner, _owner_died, weakref.ref(self), oid)
         f.atexit = False  # nothing to do at exit: the process's memory goes anyway
         self._finalizers[oid] = f
+
+
+_MISSING = object()  # what _fast_get returns when the locked path must answer
 
 
 def _unique(owners: tuple) -> tuple:

@@ -25,8 +25,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .cache import CACHE
 from .errors import FlexcompAssertionError, FlexcompError, FlexcompRuntimeError, FlexcompTypeError
 
+# the environment variables an Options reads (see the module's docstring)
+_ENVIRONMENT = ("FLEXCOMP_BACKEND", "TRITON_INTERPRET", "FLEXCOMP_DUMP_DIR", "FLEXCOMP_DEBUG")
 # Elements of one [B, H, chunk, KV_LEN] score tile of the reference backend; the chunk length follows.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
 
@@ -158,7 +161,22 @@ class Options:
         >>> Options.parse({"BLOCK_M": "64"})
         Traceback (most recent call last):
         flexcomp.errors.FlexcompTypeError: kernel_options['BLOCK_M'] must be an int (a power of two), got '64' (str)
+
+        A parse is kept per dict content (keys, values and their types) and environment, so a
+        training loop's repeated calls cost one lookup; dicts holding unhashable values are parsed
+        every time.
         """
+        env = tuple(os.environ.get(name) for name in _ENVIRONMENT)
+        try:
+            key = ("options", env, None if kernel_options is None else
+                   tuple((k, type(v), v) for k, v in kernel_options.items()))
+            hash(key)
+        except (TypeError, AttributeError):  # not a dict, or unhashable values: no keeping (parse says why)
+            return Options._parse(kernel_options)
+        return CACHE.get_or_make(key, lambda: Options._parse(kernel_options))
+
+    @staticmethod
+    def _parse(kernel_options: Optional[Mapping[str, Any]]) -> "Options":
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
         if kernel_options is None:
             return Options(backend=_parse_backend(os.environ.get("FLEXCOMP_BACKEND"), "FLEXCOMP_BACKEND"),
@@ -233,8 +251,8 @@ def _parse_backend(value: Optional[str], source: str) -> Optional[Backend]:
     raise FlexcompError(f"{source} must be 'reference', 'triton' or 'auto', got {value!r}")
 
 
-def choose_backend(options: Options, device: torch.device) -> Backend:
-    """The backend for tensors on ``device``: the asked one, else by device."""
+def choose_backend(options: Options, device) -> Backend:
+    """The backend for tensors on ``device`` (a ``torch.device``): the asked one, else by device."""
     if options.backend is not None:
         return options.backend
     return Backend.TRITON if device.type == "cuda" else Backend.REFERENCE

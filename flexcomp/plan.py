@@ -100,6 +100,8 @@ class Plan:
         passes: the passes that ran, each verified.
         score_checked, mask_checked: run the mod's checked variant (an index or a divisor not
             proven safe for this call's sizes and captured values).
+        score_may_fault, mask_may_fault: the mod indexes a captured tensor or divides integers, so
+            each call asks :func:`index_checks` (the others never run checked).
     """
 
     key: tuple
@@ -118,6 +120,8 @@ class Plan:
     passes: tuple[str, ...] = ()
     score_checked: bool = False
     mask_checked: bool = False
+    score_may_fault: bool = False
+    mask_may_fault: bool = False
 
     def describe(self) -> str:
         """The plan for people (``flexcomp.explain`` prints it): passes, graphs, tiles, launches."""
@@ -210,7 +214,8 @@ def _make(problem: Problem, backend: Backend, key: tuple) -> Plan:
     mask = problem.mask.graph if problem.mask is not None else None
     passes: list[str] = []
     _verified(passes, "forward", score, mask)
-    plan = Plan(key, backend, KernelFamily.PREFILL, score, mask, fp64=problem.dtype == torch.float64)
+    plan = Plan(key, backend, KernelFamily.PREFILL, score, mask, fp64=problem.dtype == torch.float64,
+                score_may_fault=may_fault(score), mask_may_fault=may_fault(mask))
     if backend is not Backend.TRITON:
         return replace(plan, passes=tuple(passes))
     if problem.head_dim > MAX_HEAD_DIM or problem.value_dim > MAX_HEAD_DIM:
@@ -271,8 +276,9 @@ def plan_for(problem: Problem, backend: Backend) -> Plan:
     plan = CACHE.get(key)
     if plan is None:
         plan = CACHE.put(key, _make(problem, backend, key))
-    if backend is Backend.TRITON:
-        score_checked, mask_checked = index_checks(problem.score, problem), index_checks(problem.mask, problem)
+    if backend is Backend.TRITON and (plan.score_may_fault or plan.mask_may_fault):
+        score_checked = plan.score_may_fault and index_checks(problem.score, problem)
+        mask_checked = plan.mask_may_fault and index_checks(problem.mask, problem)
         if score_checked or mask_checked:
             plan = replace(plan, score_checked=score_checked, mask_checked=mask_checked)
     return plan
@@ -285,6 +291,12 @@ def refit(plan: Plan, **changes) -> Plan:
     if base is not None:
         CACHE.put(plan.key, replace(base, **changes))
     return replace(plan, **changes)
+
+
+def may_fault(g: Optional[Graph]) -> bool:
+    """Whether ``g`` indexes a captured tensor or divides integers (what a checked variant guards)."""
+    return g is not None and any((n.op is Op.LOAD and n.args) or (n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int)
+                                 for n in g.nodes)
 
 
 def index_checks(tm: Optional[TracedMod], problem: Problem) -> bool:
@@ -304,8 +316,6 @@ def index_checks(tm: Optional[TracedMod], problem: Problem) -> bool:
     hit = CACHE.get(key)
     if hit is not None and hit[0] == state:
         return hit[1]
-    need = any((n.op is Op.LOAD and n.args) or (n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int) for n in g.nodes)
-    if need:
-        need = not mod_proven_safe(tm, *sizes)
+    need = may_fault(g) and not mod_proven_safe(tm, *sizes)
     CACHE.put(key, (state, need), owners=tm.buffers)
     return need

@@ -24,7 +24,8 @@ import torch
 
 from .errors import FlexcompError
 from .ir import Const, DType, Graph, Node, Op
-from .sparsity import _INT_RANGE, _Interval, propagate
+from .ir_rules import Interval
+from .sparsity import _INT_RANGE, propagate
 from .trace import check_captures
 from .trace_cache import value_range
 
@@ -48,13 +49,13 @@ class Domain:
     q_len: int
     kv_len: int
 
-    def inputs(self, like: torch.Tensor) -> dict[str, _Interval]:
+    def inputs(self, like: torch.Tensor) -> dict[str, Interval]:
         """The index inputs' bounds (``score`` unbounded)."""
         def iv(n):
-            return _Interval(like, like + float(max(n, 1) - 1))
+            return Interval(like, like + float(max(n, 1) - 1))
 
         return {"b": iv(self.batch), "h": iv(self.heads), "q_idx": iv(self.q_len), "kv_idx": iv(self.kv_len),
-                "score": _Interval(like - math.inf, like + math.inf)}
+                "score": Interval(like - math.inf, like + math.inf)}
 
 
 def _like() -> torch.Tensor:
@@ -67,9 +68,9 @@ def _storage_bounds(g: Graph, value_ranges: dict | None = None):
     value_ranges = value_ranges or {}
     like = _like()
 
-    def load(n: Node, xs) -> _Interval:
+    def load(n: Node, xs) -> Interval:
         lo, hi = value_ranges.get(n.attr) or _STORAGE_RANGE.get(spec[n.attr].storage, (-math.inf, math.inf))
-        return _Interval(like + float(lo), like + float(hi))
+        return Interval(like + float(lo), like + float(hi))
 
     return load
 
@@ -174,7 +175,7 @@ def _prove(tm, domain: Domain, divisors: bool) -> bool:
     proven = [True]
     like = _like()
 
-    def load(n: Node, xs: list[_Interval]) -> _Interval:
+    def load(n: Node, xs: list[Interval]) -> Interval:
         t = buf_of[n.attr].detach()
         if t.dtype == torch.bool:
             t = t.to(torch.int8)
@@ -183,11 +184,11 @@ def _prove(tm, domain: Domain, divisors: bool) -> bool:
         inside = all(lo >= -size and hi < size for lo, hi, size in zip(lows, highs, t.shape))
         proven[0] = proven[0] and inside
         if t.numel() == 0:
-            return _Interval(like, like)
+            return Interval(like, like)
         region = t
         if inside and all(lo >= 0 for lo in lows):  # exact: the box of indices reached
             region = t[tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(lows, highs))]
-        return _Interval(like + float(region.min()), like + float(region.max()))
+        return Interval(like + float(region.min()), like + float(region.max()))
 
     scalars = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
     with torch.no_grad():

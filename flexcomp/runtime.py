@@ -43,13 +43,17 @@ class AttentionBackend(Protocol):
         """Run the backward."""
 
 
+_BACKENDS: dict[Backend, AttentionBackend] = {Backend.REFERENCE: REFERENCE_BACKEND}
+
+
 def backend_for(backend: Backend) -> AttentionBackend:
     """The implementation of ``backend`` (the Triton one imports Triton on first use)."""
-    if backend is Backend.TRITON:
+    impl = _BACKENDS.get(backend)
+    if impl is None:  # the Triton backend: its module imports Triton, so it loads when first asked for
         from flexcomp.codegen.backend import TRITON_BACKEND
 
-        return TRITON_BACKEND
-    return REFERENCE_BACKEND
+        impl = _BACKENDS[Backend.TRITON] = TRITON_BACKEND
+    return impl
 
 
 class _Attention(torch.autograd.Function):
@@ -81,8 +85,10 @@ class _Attention(torch.autograd.Function):
         wanted = tuple(ctx.needs_input_grad[3:])
         g = ctx.impl.backward(ctx.problem, ctx.plan, saved, d_out, d_lse, wanted)
         keep = lambda x, want: x if want else None  # noqa: E731
+        # a capture held on another device (a CPU bias under CUDA attention) gets its gradient there
+        d_buffers = [None if d is None else d.to(b.device) for d, b in zip(g.d_buffers, saved.score_buffers)]
         return (None, None, None, keep(g.dq, wanted[0]), keep(g.dk, wanted[1]), keep(g.dv, wanted[2]),
-                *(keep(d, w) for d, w in zip(g.d_buffers, wanted[3:])))
+                *(keep(d, w) for d, w in zip(d_buffers, wanted[3:])))
 
 
 def run_attention(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], mask: Optional[TracedMod],

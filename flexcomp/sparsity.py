@@ -29,7 +29,6 @@ from .ir import OPS, Const, DType, Graph, Node, Op
 from .ir_rules import Interval, IntervalArgs
 from .trace import TracedMod
 
-_Interval = Interval  # the old name, which flexcomp.ranges imports
 
 # Elements of the mask evaluated at once in step 2 (bounded peak memory: a few hundred MB).
 EVAL_BUDGET = 1 << 22

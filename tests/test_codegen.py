@@ -191,3 +191,21 @@ def test_float64_tiles_fit_shared_memory_and_loop_over_sub_tiles():
         bwd = backward_config(D, D, 8, 128, 128, {}, False, smem)
         assert bwd.block_n1 * 2 * pad_dim(D) * 8 + bwd.block_m1 * 2 * pad_dim(D) * 8 <= smem
     assert forward_config(64, 64, 4, 128, 128, {}, False, False, smem).static_sub  # float32 unchanged
+
+
+def test_every_ir_op_has_one_triton_renderer():
+    from flexcomp.codegen.lower import TRITON
+    from flexcomp.ir_ops import OPS
+
+    assert set(TRITON) == set(Op) == set(OPS)
+
+
+def test_the_kernels_entry_unpacks_one_flat_tuple():
+    from flexcomp.codegen.lower import arg_counts, entry
+
+    bias, doc = torch.randn(4, 64), torch.arange(64)
+    g = trace(lambda s, b, h, q_idx, kv_idx: s + bias[h, doc[kv_idx]], ModKind.SCORE).graph
+    name, src = entry(lower(g))
+    assert arg_counts(lower(g)) == (2, 3) and arg_counts(lower(g, checked=True)) == (3, 3)
+    assert name.endswith("_args") and src.strip().splitlines()[-1].strip() == (
+        f"return {lower(g).name}(score, b, h, q_idx, kv_idx, ARGS[0:2], ARGS[2:5], ARGS[5:8], ARGS[-2], ARGS[-1])")
