@@ -22,6 +22,8 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
+from flexcomp.blockmask import noop_mask
+from flexcomp.blockmask_build import create_block_mask
 from flexcomp.cache import CACHE
 from flexcomp.errors import FlexcompError, FlexcompIndexError, mod_zero_division
 from flexcomp.ir import Graph
@@ -133,8 +135,6 @@ def raise_if_out_of_range(mods: tuple) -> None:
 
 def full_block_mask(q_len: int, kv_len: int, device: torch.device):
     """The BlockMask of no mask (every block full), kept per sizes and device."""
-    from flexcomp.blockmask import create_block_mask, noop_mask
-
     return CACHE.get_or_make(("full_block_mask", q_len, kv_len, device),
                              lambda: create_block_mask(noop_mask, 1, 1, q_len, kv_len, device=device))
 

@@ -8,7 +8,8 @@ The pipeline, in the order data flows (see docs/architecture.md):
 trace -> ir / builder -> symbolic -> sparsity -> blockmask -> evaluate / reference -> runtime -> api.
 """
 from .api import AuxOutput, AuxRequest, flex_attention
-from .blockmask import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
+from .blockmask import BlockMask, noop_mask
+from .blockmask_build import and_masks, create_block_mask, create_mask, or_masks
 from .errors import (FlexcompAssertionError, FlexcompAttributeError, FlexcompError, FlexcompIndexError,
                      FlexcompIRError, FlexcompModOutputError, FlexcompModSignatureError, FlexcompNotCallableError,
                      FlexcompNotImplementedError, FlexcompRuntimeError, FlexcompTraceError, FlexcompTraceIndexError,

@@ -2,7 +2,7 @@
 
 The class and its checks live here; the list arithmetic in :mod:`flexcomp.blockmask_lists`, the
 pytree helpers in :mod:`flexcomp.blockmask_pytree`, and the makers (``create_block_mask``,
-``create_mask``, ``and_masks``, ``or_masks``) in :mod:`flexcomp.blockmask_build`, re-exported here.
+``create_mask``, ``and_masks``, ``or_masks``) in :mod:`flexcomp.blockmask_build` (exported by ``flexcomp``).
 ``create_block_mask`` never builds the Q_LEN x KV_LEN mask: a causal mask over 131,072 tokens takes
 well under a second and a few MB.
 """
@@ -84,6 +84,7 @@ class BlockMask:
             for i in range(full_kv_num_blocks[b, h, q]):
                 dense[q, full_kv_indices[b, h, q, i]] = 1    # full
 
+    >>> from flexcomp import create_block_mask
     >>> from flexcomp.masks import causal_mask
     >>> bm = create_block_mask(causal_mask, 1, 1, 256, 256, device="cpu", BLOCK_SIZE=128)
     >>> bm.kv_num_blocks.tolist(), bm.full_kv_num_blocks.tolist()
@@ -400,6 +401,7 @@ class BlockMask:
         the tensors (and numbers) of the mask_mod's closure; the context holds seq_lengths, BLOCK_SIZE,
         the mask_mod's skeleton, dq_kv_order_spt and the names of the None fields.
 
+        >>> from flexcomp import create_block_mask
         >>> from flexcomp.masks import causal_mask
         >>> bm = create_block_mask(causal_mask, 1, 1, 256, 256, device="cpu")
         >>> leaves, context = bm._flatten()
@@ -479,6 +481,3 @@ def _block_size(where: str, value, short_is_index_error: bool = False) -> tuple[
             raise FlexcompRuntimeError(f"{where}: BLOCK_SIZE[{i}] must be a positive int, got {v}")
     return int(pair[0]), int(pair[1])
 
-
-# re-exported: flexcomp.blockmask keeps torch's module layout (create_block_mask next to BlockMask)
-from .blockmask_build import and_masks, create_block_mask, create_mask, or_masks  # noqa: E402,F401

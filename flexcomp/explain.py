@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .blockmask_build import create_block_mask
 from .ir import Graph, ModKind
 from .options import Backend, Options
 from .plan import plan_for
@@ -35,8 +36,6 @@ def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] =
     >>> "ge q_idx, kv_idx" in text, "# plan: triton backend, prefill kernels" in text
     (True, True)
     """
-    from .blockmask import create_block_mask
-
     parts, traced, block_mask = [], {}, None
     for kind, fn in ((ModKind.SCORE, score_mod), (ModKind.MASK, mask_mod)):
         if fn is None:

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import FlexcompError
+from .errors import FlexcompError, FlexcompRuntimeError
 from .ir import Const, DType, Graph, Node, Op
 from .ir_rules import Interval
 from .sparsity import _INT_RANGE, propagate
-from .trace import check_captures
 from .trace_cache import value_range
+
+if TYPE_CHECKING:  # annotations only: the trace stage imports this module
+    from .trace import TracedMod
 
 # Indices (and batch, head counts) a graph is proven for at trace time: 2**24 = 16,777,216 tokens.
 INDEX_LIMIT = 1 << 24
@@ -118,7 +121,7 @@ def needs_int64(g: Graph, scalars: dict, value_ranges: dict | None = None) -> bo
 
 def check_runnable(tm, device, domain: Domain) -> None:
     """Before a traced mod runs on ``device`` over ``domain``: its captures hold values there
-    (:func:`flexcomp.trace.check_captures`), and its integer widths were proven for the sizes
+    (:func:`check_captures`), and its integer widths were proven for the sizes
     (:func:`check_index_limit`). What ``create_block_mask``, ``create_mask`` and ``flex_attention`` ask."""
     check_captures(tm, device)
     check_index_limit(tm, domain)
@@ -201,3 +204,16 @@ def _prove(tm, domain: Domain, divisors: bool) -> bool:
                 if lo <= 0 <= hi:
                     return False
     return proven[0]
+
+
+def check_captures(tm: TracedMod, device) -> None:
+    """Refuse captured tensors that hold no values (the meta device) where the mod must run on
+    ``device``: the message names the mod, the tensor and the line that reads it."""
+    if torch.device(device).type == "meta":
+        return
+    for spec, t in zip(tm.graph.buffers, tm.buffers):
+        if t.device.type == "meta":
+            raise FlexcompRuntimeError(
+                f"{tm.graph.kind.value} {tm.graph.fn_name!r} at {spec.site or '?'}: the captured tensor {spec.name!r} "
+                f"of shape {tuple(t.shape)} is on the meta device and holds no values, but the mod runs on {device}; "
+                f"capture a tensor with data (on the CPU or the attention's device)")

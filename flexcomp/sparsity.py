@@ -21,13 +21,16 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .evaluate import evaluate
 from .ir import OPS, Const, DType, Graph, Node, Op
 from .ir_rules import Interval, IntervalArgs
-from .trace import TracedMod
+
+if TYPE_CHECKING:  # annotations only: the trace stage imports ranges, which imports this module
+    from .trace import TracedMod
 
 
 # Elements of the mask evaluated at once in step 2 (bounded peak memory: a few hundred MB).

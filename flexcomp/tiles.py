@@ -12,6 +12,7 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from .cache import CACHE
 from .errors import FlexcompError
 from .options import Options, Pass, TileRequest
 
@@ -69,8 +70,6 @@ def largest_pow2_dividing(n: int, cap: int) -> int:
 
 def smem_limit_of(device) -> int:
     """Shared memory one block may use on ``device`` (kept in the cache: a device query costs)."""
-    from .cache import CACHE
-
     def query() -> int:
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)

@@ -34,13 +34,14 @@ from .errors import (
     FlexcompIndexError,
     FlexcompModOutputError,
     FlexcompModSignatureError,
-    FlexcompRuntimeError,
     FlexcompTraceError,
     FlexcompTraceIndexError,
 )
 from .evaluate import ir_dtype_of
-from .ir import Arg, BufferSpec, Const, DType, Graph, ModKind, Op
+from .ir import Arg, BufferSpec, Const, DType, Graph, ModKind, Op, verify
 from .proxy import _FIX, Proxy, _Concretize, _user_frame
+from .ranges import INDEX_LIMIT, needs_int64
+from .symbolic import simplify
 from .trace_cache import NoCache, fingerprint, lookup, remember, value_range
 from .trace_vectors import VectorLike
 
@@ -366,8 +367,6 @@ def _int_ranges(g: Graph, buffers: tuple) -> dict[str, tuple[int, int]]:
     """Value ranges assumed for int32 captures when choosing integer widths (:func:`~flexcomp.ranges.needs_int64`):
     their current values, widened to at least +-INDEX_LIMIT so that index-like tables (document ids,
     offsets) can change in place without a new trace."""
-    from .ranges import INDEX_LIMIT
-
     out = {}
     for b, t in zip(g.buffers, buffers):
         if b.storage == "int32" and t.device.type != "meta":  # a meta tensor holds no values: int32's range
@@ -386,10 +385,6 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
       %0 = ge q_idx, kv_idx : bool
       return %0
     """
-    from .ir import verify
-    from .ranges import needs_int64
-    from .symbolic import simplify
-
     if not callable(fn):
         raise FlexcompTraceError(f"{kind.value} must be callable, got {type(fn).__name__}")
     keep: list = []
@@ -430,15 +425,3 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         return tm
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")
 
-
-def check_captures(tm: TracedMod, device) -> None:
-    """Refuse captured tensors that hold no values (the meta device) where the mod must run on
-    ``device``: the message names the mod, the tensor and the line that reads it."""
-    if torch.device(device).type == "meta":
-        return
-    for spec, t in zip(tm.graph.buffers, tm.buffers):
-        if t.device.type == "meta":
-            raise FlexcompRuntimeError(
-                f"{tm.graph.kind.value} {tm.graph.fn_name!r} at {spec.site or '?'}: the captured tensor {spec.name!r} "
-                f"of shape {tuple(t.shape)} is on the meta device and holds no values, but the mod runs on {device}; "
-                f"capture a tensor with data (on the CPU or the attention's device)")
