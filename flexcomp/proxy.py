@@ -1,8 +1,11 @@
 """Proxies: the traced values a user's mod computes with.
 
 Python operators, ``torch.*`` functions (through ``__torch_function__``) and tensor methods on a
-:class:`Proxy` add nodes to the tracer's :class:`~flexcomp.builder.GraphBuilder`. Anything that
-needs a concrete value (``if``, ``and``, ``int()``, ``.item()``) raises a trace error at the
+:class:`Proxy` add nodes to the tracer's :class:`~flexcomp.builder.GraphBuilder`. This module is
+the bottom of the tracer: what each operator and function records lives in
+:mod:`flexcomp.trace_functions`, which binds the op rows' operators on :class:`Proxy` and fills
+:data:`HOOKS` (the protocol methods of traced values call through it) when it is imported (by
+:mod:`flexcomp.trace`). Anything that needs a concrete value (``if``, ``and``, ``int()``, ``.item()``) raises a trace error at the
 user's line, or, for a captured Python number, asks the tracer to bake it in and trace again.
 """
 from __future__ import annotations
@@ -10,14 +13,11 @@ from __future__ import annotations
 import dis
 import os
 import sys
-from typing import Any
 
 import torch
 
 from .evaluate import ir_dtype_of
-from .ir import OPS, Arg, DType, Op
-from .trace_functions import array_ufunc, binary, dispatch, method, unary
-from .trace_vectors import VectorLike, View
+from .ir import Arg, DType
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -83,6 +83,19 @@ def torch_dtype_of(dtype: DType) -> torch.dtype:
     return {DType.BOOL: torch.bool, DType.I32: torch.int32, DType.I64: torch.int64, DType.F32: torch.float32}[dtype]
 
 
+class Hooks:
+    """What the traced values' protocol methods call: filled by :mod:`flexcomp.trace_functions` (so
+    that the values need not import the functions that make more of them)."""
+
+    dispatch = None  # (func, args, kwargs): __torch_function__
+    method = None  # (value, name): a tensor method
+    array_ufunc = None  # (value, ufunc, how, inputs, kwargs): a numpy ufunc
+    getitem = None  # (tracer, base, index): indexing
+
+
+HOOKS = Hooks()
+
+
 class Proxy:
     """A traced scalar. Python operators, ``torch.*`` functions (``__torch_function__``), tensor
     methods and numpy ufuncs record nodes (:mod:`flexcomp.trace_functions` says what each means)."""
@@ -103,8 +116,8 @@ class Proxy:
         return torch_dtype_of(self.tracer.gb.dtype_of(self.arg))
 
     # ---- Python operators: those of the ops' rows (bound below), and these -------------------
-    def __matmul__(self, o): return dispatch(torch.matmul, (self, o), {})
-    def __rmatmul__(self, o): return dispatch(torch.matmul, (o, self), {})
+    def __matmul__(self, o): return HOOKS.dispatch(torch.matmul, (self, o), {})
+    def __rmatmul__(self, o): return HOOKS.dispatch(torch.matmul, (o, self), {})
     def __pos__(self): return self
 
     # ---- things that need a concrete value -------------------------------------------------
@@ -145,15 +158,15 @@ class Proxy:
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return method(self, name)
+        return HOOKS.method(self, name)
 
     # ---- protocols -------------------------------------------------------------------------
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
-        return dispatch(func, args, kwargs or {})
+        return HOOKS.dispatch(func, args, kwargs or {})
 
     def __array_ufunc__(self, ufunc, how, *inputs, **kwargs):
-        return array_ufunc(self, ufunc, how, inputs, kwargs)
+        return HOOKS.array_ufunc(self, ufunc, how, inputs, kwargs)
 
     def __array__(self, *args, **kwargs):
         raise self.tracer.error("a numpy function (np.asarray, np.where, ...) on a traced value",
@@ -162,50 +175,3 @@ class Proxy:
     def __array_function__(self, func, types_, args, kwargs):
         raise self.tracer.error(f"numpy function {func.__name__!r} on a traced value",
                                 f"use the torch function (torch.{func.__name__})")
-
-
-def _operator(name: str, op: Op, reflected: bool):
-    """The Proxy method ``name`` that records ``op``; a reflected one (``__radd__``) takes the other
-    operand first."""
-    if OPS[op].arity == 1:
-        def method(self):
-            return unary(self.tracer, op, self)
-    elif reflected:
-        def method(self, o):
-            return binary(self.tracer, op, o, self)
-    else:
-        def method(self, o):
-            return binary(self.tracer, op, self, o)
-    method.__name__ = name
-    method.__qualname__ = f"Proxy.{name}"
-    return method
-
-
-def _bind_operators(cls) -> None:
-    """Bind every op row's ``dunders`` and ``reflected_dunders`` on ``cls``."""
-    for info in OPS.values():
-        for name in info.dunders:
-            setattr(cls, name, _operator(name, info.op, reflected=False))
-        for name in info.reflected_dunders:
-            setattr(cls, name, _operator(name, info.op, reflected=True))
-
-
-_bind_operators(Proxy)
-
-
-def getitem(t, base: Any, index: Any):
-    """``captured[...]`` with traced or constant indices: a load once every dim is indexed, else a
-    :class:`~flexcomp.trace_vectors.View` (``bias[b]``) that further indexing completes."""
-    idx = index if isinstance(index, tuple) else (index,)
-    for i in idx:
-        if isinstance(i, torch.Tensor) and not isinstance(i, Proxy):
-            raise t.error("indexing a captured tensor with another tensor",
-                          "index with traced values or Python ints")
-        if isinstance(i, VectorLike):
-            raise t.error("indexing with a traced vector (advanced indexing)",
-                          "index with one traced scalar per dim")
-    if isinstance(base, VectorLike):
-        return base.index(idx)
-    if isinstance(base, Proxy) or not isinstance(base, torch.Tensor):
-        raise t.error("indexing a traced value (a scalar per pair)", "index captured tensors, not score/b/h/q_idx/kv_idx")
-    return View(t, base, tuple(range(n) for n in base.shape)).index(idx)

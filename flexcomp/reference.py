@@ -28,9 +28,8 @@ from .errors import zero_division_names
 from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
 from .problem import Grads, Outputs
+from .sparsity import BlockKind
 from .trace import TracedMod
-
-BLOCK_FULL = 2  # BlockMap.kind of a full block (0 empty, 1 partial)
 
 
 @dataclass(frozen=True)
@@ -108,8 +107,8 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
         bm = plan.blocks
         kind = bm.kind[:, :, (q0 + torch.arange(c, device=dev)) // bm.q_block, :]
         kind = kind[..., (lo + torch.arange(KV, device=dev)) // bm.kv_block]
-        partial = kind == 1
-        keep = (kind == 2) | (partial & keep if keep is not None else partial)
+        partial = kind == int(BlockKind.PARTIAL)
+        keep = (kind == int(BlockKind.FULL)) | (partial & keep if keep is not None else partial)
     if plan.score is not None:
         if keep is not None and s.requires_grad:
             # masked pairs send no gradient into score_mod (0 * NaN would, where the mod is NaN there)
@@ -248,7 +247,7 @@ def block_map_of(block_mask, device) -> Optional[BlockMap]:
     kind = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, n).to(torch.int8)
     if block_mask.full_kv_num_blocks is not None:
         full = _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n).to(torch.int8)
-        kind = torch.where(full.bool(), BLOCK_FULL, kind).to(torch.int8)
+        kind = torch.where(full.bool(), int(BlockKind.FULL), kind).to(torch.int8)
     while kind.dim() < 4:
         kind = kind.unsqueeze(0)
     return BlockMap(kind.to(device), block_mask.BLOCK_SIZE[0], block_mask.BLOCK_SIZE[1])

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from . import trace_functions  # noqa: F401  (binds Proxy's operators and fills proxy.HOOKS)
 from .builder import GraphBuilder, const
 from .errors import (
     FlexcompIndexError,

@@ -16,7 +16,17 @@ import torch
 
 from .builder import const
 from .ir import OPS, Const, DType, Family, Op
-from .trace_vectors import Reduction, VectorLike, elementwise, is_vector, permute, reduce, stack
+from .proxy import HOOKS, Proxy, ir_dtype_of_torch
+from .trace_vectors import (
+    Reduction,
+    VectorLike,
+    View,
+    elementwise,
+    is_vector,
+    permute,
+    reduce,
+    stack,
+)
 
 F32 = DType.F32
 
@@ -191,8 +201,6 @@ def composite(t, name: str, x: Any, args: tuple = (), kwargs: dict | None = None
 
 # ---- the dispatcher -----------------------------------------------------------------------------
 def _tracer_of(items) -> Any:
-    from .proxy import Proxy
-
     for a in items:
         if isinstance(a, (Proxy, VectorLike)):
             return a.tracer
@@ -284,8 +292,6 @@ def where(t, c, a, b):
 
 
 def cast(t, x, dtype):
-    from .proxy import ir_dtype_of_torch
-
     if dtype in _NARROW:  # an int32 (or int64) value wrapped to the narrow range, and known as narrow
         def to_narrow(a):
             if not (t.gb.dtype_of(a).is_int or t.gb.dtype_of(a) is DType.BOOL):
@@ -325,8 +331,6 @@ def dot(t, a, b):
 
 
 def _full_like(t, x, value, dtype=None):
-    from .proxy import ir_dtype_of_torch
-
     dt = ir_dtype_of_torch(dtype) if dtype is not None else None
 
     def fill(a, v):
@@ -346,8 +350,6 @@ def _reduce_call(t, name: str, args: tuple, kwargs: dict):
 
 def dispatch(func, args: tuple, kwargs: dict):
     """``__torch_function__`` of every traced value: record ``func(*args, **kwargs)``."""
-    from .proxy import getitem
-
     t = _tracer_of(list(args) + list(kwargs.values()))
     name = getattr(func, "__name__", str(func))
     if name == "__getitem__":
@@ -540,3 +542,52 @@ def _operators(cls):
 
 
 _operators(VectorLike)
+
+
+# ---- indexing, the operators and the hooks of traced values -------------------------------
+def getitem(t, base: Any, index: Any):
+    """``captured[...]`` with traced or constant indices: a load once every dim is indexed, else a
+    :class:`~flexcomp.trace_vectors.View` (``bias[b]``) that further indexing completes."""
+    idx = index if isinstance(index, tuple) else (index,)
+    for i in idx:
+        if isinstance(i, torch.Tensor) and not isinstance(i, Proxy):
+            raise t.error("indexing a captured tensor with another tensor",
+                          "index with traced values or Python ints")
+        if isinstance(i, VectorLike):
+            raise t.error("indexing with a traced vector (advanced indexing)",
+                          "index with one traced scalar per dim")
+    if isinstance(base, VectorLike):
+        return base.index(idx)
+    if isinstance(base, Proxy) or not isinstance(base, torch.Tensor):
+        raise t.error("indexing a traced value (a scalar per pair)", "index captured tensors, not score/b/h/q_idx/kv_idx")
+    return View(t, base, tuple(range(n) for n in base.shape)).index(idx)
+
+
+def _operator(name: str, op: Op, reflected: bool):
+    """The Proxy method ``name`` that records ``op``; a reflected one (``__radd__``) takes the other
+    operand first."""
+    if OPS[op].arity == 1:
+        def method(self):
+            return unary(self.tracer, op, self)
+    elif reflected:
+        def method(self, o):
+            return binary(self.tracer, op, o, self)
+    else:
+        def method(self, o):
+            return binary(self.tracer, op, self, o)
+    method.__name__ = name
+    method.__qualname__ = f"Proxy.{name}"
+    return method
+
+
+def _bind_operators(cls) -> None:
+    """Bind every op row's ``dunders`` and ``reflected_dunders`` on ``cls``."""
+    for info in OPS.values():
+        for name in info.dunders:
+            setattr(cls, name, _operator(name, info.op, reflected=False))
+        for name in info.reflected_dunders:
+            setattr(cls, name, _operator(name, info.op, reflected=True))
+
+
+_bind_operators(Proxy)
+HOOKS.dispatch, HOOKS.method, HOOKS.array_ufunc, HOOKS.getitem = dispatch, method, array_ufunc, getitem

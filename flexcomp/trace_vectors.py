@@ -25,6 +25,7 @@ import torch
 
 from .builder import const
 from .ir import Arg, Const, DType, Op
+from .proxy import HOOKS, Proxy, torch_dtype_of
 
 MAX_ELEMENTS = 1024  # elements of one traced vector (each becomes IR nodes)
 
@@ -75,26 +76,18 @@ class VectorLike:
 
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
-        from .trace_functions import dispatch
-
-        return dispatch(func, args, kwargs or {})
+        return HOOKS.dispatch(func, args, kwargs or {})
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        from .trace_functions import method
-
-        return method(self, name)
+        return HOOKS.method(self, name)
 
     def __getitem__(self, index):
-        from .proxy import getitem
-
-        return getitem(self.tracer, self, index)
+        return HOOKS.getitem(self.tracer, self, index)
 
     def __array_ufunc__(self, ufunc, how, *inputs, **kwargs):
-        from .trace_functions import array_ufunc
-
-        return array_ufunc(self, ufunc, how, inputs, kwargs)
+        return HOOKS.array_ufunc(self, ufunc, how, inputs, kwargs)
 
 
 class View(VectorLike):
@@ -181,8 +174,6 @@ class Vector(VectorLike):
 
     @property
     def dtype(self) -> torch.dtype:
-        from .proxy import torch_dtype_of
-
         return torch_dtype_of(self.tracer.gb.dtype_of(self.elems[0]) if self.elems else DType.F32)
 
     def index(self, idx: tuple):
@@ -209,8 +200,6 @@ class Vector(VectorLike):
         strides = [math.prod(self.shape_[k + 1:]) for k in range(len(self.shape_))]
         elems = [self.elems[sum(c * s for c, s in zip(combo, strides))] for combo in itertools.product(*keep)]
         if not out_shape:
-            from .proxy import Proxy
-
             return Proxy(t, elems[0])
         return Vector(t, tuple(out_shape), elems)
 
@@ -267,8 +256,6 @@ def _broadcast_shape(t, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 def elementwise(t, fn: Callable[..., Arg], operands: Sequence[Any]):
     """Apply ``fn`` (IR args -> IR arg) to scalars, or element by element with broadcasting when an
     operand is a vector; returns a Proxy or a :class:`Vector`."""
-    from .proxy import Proxy
-
     if not any(is_vector(x) for x in operands) or all(
             not isinstance(x, VectorLike) and not isinstance(x, Proxy) for x in operands):
         return Proxy(t, fn(*(t.to_arg(x) for x in operands)))
@@ -312,8 +299,6 @@ def reduce(t, x: Any, kind: Reduction, dim=None, keepdim: bool = False):
     """``x.sum() / .mean() / .prod() / .amax() / .amin() / .any() / .all()`` over ``dim`` (all dims
     when None), with torch's result types: integer and bool sums and products give int64,
     ``any`` / ``all`` give bool, ``mean`` needs floats."""
-    from .proxy import Proxy
-
     if not is_vector(x):  # a scalar: reducing it changes only its type
         x = Vector(t, (), [t.to_arg(x)])
     v = as_vector(t, x)
