@@ -115,10 +115,7 @@ class Proxy:
     def dtype(self) -> torch.dtype:
         return torch_dtype_of(self.tracer.gb.dtype_of(self.arg))
 
-    # ---- Python operators: those of the ops' rows (bound below), and these -------------------
-    def __matmul__(self, o): return HOOKS.dispatch(torch.matmul, (self, o), {})
-    def __rmatmul__(self, o): return HOOKS.dispatch(torch.matmul, (o, self), {})
-    def __pos__(self): return self
+    # Python operators: those of the ops' rows, and @, bound by flexcomp.trace_functions
 
     # ---- things that need a concrete value -------------------------------------------------
     def _concrete(self, what: str, fix: str = _FIX) -> Exception:

@@ -35,7 +35,8 @@ UNARY: dict[str, Op] = {
     "tanh": Op.TANH, "sigmoid": Op.SIGMOID, "sin": Op.SIN, "cos": Op.COS, "tan": Op.TAN, "atan": Op.ATAN,
     "arctan": Op.ATAN, "erf": Op.ERF, "log1p": Op.LOG1P, "expm1": Op.EXPM1, "abs": Op.ABS, "absolute": Op.ABS,
     "sign": Op.SIGN, "sgn": Op.SIGN, "floor": Op.FLOOR, "ceil": Op.CEIL, "neg": Op.NEG, "negative": Op.NEG,
-    "bitwise_not": Op.NOT, "__invert__": Op.NOT, "__neg__": Op.NEG, "__abs__": Op.ABS,
+    "bitwise_not": Op.NOT,
+    **{name: info.op for info in OPS.values() if info.arity == 1 for name in info.dunders},  # __neg__, __invert__...
 }
 BINARY: dict[str, Op] = {
     "add": Op.ADD, "sub": Op.SUB, "subtract": Op.SUB, "mul": Op.MUL, "multiply": Op.MUL,
@@ -46,15 +47,12 @@ BINARY: dict[str, Op] = {
     "fmin": Op.MINIMUM, "fmax": Op.MAXIMUM, "bitwise_and": Op.AND, "bitwise_or": Op.OR,
     "bitwise_xor": Op.XOR, "logical_and": Op.AND, "logical_or": Op.OR, "logical_xor": Op.XOR,
     "bitwise_left_shift": Op.SHL, "bitwise_right_shift": Op.SHR,
-    "__add__": Op.ADD, "__sub__": Op.SUB, "__mul__": Op.MUL, "__truediv__": Op.TRUEDIV, "__div__": Op.TRUEDIV,
-    "__floordiv__": Op.FLOORDIV, "__mod__": Op.MOD, "__pow__": Op.POW, "__and__": Op.AND, "__or__": Op.OR,
-    "__xor__": Op.XOR, "__eq__": Op.EQ, "__ne__": Op.NE, "__lt__": Op.LT, "__le__": Op.LE, "__gt__": Op.GT,
-    "__ge__": Op.GE, "__lshift__": Op.SHL, "__rshift__": Op.SHR,
+    **{name: info.op for info in OPS.values() if info.arity == 2 for name in info.dunders},  # __add__, __lt__...
+    "__div__": Op.TRUEDIV,  # Python 2's name, which torch still dispatches
 }
 REFLECTED: dict[str, Op] = {
-    "__radd__": Op.ADD, "__rsub__": Op.SUB, "__rmul__": Op.MUL, "__rtruediv__": Op.TRUEDIV,
-    "__rdiv__": Op.TRUEDIV, "__rfloordiv__": Op.FLOORDIV, "__rmod__": Op.MOD, "__rpow__": Op.POW,
-    "__rand__": Op.AND, "__ror__": Op.OR, "__rxor__": Op.XOR, "__rlshift__": Op.SHL, "__rrshift__": Op.SHR,
+    **{name: info.op for info in OPS.values() for name in info.reflected_dunders},  # __radd__...
+    "__rdiv__": Op.TRUEDIV,
 }
 REDUCTIONS: dict[str, Reduction] = {
     "sum": Reduction.SUM, "mean": Reduction.MEAN, "prod": Reduction.PROD, "amax": Reduction.AMAX,
@@ -520,28 +518,6 @@ def array_ufunc(x: Any, ufunc, how: str, inputs: tuple, kwargs: dict):
     return dispatch(_named(name), inputs, {})
 
 
-def _operators(cls):
-    """Python's operators on traced vectors: the same table as on traced scalars."""
-    def make_bin(op):
-        return lambda self, o: binary(self.tracer, op, self, o)
-
-    def make_ref(op):
-        return lambda self, o: binary(self.tracer, op, o, self)
-
-    for name, op in BINARY.items():
-        if name.startswith("__"):
-            setattr(cls, name, make_bin(op))
-    for name, op in REFLECTED.items():
-        setattr(cls, name, make_ref(op))
-    for name in ("__neg__", "__abs__", "__invert__"):
-        setattr(cls, name, (lambda op: lambda self: unary(self.tracer, op, self))(UNARY[name]))
-    cls.__matmul__ = lambda self, o: dispatch(torch.matmul, (self, o), {})
-    cls.__rmatmul__ = lambda self, o: dispatch(torch.matmul, (o, self), {})
-    cls.__pos__ = lambda self: self
-    return cls
-
-
-_operators(VectorLike)
 
 
 # ---- indexing, the operators and the hooks of traced values -------------------------------
@@ -576,18 +552,23 @@ def _operator(name: str, op: Op, reflected: bool):
         def method(self, o):
             return binary(self.tracer, op, self, o)
     method.__name__ = name
-    method.__qualname__ = f"Proxy.{name}"
+    method.__qualname__ = name
     return method
 
 
 def _bind_operators(cls) -> None:
-    """Bind every op row's ``dunders`` and ``reflected_dunders`` on ``cls``."""
+    """Bind every op row's ``dunders`` and ``reflected_dunders`` on ``cls`` (traced scalars and
+    traced vectors alike), and ``@`` (a dot product of vectors)."""
     for info in OPS.values():
         for name in info.dunders:
             setattr(cls, name, _operator(name, info.op, reflected=False))
         for name in info.reflected_dunders:
             setattr(cls, name, _operator(name, info.op, reflected=True))
+    cls.__matmul__ = lambda self, o: dispatch(torch.matmul, (self, o), {})
+    cls.__rmatmul__ = lambda self, o: dispatch(torch.matmul, (o, self), {})
+    cls.__pos__ = lambda self: self
 
 
 _bind_operators(Proxy)
+_bind_operators(VectorLike)
 HOOKS.dispatch, HOOKS.method, HOOKS.array_ufunc, HOOKS.getitem = dispatch, method, array_ufunc, getitem
