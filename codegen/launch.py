@@ -86,7 +86,7 @@ def mod_args(tm: Optional[TracedMod], graph: Optional[Graph], device, ft: FloatT
             t = t.view(torch.int8)
         if sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= MAX_OFFSET:
             raise FlexcompError(
-                f"the captured tensor of shape {tuple(t.shape)} in {graph.kind.value} {graph.fn_name!r} "
+                f"the captured tensor of shape {tuple(t.shape)} in {tm.graph.kind.value} {tm.graph.fn_name!r} "
                 f"spans 2**31 elements or more; the triton backend indexes captured tensors with 32-bit offsets")
         strides += t.stride() or (0,)
         sizes += t.shape or (1,)
@@ -122,12 +122,13 @@ def raise_if_out_of_range(mods: tuple) -> None:
         for check, value in zip(a.checks, values[at:at + len(a.checks)]):
             if value != INT64_MIN and check.kind is CheckKind.DIVISOR:
                 raise mod_zero_division(tm.graph, tm.fn)
-            if value != INT64_MIN:
+            if value != INT64_MIN:  # names from the mod that ran (the function may have been made for another)
                 g = tm.graph
-                j = [b.name for b in g.buffers].index(check.buffer)
-                shape = tuple(tm.buffers[j].shape)
+                j = check.position
+                shape, name = tuple(tm.buffers[j].shape), g.buffers[j].name
                 raise FlexcompIndexError(
-                    f"{g.kind.value} {g.fn_name!r}: '{check.node}' indexed the captured tensor {check.buffer!r} of "
+                    f"{g.kind.value} {g.fn_name!r}: '{g.format_node(g.nodes[check.node_id])}' indexed the captured "
+                    f"tensor {name!r} of "
                     f"shape {shape} out of range (dim {check.dim}: index {value}, valid {-shape[check.dim]}.."
                     f"{shape[check.dim] - 1}); torch raises IndexError here too")
         at += len(a.checks)
@@ -162,7 +163,8 @@ def block_lists(block_mask, B: int, H: int, transposed: bool) -> BlockLists:
               if transposed else
               (block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
                block_mask.full_kv_indices))
-    key = ("block_lists", B, H, transposed, id(block_mask), *map(id, fields))
+    key = ("block_lists", B, H, transposed, id(block_mask), *map(id, fields),
+           *(f._version for f in fields if f is not None))  # an in-place update of a list makes new ones
     make = lambda: _lists(*fields, B, H, fields[0].shape[-1])  # noqa: E731
     try:
         return CACHE.get_or_make(key, make, owners=(block_mask, *(f for f in fields if f is not None)))

@@ -55,12 +55,14 @@ def _scatter(problem: Problem, plan: Plan) -> Optional[_Scatter]:
         return None
     score, device = problem.score, problem.device
     ft = float_type(plan)
-    _, fn = jit_scatter(plan.scatter, plan.scatter_buffers, ft, problem.options.sources)
+    # by position: the plan and its scatter graph may come from a mod whose captures had other names
+    names = tuple(plan.scatter.buffers[i].name for i in plan.scatter_buffers)
+    _, fn = jit_scatter(plan.scatter, names, ft, problem.options.sources)
     deterministic = problem.options.deterministic
     accumulate = torch.int64 if deterministic else torch.float64 if ft is FloatType.F64 else torch.float32
     grads, gstrides, buffers = [], [], []
-    for spec, t in zip(score.graph.buffers, score.buffers):
-        if spec.name in plan.scatter_buffers:
+    for i, t in enumerate(score.buffers):
+        if i in plan.scatter_buffers:
             gt = torch.zeros(t.shape, dtype=accumulate, device=device)
             buffers.append(gt)
             gstrides += list(gt.stride()) if gt.dim() else [0]
@@ -69,7 +71,7 @@ def _scatter(problem: Problem, plan: Plan) -> Optional[_Scatter]:
             buffers.append(None)
             gstrides += [0] * max(1, t.dim())
         grads.append(gt)
-    aux = torch.zeros(len(score.graph.buffers), dtype=torch.float32, device=device)
+    aux = torch.zeros(len(score.buffers), dtype=torch.float32, device=device)
     return _Scatter(fn, (*grads, *gstrides, aux), tuple(buffers), aux)
 
 

@@ -75,12 +75,18 @@ class CheckKind(enum.Enum):
 class LoadCheck:
     """One slot of a checked mod's error tensor: dim ``dim`` of the load ``node`` (its IR line) from
     captured tensor ``buffer`` (the name in the graph); or, for ``kind`` DIVISOR, the divisor of the
-    integer division ``node`` (``buffer`` empty, ``dim`` -1)."""
+    integer division ``node`` (``buffer`` empty, ``dim`` -1).
+
+    ``position`` (the tensor's place among the mod's captures) and ``node_id`` say the same by
+    structure: a generated function serves every mod of its structure, whatever its names, so an
+    error names what the mod that ran calls them."""
 
     buffer: str
     dim: int
     node: str
     kind: CheckKind = CheckKind.INDEX
+    position: int = -1
+    node_id: int = -1
 
 
 @dataclass(frozen=True)
@@ -283,7 +289,7 @@ def _checks(g: Graph, lowered: "_Layout", n: Node, a: list[str]) -> list[str]:
     lines = []
     for d, x in enumerate(a):
         slot = len(lowered.checks)
-        lowered.checks.append(LoadCheck(n.attr, d, g.format_node(n)))
+        lowered.checks.append(LoadCheck(n.attr, d, g.format_node(n), CheckKind.INDEX, j, n.id))
         lines.append(f"    ops.check_index({x}, SIZES[{s + d}], BUFS[{err}], {slot})  # {n.attr} dim {d}")
     return lines
 
@@ -294,7 +300,7 @@ def _divisor_check(g: Graph, lowered: "_Layout", n: Node, divisor: str) -> list[
     if not lowered.checked:
         return []
     slot = len(lowered.checks)
-    lowered.checks.append(LoadCheck("", -1, g.format_node(n), CheckKind.DIVISOR))
+    lowered.checks.append(LoadCheck("", -1, g.format_node(n), CheckKind.DIVISOR, -1, n.id))
     return [f"    ops.check_divisor({divisor}, BUFS[{len(lowered.buffer_index)}], {slot})  # {n.op.value} divisor"]
 
 

@@ -236,11 +236,12 @@ class Cache:
     def _drain(self, garbage: list) -> None:
         """Drop the entries of owners that died; their values go to ``garbage``."""
         while self._dead:
-            oid = self._dead.popleft()
+            oid = self._dead[0]  # popped only once its entries are gone: the lock-free path checks _dead
             self._finalizers.pop(oid, None)
             for key in self._by_owner.pop(oid, ()):
                 if key in self._entries:
                     garbage.append(self._remove(key))
+            self._dead.popleft()
 
     def _remove(self, key: Hashable) -> Any:
         """Drop the entry under ``key`` and return its value; owners left with no entry are no

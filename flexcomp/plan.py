@@ -92,7 +92,9 @@ class Plan:
         score, mask: the mods' graphs (None: identity / no mask_mod).
         score_grad: the score_mod's value and ``d/d score`` (Triton backward); None otherwise.
         scatter: value, ``d/d score`` and ``d/d load`` for each load of ``scatter_buffers``.
-        scatter_buffers: the captured tensors that receive gradients from the kernels (by name).
+        scatter_buffers: the captured tensors that receive gradients from the kernels, by position
+            in the score_mod's buffers (plans and derived graphs are shared by mods of one structure,
+            whose captures may be named differently).
         loads_per_buffer: per captured tensor of the score_mod, how many differentiated loads read it.
         fp64: the working float is float64 (float64 inputs).
         forward, backward: the tiles (Triton backend).
@@ -111,7 +113,7 @@ class Plan:
     mask: Optional[Graph]
     score_grad: Optional[Graph] = None
     scatter: Optional[Graph] = None
-    scatter_buffers: tuple[str, ...] = ()
+    scatter_buffers: tuple[int, ...] = ()
     loads_per_buffer: tuple[int, ...] = ()
     fp64: bool = False
     forward: Optional[ForwardConfig] = None
@@ -127,8 +129,9 @@ class Plan:
         """The plan for people (``flexcomp.explain`` prints it): passes, graphs, tiles, launches."""
         lines = [f"# plan: {self.backend.value} backend, {self.family.value} kernels"
                  f"{', float64' if self.fp64 else ''}; passes {', '.join(self.passes)} (each verified)"]
+        into = ", ".join(self.score.buffers[i].name for i in self.scatter_buffers) if self.scatter is not None else ""
         for title, g in (("score_mod", self.score), ("mask_mod", self.mask), ("value and d/d score", self.score_grad),
-                         (f"gradient scatter into {', '.join(self.scatter_buffers)}", self.scatter)):
+                         (f"gradient scatter into {into}", self.scatter)):
             if g is not None:
                 lines += [f"# {title}:", str(g)]
         if self.forward is not None:
@@ -223,23 +226,23 @@ def _make(problem: Problem, backend: Backend, key: tuple) -> Plan:
                             f"and value {problem.value_dim}")
     _check_dtype(problem.dtype)
     score_grad = scatter = None
-    names: tuple[str, ...] = ()
+    positions: tuple[int, ...] = ()
     loads_per_buffer: tuple[int, ...] = ()
     if score is not None:
         score_grad = _derived(score)
         _verified(passes, "value_and_derivatives", score_grad)
         floats = float_loads(score)
-        wanted = {b.name for b, w in zip(score.buffers, problem.score_grads) if w}
-        names = tuple(b.name for b in score.buffers if b.name in wanted and any(n.attr == b.name for n in floats))
-        if names:
-            scatter = scatter_graph(score, names)
+        positions = tuple(i for i, (b, w) in enumerate(zip(score.buffers, problem.score_grads))
+                          if w and any(n.attr == b.name for n in floats))
+        if positions:
+            scatter = scatter_graph(score, tuple(score.buffers[i].name for i in positions))
             _verified(passes, "scatter", scatter)
         loads_per_buffer = tuple(sum(n.attr == b.name for n in floats) for b in score.buffers)
-    forward, backward = _tiles(problem, score, mask, bool(names))
+    forward, backward = _tiles(problem, score, mask, bool(positions))
     passes.append("tiles")
-    return replace(plan, score_grad=score_grad, scatter=scatter, scatter_buffers=names,
+    return replace(plan, score_grad=score_grad, scatter=scatter, scatter_buffers=positions,
                    loads_per_buffer=loads_per_buffer, forward=forward, backward=backward,
-                   backward_launches=backward_launches(backward, bool(names), problem.options.deterministic),
+                   backward_launches=backward_launches(backward, bool(positions), problem.options.deterministic),
                    passes=tuple(passes))
 
 
@@ -305,14 +308,15 @@ def index_checks(tm: Optional[TracedMod], problem: Problem) -> bool:
     divisor nonzero for the problem's sizes.
 
     The answer is kept (owned by the captured tensors) per sizes, valid while each tensor keeps its
-    storage and ``_version`` (an in-place update, a resize included, can change an index a load
-    reads from another tensor): a kept answer costs a tuple compare."""
+    storage, ``_version``, shape and strides (an in-place update, a resize or ``t.data = ...``
+    included, can change an index a load reads or the extent it must stay in): a kept answer costs
+    a tuple compare."""
     if tm is None:
         return False
     g = tm.graph
     sizes = (problem.batch, problem.heads, problem.q_len, problem.kv_len)
     key = ("index_checks", g.structural_key(), tuple(map(id, tm.buffers)), tuple(map(repr, tm.scalars)), sizes)
-    state = tuple([(t._version, t.data_ptr()) for t in tm.buffers])
+    state = tuple([(t._version, t.data_ptr(), t.shape, t.stride()) for t in tm.buffers])
     hit = CACHE.get(key)
     if hit is not None and hit[0] == state:
         return hit[1]

@@ -195,3 +195,48 @@ def test_integer_division_by_zero_raises_on_the_kernels_as_torch(where):
     assert _generated(safe, ModKind.SCORE, checked=False) and not _generated(safe, ModKind.SCORE, checked=True)
     torch.testing.assert_close(out, flex_attention(q, k, v, score_mod=safe, kernel_options={"BACKEND": "reference"}),
                                atol=2e-5, rtol=2e-5)
+
+
+def _named(name: str, t: torch.Tensor, by_q: bool = False):
+    """Two score_mods of one structure whose captured tensors have different names."""
+    namespace = {name: t}
+    src = (f"def score_mod(score, b, h, q_idx, kv_idx):\n"
+           f"    return score + {name}[q_idx]\n" if by_q else
+           f"def score_mod(score, b, h, q_idx, kv_idx):\n"
+           f"    return score + {name}[h, q_idx, kv_idx]\n")
+    exec(compile(src, f"<{name}>", "exec"), namespace)
+    return namespace["score_mod"]
+
+
+def test_mods_of_one_structure_with_other_capture_names_get_their_gradients():
+    """Plans, derived graphs and generated functions are shared by structure: captures are matched
+    by position, never by name (a second mod naming its bias otherwise got no gradient)."""
+    q = torch.randn(1, 2, 32, 16, device=DEVICE, requires_grad=True)
+    for name in ("rel_bias", "alibi_bias"):
+        bias = torch.randn(2, 32, 32, device=DEVICE, requires_grad=True)
+        flex_attention(q, q, q, score_mod=_named(name, bias), kernel_options=TRITON).sum().backward()
+        got, bias.grad = bias.grad, None
+        flex_attention(q, q, q, score_mod=_named(name, bias), kernel_options={"BACKEND": "reference"}).sum().backward()
+        assert got is not None, name
+        torch.testing.assert_close(got, bias.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_an_out_of_range_index_names_the_capture_of_the_mod_that_ran():
+    q = torch.randn(1, 1, 32, 16, device=DEVICE)
+    for name in ("rel", "other"):
+        with pytest.raises(FlexcompIndexError, match=rf"'{name}' of shape \(8,\) out of range"):
+            flex_attention(q, q, q, score_mod=_named(name, torch.randn(8, device=DEVICE), by_q=True),
+                           kernel_options=TRITON)
+
+
+def test_a_capture_shortened_through_data_is_proven_again():
+    table = torch.randn(64, device=DEVICE)
+    q = torch.randn(1, 1, 64, 16, device=DEVICE)
+
+    def per_query(score, b, h, q_idx, kv_idx):
+        return score + table[q_idx]
+
+    flex_attention(q, q, q, score_mod=per_query, kernel_options=TRITON)  # proven in range, kept
+    table.data = table.data[:10]  # same storage and version, shorter
+    with pytest.raises(FlexcompIndexError, match="out of range"):
+        flex_attention(q, q, q, score_mod=per_query, kernel_options=TRITON)

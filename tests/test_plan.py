@@ -59,7 +59,7 @@ def test_gradients_into_captures_add_the_scatter_pass_and_its_launch_modes():
 
     plan = plan_for(_problem(alibi_bias, grad_buffers=True), Backend.TRITON)
     assert plan.passes == ("forward", "value_and_derivatives", "scatter", "tiles")
-    assert plan.scatter_buffers == ("slopes",) and plan.loads_per_buffer == (1,)
+    assert plan.scatter_buffers == (0,) and plan.loads_per_buffer == (1,)  # by position: slopes
     assert plan.backward_launches == (BackwardLaunch(True, True, dkdv_scatter=ScatterMode.ATOMIC),)
     det = plan_for(_problem(alibi_bias, grad_buffers=True, kernel_options={"DETERMINISTIC": True}), Backend.TRITON)
     assert det.backward_launches == (BackwardLaunch(True, False, dq_scatter=ScatterMode.RECORD_MAX),
