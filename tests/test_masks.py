@@ -141,14 +141,22 @@ def _all_modules() -> list[str]:
     import pkgutil
 
     import flexcomp
+    import flexcomp.codegen
+    import flexcomp.masks
 
-    return sorted(m.name for m in pkgutil.walk_packages(flexcomp.__path__, "flexcomp.")
-                  if m.name not in ("flexcomp.demo", "flexcomp.bench") and ".kernels" not in m.name)
+    # each mapped folder on its own: an editable install keeps codegen/ and masks/ outside flexcomp/
+    names = set()
+    for pkg in (flexcomp, flexcomp.codegen, flexcomp.masks):
+        names.add(pkg.__name__)
+        names.update(m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."))
+    return sorted(n for n in names if n not in ("flexcomp.demo", "flexcomp.bench") and ".kernels" not in n)
 
 
 # every public stage shows a runnable example
 WITH_EXAMPLES = {"flexcomp.masks.causal", "flexcomp.masks.windows", "flexcomp.masks.documents", "flexcomp.masks.alibi",
-                 "flexcomp.masks.softcap", "flexcomp.blockmask", "flexcomp.blockmask_build", "flexcomp.api",
+                 "flexcomp.masks.softcap", "flexcomp.masks.patterns", "flexcomp.masks.spatial", "flexcomp.masks.bias",
+                 "flexcomp.visualize", "flexcomp.options", "flexcomp.problem", "flexcomp.plan", "flexcomp.cache",
+                 "flexcomp.blockmask", "flexcomp.blockmask_build", "flexcomp.api",
                  "flexcomp.builder", "flexcomp.trace", "flexcomp.runtime", "flexcomp.reference", "flexcomp.explain",
                  "flexcomp.codegen.lower", "flexcomp.derivative", "flexcomp.ranges"}
 
