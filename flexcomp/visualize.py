@@ -116,9 +116,9 @@ def _token_label(value: float, _pos=None) -> str:
     return f"{value:g}" if abs(value) < 10000 else f"{value / 1000:g}k"
 
 
-def _new_axes():
+def _new_axes(figsize=None, dpi=None):
     mpl = _matplotlib()
-    fig = mpl.Figure(figsize=_FIGSIZE, layout="constrained")
+    fig = mpl.Figure(figsize=figsize or _FIGSIZE, dpi=dpi, layout="constrained")
     ax = fig.add_subplot()
     ax.xaxis.set_major_formatter(mpl.FuncFormatter(_token_label))
     ax.yaxis.set_major_formatter(mpl.FuncFormatter(_token_label))
@@ -265,7 +265,8 @@ def _check_path(path) -> None:
 # ---- public plots --------------------------------------------------------------------------------
 def plot_mask(mask_mod: Callable, Q_LEN: int, KV_LEN: int, *, B: Optional[int] = None, H: Optional[int] = None,
               b: int = 0, h: int = 0, max_pixels: int = 1024, block_size: Union[int, tuple[int, int]] = 128,
-              title: Optional[str] = None, path: Optional[Union[str, Path]] = None):
+              title: Optional[str] = None, path: Optional[Union[str, Path]] = None,
+              figsize: Optional[tuple[float, float]] = None, dpi: Optional[float] = None):
     """Draw the mask of ``mask_mod(b, h, q_idx, kv_idx)`` for one batch element ``b`` and head ``h``.
 
     Args:
@@ -282,6 +283,7 @@ def plot_mask(mask_mod: Callable, Q_LEN: int, KV_LEN: int, *, B: Optional[int] =
         block_size: ``BLOCK_SIZE`` of that block map: an int or ``(Q_BLOCK, KV_BLOCK)``.
         title: replaces the default title (the mod's name, the sizes and the density or sparsity).
         path: where to save the figure; the suffix picks the format (``.png``, ``.svg``, ...).
+        figsize, dpi: the figure's size in inches and its resolution (default 6.4 x 5.2, matplotlib's dpi).
 
     Returns the ``matplotlib.figure.Figure``: one image axes in token coordinates (extent
     ``[0, KV_LEN, Q_LEN, 0]``, queries downwards), with a legend or a colour bar.
@@ -309,7 +311,7 @@ def plot_mask(mask_mod: Callable, Q_LEN: int, KV_LEN: int, *, B: Optional[int] =
     _check_path(path)
     # one (b, h): the mod is evaluated over b, h in {0} and shifted there (traced like any mod)
     mod = mask_mod if (b, h) == (0, 0) else (lambda bb, hh, q_idx, kv_idx: mask_mod(bb + b, hh + h, q_idx, kv_idx))
-    fig, ax = _new_axes()
+    fig, ax = _new_axes(figsize, dpi)
     head = f"{_name(mask_mod)} (b={b}, h={h})"
     if Q_LEN <= max_pixels and KV_LEN <= max_pixels:
         dense = create_mask(mod, 1, 1, Q_LEN, KV_LEN, device="cpu")[0, 0]
@@ -327,7 +329,8 @@ def plot_mask(mask_mod: Callable, Q_LEN: int, KV_LEN: int, *, B: Optional[int] =
 
 
 def plot_block_mask(block_mask: BlockMask, *, b: int = 0, h: int = 0, max_pixels: int = 1024,
-                    title: Optional[str] = None, path: Optional[Union[str, Path]] = None):
+                    title: Optional[str] = None, path: Optional[Union[str, Path]] = None,
+                    figsize: Optional[tuple[float, float]] = None, dpi: Optional[float] = None):
     """Draw the full / partial / empty blocks of ``block_mask`` for batch element ``b`` and head ``h``.
 
     Args:
@@ -342,6 +345,7 @@ def plot_block_mask(block_mask: BlockMask, *, b: int = 0, h: int = 0, max_pixels
         title: replaces the default title (mask_mod's name, the block grid and the sparsity of
             this ``(b, h)``: the percentage of the ``Q_LEN x KV_LEN`` area in empty blocks).
         path: where to save the figure; the suffix picks the format.
+        figsize, dpi: the figure's size in inches and its resolution (default 6.4 x 5.2, matplotlib's dpi).
 
     Returns the ``matplotlib.figure.Figure``: one image axes in tokens (block index x block
     size; the axes stop at ``seq_lengths``, clipping a last block that hangs over the end).
@@ -367,7 +371,7 @@ def plot_block_mask(block_mask: BlockMask, *, b: int = 0, h: int = 0, max_pixels
     q_block, kv_block = (int(x) for x in block_mask.BLOCK_SIZE)
     q_len, kv_len = (int(x) for x in block_mask.seq_lengths)
     kind = block_kinds(block_mask, b, h)
-    fig, ax = _new_axes()
+    fig, ax = _new_axes(figsize, dpi)
     what = _draw_blocks(ax, fig, block_image(kind, max_pixels), q_block, kv_block)
     what += f"\nsparsity {_block_sparsity(kind, q_block, kv_block, q_len, kv_len):.1f}% (area in empty blocks)"
     name = _name(getattr(block_mask, "mask_mod", None))
@@ -431,7 +435,8 @@ def attention_weights(query: Tensor, key: Tensor, *, score_mod: Optional[Callabl
 
 def plot_scores(query: Tensor, key: Tensor, *, score_mod: Optional[Callable] = None,
                 mask_mod: Optional[Callable] = None, b: int = 0, h: int = 0, scale: Optional[float] = None,
-                max_tokens: int = 4096, title: Optional[str] = None, path: Optional[Union[str, Path]] = None):
+                max_tokens: int = 4096, title: Optional[str] = None, path: Optional[Union[str, Path]] = None,
+                figsize: Optional[tuple[float, float]] = None, dpi: Optional[float] = None):
     """Draw the softmax attention weights of batch element ``b``, query head ``h`` (as attention-gym's
     ``visualize_attention_scores``), computed by :func:`attention_weights`.
 
@@ -445,6 +450,7 @@ def plot_scores(query: Tensor, key: Tensor, *, score_mod: Optional[Callable] = N
             :func:`plot_mask`, which never builds ``L x S``).
         title: replaces the default title (the mods' names, ``b``, ``h`` and the sizes).
         path: where to save the figure; the suffix picks the format.
+        figsize, dpi: the figure's size in inches and its resolution (default 6.4 x 5.2, matplotlib's dpi).
 
     Returns the ``matplotlib.figure.Figure``: one image axes (extent ``[0, S, L, 0]``) and a colour
     bar "attention weight". Rows where the mask keeps nothing are 0.
@@ -468,7 +474,7 @@ def plot_scores(query: Tensor, key: Tensor, *, score_mod: Optional[Callable] = N
     L, S = w.shape
     if 0 in (L, S):
         raise ValueError(f"plot_scores: nothing to draw for L={L}, S={S}")
-    fig, ax = _new_axes()
+    fig, ax = _new_axes(figsize, dpi)
     im = ax.imshow(w.float().numpy(), cmap="viridis", vmin=0.0, extent=[0, S, L, 0], interpolation="antialiased",
                    aspect="auto")
     fig.colorbar(im, ax=ax, label="attention weight", shrink=0.8)

@@ -250,3 +250,12 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r'pip install "flexcomp\[plot\]"'):
         plot_mask(causal_mask, 8, 8)
+
+
+def test_figure_size_and_resolution_can_be_chosen():
+    from flexcomp.masks import causal_mask
+
+    fig = plot_mask(causal_mask, 128, 128, figsize=(3.0, 2.5), dpi=50)
+    assert tuple(fig.get_size_inches()) == (3.0, 2.5) and fig.dpi == 50
+    q = torch.randn(1, 1, 32, 8)
+    assert tuple(plot_scores(q, q, figsize=(4.0, 4.0)).get_size_inches()) == (4.0, 4.0)
