@@ -243,8 +243,10 @@ def _evaluate_blocks(tm: TracedMod, grid: BlockGrid, coords: torch.Tensor, devic
                   "q_idx": q.clamp(max=grid.q_len - 1), "kv_idx": kv.clamp(max=grid.kv_len - 1)}
         m = evaluate(tm.graph, inputs, tm.buffers, tm.scalars)
         m = torch.broadcast_to(m, valid.shape) & valid
-        counts.append(torch.count_nonzero(m.reshape(m.shape[0], -1), dim=1))
-    return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64, device=device)
+        # an int32 sum: counts stay below QB * KVB, and torch's CPU sums bools to int32 ~30x faster than
+        # count_nonzero or an int64 sum
+        counts.append(m.reshape(m.shape[0], -1).sum(1, dtype=torch.int32))
+    return torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int32, device=device)
 
 
 def classify_blocks(tm: TracedMod, grid: BlockGrid, B: int, H: int, device) -> torch.Tensor:
