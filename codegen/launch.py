@@ -28,7 +28,7 @@ from flexcomp.cache import CACHE
 from flexcomp.errors import FlexcompError, FlexcompIndexError, mod_zero_division
 from flexcomp.ir import Graph
 from flexcomp.options import Sources
-from flexcomp.plan import Plan, check_inputs, refit  # noqa: F401 (check_inputs: the backend's input rules)
+from flexcomp.plan import Plan, refit
 from flexcomp.problem import Outputs, Problem
 from flexcomp.tiles import pad_dim, smaller_forward
 from flexcomp.trace import TracedMod

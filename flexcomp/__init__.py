@@ -5,7 +5,8 @@ Switch research code with one import line::
     from flexcomp import flex_attention, create_block_mask, and_masks, or_masks, BlockMask
 
 The pipeline, in the order data flows (see docs/architecture.md):
-trace -> ir / builder -> symbolic -> sparsity -> blockmask -> evaluate / reference -> runtime -> api.
+trace -> ir (ir_ops registry) / builder -> symbolic -> ranges / sparsity / derivative -> blockmask
+-> options / problem -> plan (tiles) -> codegen -> runtime (reference / Triton backends) -> api.
 """
 from .api import AuxOutput, AuxRequest, flex_attention
 from .blockmask import BlockMask, noop_mask
