@@ -182,9 +182,13 @@ def transcendental(g: Graph) -> bool:
 
 def check_inputs(q: torch.Tensor, D: int, DV: int) -> None:
     """What the Triton kernels take: head dims up to 256, float16 / bfloat16 / float32 / float64."""
+    _check_head_dims(D, DV)
+    _check_dtype(q.dtype)
+
+
+def _check_head_dims(D: int, DV: int) -> None:
     if D > MAX_HEAD_DIM or DV > MAX_HEAD_DIM:
         raise FlexcompError(f"the triton backend supports head dims up to 256, got query/key {D} and value {DV}")
-    _check_dtype(q.dtype)
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -221,9 +225,7 @@ def _make(problem: Problem, backend: Backend, key: tuple) -> Plan:
                 score_may_fault=may_fault(score), mask_may_fault=may_fault(mask))
     if backend is not Backend.TRITON:
         return replace(plan, passes=tuple(passes))
-    if problem.head_dim > MAX_HEAD_DIM or problem.value_dim > MAX_HEAD_DIM:
-        raise FlexcompError(f"the triton backend supports head dims up to 256, got query/key {problem.head_dim} "
-                            f"and value {problem.value_dim}")
+    _check_head_dims(problem.head_dim, problem.value_dim)
     _check_dtype(problem.dtype)
     score_grad = scatter = None
     positions: tuple[int, ...] = ()
@@ -249,7 +251,7 @@ def _make(problem: Problem, backend: Backend, key: tuple) -> Plan:
 def _tiles(problem: Problem, score: Optional[Graph], mask: Optional[Graph],
            scatter: bool) -> tuple[ForwardConfig, BackwardConfig]:
     opts = problem.options
-    sq, skv = problem.block_size if problem.block_mask is not None else (128, 128)
+    sq, skv = problem.block_size
     elt = problem.dtype.itemsize
     heavy = score is not None or (mask is not None and bool(mask.buffers))
     smem = smem_limit_of(problem.device)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE
 from .options import Options
 from .trace import TracedMod
 
@@ -79,8 +80,11 @@ class Problem:
 
     @property
     def block_size(self) -> tuple[int, int]:
-        """The BlockMask's ``(q_block, kv_block)``; None's is one block over everything."""
-        return tuple(self.block_mask.BLOCK_SIZE) if self.block_mask is not None else (self.q_len, self.kv_len)
+        """The BlockMask's ``(q_block, kv_block)``; without one, that of the every-block-full mask the
+        kernels run then (``create_block_mask``'s default)."""
+        if self.block_mask is None:
+            return _DEFAULT_SPARSE_BLOCK_SIZE, _DEFAULT_SPARSE_BLOCK_SIZE
+        return tuple(self.block_mask.BLOCK_SIZE)
 
     def signature(self) -> tuple:
         """What a plan depends on, hashable: never the values of tensors or captured numbers."""
