@@ -7,9 +7,12 @@ next to ``BlockMask``.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
+import threading
 import warnings
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -21,6 +24,7 @@ from .blockmask_lists import dense_to_ordered as _dense_to_ordered
 from .errors import FlexcompError, FlexcompNotCallableError, zero_division_names
 from .evaluate import evaluate
 from .ir import ModKind
+from .options import Backend, Options, choose_backend
 from .ranges import Domain, check_runnable
 from .sparsity import BlockGrid, BlockKind, classify_blocks
 from .trace import trace
@@ -131,26 +135,123 @@ def create_block_mask(
     tm = trace(mask_mod, ModKind.MASK)
     check_runnable(tm, device, Domain(B, H, Q_LEN, KV_LEN))
     grid = BlockGrid(Q_LEN, KV_LEN, qb, kvb)
-    shape = (B, H, grid.num_q, grid.num_kv)
-    if device.type == "meta" or 0 in shape:
-        # meta: shapes and dtypes only, as torch gives; an empty map: nothing to evaluate
-        kind = torch.zeros(shape, dtype=torch.int8, device=device)
-    else:
+    kernels = _use_kernels(device)
+    key = ("block_mask", tm.graph.structural_key(), tuple(map(repr, tm.scalars)), B, H, grid, device,
+           separate_full_blocks, kernels)
+    lists = _REUSE.get(key, tm.buffers)
+    if lists is None:
         with zero_division_names(tm.graph, tm.fn):
-            kind = classify_blocks(tm, grid, B, H, device)
-    if separate_full_blocks:
-        partial = kind == int(BlockKind.PARTIAL)
-        f_num, f_idx = _dense_to_ordered(kind == int(BlockKind.FULL))
-    else:
-        partial = kind != int(BlockKind.EMPTY)
-        f_num = f_idx = None
-    kv_num, kv_idx = _dense_to_ordered(partial)
-    bm = BlockMask._build(kv_num, kv_idx, f_num, f_idx, (qb, kvb), mask_mod, (Q_LEN, KV_LEN), True)
+            lists = _block_lists(tm, grid, B, H, device, separate_full_blocks, kernels)
+        _REUSE.put(key, tm.buffers, lists)
+    kv_num, kv_idx, f_num, f_idx, q_num, q_idx, fq_num, fq_idx = (
+        None if t is None else t.expand(B, H, *t.shape[2:]) for t in lists)
+    bm = BlockMask((Q_LEN, KV_LEN), kv_num, kv_idx, f_num, f_idx, q_num, q_idx, fq_num, fq_idx, (qb, kvb),
+                   mask_mod)
     if compute_dq_write_order:
         bm.dq_write_order, bm.dq_write_order_full = _dq_write_order(bm, dq_kv_order)
         bm.dq_kv_order = None
         bm.dq_kv_order_spt = dq_kv_order
     return bm
+
+
+def build_block_mask(mask_mod: MaskMod, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, device=None,
+                     BLOCK_SIZE: Union[int, tuple[int, int]] = _DEFAULT_SPARSE_BLOCK_SIZE) -> BlockMask:
+    """:func:`create_block_mask` that always builds (never reuses a kept BlockMask): for benchmarks
+    of the build itself.
+
+    >>> from flexcomp.masks import causal_mask
+    >>> build_block_mask(causal_mask, 1, 1, 256, 256, device="cpu").kv_num_blocks.tolist()
+    [[[1, 1]]]
+    """
+    _REUSE.clear()
+    return create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE)
+
+
+def _use_kernels(device: torch.device) -> bool:
+    """Whether the block lists are built by the generated kernels (:mod:`flexcomp.codegen.blockmask`):
+    on CUDA, or on any device under the Triton interpreter when ``FLEXCOMP_BACKEND=triton`` asks for
+    them; the torch evaluator otherwise (and when ``FLEXCOMP_BACKEND=reference`` asks for it)."""
+    if device.type == "meta":
+        return False
+    options = Options.parse(None)
+    if device.type != "cuda" and not (options.interpret and options.backend is Backend.TRITON):
+        return False
+    return choose_backend(options, device) is Backend.TRITON
+
+
+def _block_lists(tm, grid: BlockGrid, B: int, H: int, device: torch.device, separate_full: bool,
+                 kernels: bool) -> tuple:
+    """The eight ordered lists of the mask, ``[Bx, Hx, ...]`` (Bx = 1 where the mask ignores ``b``,
+    Hx likewise): kv lists, full kv lists, q lists, full q lists (the full ones None unless
+    ``separate_full``)."""
+    if device.type == "meta" or 0 in (B, H, grid.num_q, grid.num_kv):
+        # meta: shapes and dtypes only, as torch gives; an empty map: nothing to evaluate
+        kind = torch.zeros((B, H, grid.num_q, grid.num_kv), dtype=torch.int8, device=device)
+    elif kernels:
+        from flexcomp.codegen import blockmask as on_device  # imports Triton: only when the kernels run
+
+        kind = classify_blocks(tm, grid, B, H, device, on_device.evaluate_unknown)
+        return on_device.ordered_lists(_unexpanded(kind), separate_full)
+    else:
+        kind = _unexpanded(classify_blocks(tm, grid, B, H, device))
+    if separate_full:
+        partial = kind == int(BlockKind.PARTIAL)
+        full = kind == int(BlockKind.FULL)
+        f_num, f_idx = _dense_to_ordered(full)
+        fq_num, fq_idx = _dense_to_ordered(full.transpose(-2, -1))
+    else:
+        partial = kind != int(BlockKind.EMPTY)
+        f_num = f_idx = fq_num = fq_idx = None
+    kv_num, kv_idx = _dense_to_ordered(partial)
+    q_num, q_idx = _dense_to_ordered(partial.transpose(-2, -1))
+    return kv_num, kv_idx, f_num, f_idx, q_num, q_idx, fq_num, fq_idx
+
+
+def _unexpanded(kind: Tensor) -> Tensor:
+    """The map without its broadcast dims: ``[Bx, Hx, ...]`` where ``b`` / ``h`` are unused."""
+    return kind[:1 if kind.stride(0) == 0 else None, :1 if kind.stride(1) == 0 else None]
+
+
+class _Reuse:
+    """The last few block lists built, per mask structure, captured numbers, sizes and device, valid
+    while each captured tensor is the same object with the same ``_version``, storage, shape and
+    strides (an in-place update of a document-id tensor makes a new mask). Small: a kept entry
+    holds O(blocks) memory."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _state(buffers) -> tuple:
+        return tuple((t._version, t.data_ptr(), t.shape, t.stride()) for t in buffers)
+
+    def get(self, key: tuple, buffers) -> Optional[tuple]:
+        with self.lock:
+            hit = self.entries.get((key, tuple(map(id, buffers))))
+            if hit is None:
+                return None
+            refs, state, lists = hit
+            if any(r() is not t for r, t in zip(refs, buffers)) or state != self._state(buffers):
+                return None
+            self.entries.move_to_end((key, tuple(map(id, buffers))))
+            return lists
+
+    def put(self, key: tuple, buffers, lists: tuple) -> None:
+        with self.lock:
+            self.entries[(key, tuple(map(id, buffers)))] = (
+                tuple(weakref.ref(t) for t in buffers), self._state(buffers), lists)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+# block lists kept for reuse (a training loop that rebuilds the same mask each step gets it back)
+_REUSE = _Reuse(size=8)
 
 
 def create_mask(mod_fn: Callable, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int, device=None) -> Tensor:

@@ -134,15 +134,17 @@ def fold_sigmoid(a):
 
 # ---- intervals -----------------------------------------------------------------------------------
 class Interval:
-    """Lower and upper bounds (float64 tensors, broadcastable); a nan bound becomes infinite."""
+    """Lower and upper bounds (float64 tensors, broadcastable); a nan bound becomes infinite.
+
+    ``exact=True`` skips the nan test for bounds that cannot be nan (comparisons' 0 / 1). The test
+    never reads a value back: on a GPU, the analysis runs without waiting for the device."""
 
     __slots__ = ("hi", "lo")
 
-    def __init__(self, lo: torch.Tensor, hi: torch.Tensor):
-        bad = torch.isnan(lo) | torch.isnan(hi)
-        if bad.any():
-            lo = torch.where(bad, -math.inf, lo)
-            hi = torch.where(bad, math.inf, hi)
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, exact: bool = False):
+        if not exact:
+            lo = torch.nan_to_num(lo, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+            hi = torch.nan_to_num(hi, nan=math.inf, posinf=math.inf, neginf=-math.inf)
         self.lo, self.hi = lo, hi
 
 
@@ -284,7 +286,7 @@ def iv_abs(v: IntervalArgs) -> Interval:
 
 def _bool(lo: torch.Tensor, hi: torch.Tensor) -> Interval:
     """A bool interval from "true everywhere" and "maybe true" masks."""
-    return Interval(_f64(lo), _f64(hi))
+    return Interval(_f64(lo), _f64(hi), exact=True)
 
 
 def iv_ge(v: IntervalArgs) -> Interval:

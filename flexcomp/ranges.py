@@ -158,6 +158,40 @@ def loads_in_range(tm, batch: int, heads: int, q_len: int, kv_len: int) -> bool:
     return _prove(tm, Domain(batch, heads, q_len, kv_len), divisors=False)
 
 
+def proven_by_shapes(tm, domain: Domain) -> bool:
+    """Whether every load of ``tm`` indexes only with the index inputs themselves or literals, each
+    inside its captured tensor's dim for ``domain``, and no integer ``//`` / ``%`` has a divisor that
+    could be 0: a proof from shapes alone, reading no value (no device round trip). The usual
+    ``doc[q_idx] == doc[kv_idx]`` is proven this way; an index computed from values is not.
+
+    >>> from flexcomp.trace import trace
+    >>> from flexcomp.ir import ModKind
+    >>> doc = torch.zeros(64, dtype=torch.int32)
+    >>> tm = trace(lambda b, h, q_idx, kv_idx: doc[q_idx] == doc[kv_idx], ModKind.MASK)
+    >>> proven_by_shapes(tm, Domain(1, 1, 64, 64)), proven_by_shapes(tm, Domain(1, 1, 64, 65))
+    (True, False)
+    """
+    g = tm.graph
+    extents = {"b": domain.batch, "h": domain.heads, "q_idx": domain.q_len, "kv_idx": domain.kv_len}
+    shapes = {b.name: tuple(t.shape) for b, t in zip(g.buffers, tm.buffers)}
+    for n in g.nodes:
+        if n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int:
+            divisor = n.args[1]
+            if not isinstance(divisor, Const) or divisor.value == 0:
+                return False
+        if n.op is not Op.LOAD:
+            continue
+        for a, size in zip(n.args, shapes[n.attr]):
+            if isinstance(a, Const):
+                if not -size <= int(a.value) < size:
+                    return False
+                continue
+            src = g.nodes[a]
+            if not (src.op is Op.INPUT and src.attr in extents and extents[src.attr] <= size):
+                return False
+    return True
+
+
 def mod_proven_safe(tm, batch: int, heads: int, q_len: int, kv_len: int) -> bool:
     """:func:`loads_in_range`, and every integer ``//`` / ``%`` has a divisor that cannot be 0 (torch
     raises for a zero divisor; a kernel would compute garbage). What the Triton launcher asks before

@@ -1,0 +1,75 @@
+"""Block masks on the device: the launchers of :mod:`flexcomp.codegen.kernels.blockmask`.
+
+``create_block_mask`` on a CUDA device (or under ``TRITON_INTERPRET=1`` with
+``FLEXCOMP_BACKEND=triton``) runs the interval analysis of :mod:`flexcomp.sparsity` as a few torch
+ops, then :func:`evaluate_unknown` (the generated mask_mod on each undecided block, one launch)
+and :func:`ordered_lists` (the kv and q lists, one launch each). Nothing is read back to the host,
+except the error slots of a mask_mod whose indices (or integer divisors) the shapes alone do not
+prove in range (:func:`flexcomp.ranges.proven_by_shapes`): it runs checked and raises IndexError /
+ZeroDivisionError as torch would.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from flexcomp.plan import may_fault
+from flexcomp.ranges import Domain, proven_by_shapes
+from flexcomp.sparsity import BlockGrid
+from flexcomp.trace import TracedMod
+
+from .kernels import blockmask as kernels
+from .launch import mod_args, raise_if_out_of_range
+
+# kv blocks one classify program reads (one vector load; its undecided ones it evaluates in turn):
+# small, so that the rows where undecided blocks crowd (a document boundary) spread over programs
+CLASSIFY_CHUNK = 16
+# columns one list program reads at a time
+LIST_CHUNK = 1024
+
+
+def evaluate_unknown(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor) -> None:
+    """Decide the UNKNOWN blocks of ``kind`` (int8 ``[Bx, Hx, num_q, num_kv]``, contiguous, in place)
+    with one kernel launch: :data:`flexcomp.sparsity.UnknownEvaluator` on the device."""
+    Bx, Hx, nq, nkv = kind.shape
+    if kind.numel() == 0:
+        return
+    checked = may_fault(tm.graph) and not proven_by_shapes(tm, Domain(Bx, Hx, grid.q_len, grid.kv_len))
+    args = mod_args(tm, tm.graph, kind.device, checked=checked)
+    qb, kvb = grid.q_block, grid.kv_block
+    launch = (Bx * Hx * nq, triton.cdiv(nkv, CLASSIFY_CHUNK))
+    kernels.classify_blocks[launch](
+        kind, kind.stride(0), kind.stride(1), kind.stride(2), nq, nkv, Hx, grid.q_len, grid.kv_len,
+        args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb), triton.next_power_of_2(kvb), CLASSIFY_CHUNK,
+        num_warps=4)
+    if checked:
+        raise_if_out_of_range(((tm, args),))
+
+
+def _lists(kind: torch.Tensor, transposed: bool, separate_full: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    Bx, Hx, nq, nkv = kind.shape
+    rows, cols = (nkv, nq) if transposed else (nq, nkv)
+    s_row, s_col = (kind.stride(3), kind.stride(2)) if transposed else (kind.stride(2), kind.stride(3))
+    dev = kind.device
+    num = torch.empty(Bx, Hx, rows, dtype=torch.int32, device=dev)
+    idx = torch.empty(Bx, Hx, rows, cols, dtype=torch.int32, device=dev)
+    full_num = torch.empty_like(num) if separate_full else None
+    full_idx = torch.empty_like(idx) if separate_full else None
+    if num.numel():
+        kernels.ordered_lists[(Bx * Hx * rows,)](
+            kind, nq * nkv, s_row, s_col, rows, cols, num, idx,
+            full_num if separate_full else num, full_idx if separate_full else idx,
+            separate_full, LIST_CHUNK if cols > 256 else triton.next_power_of_2(max(cols, 16)))
+    return num, idx, full_num, full_idx
+
+
+def ordered_lists(kind: torch.Tensor, separate_full: bool) -> tuple:
+    """torch's ordered lists of a finished block-kind map (int8 ``[Bx, Hx, num_q, num_kv]``,
+    contiguous): ``(kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)``,
+    int32, ``[Bx, Hx, rows]`` / ``[Bx, Hx, rows, cols]``. Without ``separate_full`` every kept block
+    is listed as partial and the full ones are None. Two launches."""
+    kind = kind.contiguous()  # (b, h) at b * Hx + h times num_q * num_kv
+    return (*_lists(kind, False, separate_full), *_lists(kind, True, separate_full))

@@ -1,0 +1,105 @@
+"""Block-mask kernels: classify the blocks the interval analysis left undecided, then list them.
+
+:func:`classify_blocks` reads a block-kind map ``KIND`` (int8 ``[Bx, Hx, num_q, num_kv]``, values of
+:class:`flexcomp.sparsity.BlockKind`: 0 empty, 1 partial, 2 full, 3 unknown). One program reads
+``CHUNK`` kv blocks of one q-block row at once and stops there unless one is UNKNOWN (the usual
+case: the analysis decides nearly every block); for each UNKNOWN block it evaluates the generated
+``MASK_MOD`` on the block's ``BLOCK_M x BLOCK_N`` pairs (indices clamped into the sequence, pairs
+outside it not counted, as the torch evaluator does) and writes back EMPTY, FULL (every pair of a
+block inside the sequence kept) or PARTIAL. Decided blocks are only read.
+
+:func:`ordered_lists` turns the finished map into torch's ordered block lists (see
+:mod:`flexcomp.blockmask_lists`): per row of the map, the count of partial (and of full) blocks and
+their column numbers in ascending order followed by the other columns in ascending order. Rows
+are q-block rows (the kv lists) or, with the strides swapped, kv-block columns (the q lists).
+"""
+import triton
+import triton.language as tl
+
+from .common import variant_name
+
+EMPTY = tl.constexpr(0)
+PARTIAL = tl.constexpr(1)
+FULL = tl.constexpr(2)
+UNKNOWN = tl.constexpr(3)
+
+
+@triton.jit(repr=variant_name("classify_blocks"))
+def classify_blocks(
+    KIND, SK0, SK1, SK2, NUM_Q, NUM_KV, HX, Q_LEN, KV_LEN,
+    MASK_MOD: tl.constexpr, MASK_BUFS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    row = tl.program_id(0)  # (b, h, q-block) of the map
+    first = tl.program_id(1) * CHUNK
+    q_blk = row % NUM_Q
+    bh = row // NUM_Q
+    off_h = bh % HX
+    off_b = bh // HX
+    base = KIND + off_b.to(tl.int64) * SK0 + off_h.to(tl.int64) * SK1 + q_blk.to(tl.int64) * SK2
+    cols = first + tl.arange(0, CHUNK)
+    kinds = tl.load(base + cols, mask=cols < NUM_KV, other=EMPTY)
+    if tl.sum((kinds == UNKNOWN).to(tl.int32), 0) > 0:  # most programs stop at this one vector load
+        offs_m = tl.arange(0, PAD_M)
+        offs_n = tl.arange(0, PAD_N)
+        q_idx = q_blk * BLOCK_M + offs_m[:, None]
+        in_q = (offs_m[:, None] < BLOCK_M) & (q_idx < Q_LEN)
+        q_idx = tl.minimum(q_idx, Q_LEN - 1)
+        for j in range(first, tl.minimum(first + CHUNK, NUM_KV)):
+            if tl.load(base + j) == UNKNOWN:
+                kv_idx = j * BLOCK_N + offs_n[None, :]
+                inside = in_q & (offs_n[None, :] < BLOCK_N) & (kv_idx < KV_LEN)
+                keep = MASK_MOD(off_b, off_h, q_idx, tl.minimum(kv_idx, KV_LEN - 1), MASK_BUFS)
+                kept = tl.sum(tl.sum((keep & inside).to(tl.int32), 1), 0)
+                kind = tl.where(kept == 0, EMPTY, tl.where(kept == BLOCK_M * BLOCK_N, FULL, PARTIAL))
+                tl.store(base + j, kind.to(tl.int8))
+
+
+@triton.jit
+def _is_listed(k, SEPARATE_FULL: tl.constexpr):
+    """The partial list's blocks: partial ones, or every kept one when full blocks are not separated."""
+    if SEPARATE_FULL:
+        return k == PARTIAL
+    else:
+        return k != EMPTY
+
+
+@triton.jit
+def _write_ranks(IDX, listed, cols, ok, seen, total):
+    """Store each column at its place: listed ones from ``seen`` on, the others after all ``total``
+    listed ones, both in ascending order. Returns the listed count so far."""
+    inclusive = seen + tl.cumsum(listed.to(tl.int32), 0)
+    rank = tl.where(listed, inclusive - 1, total + cols - inclusive)
+    tl.store(IDX + rank, cols, mask=ok)
+    return seen + tl.sum(listed.to(tl.int32), 0)
+
+
+@triton.jit
+def ordered_lists(
+    KIND, S_OUTER, S_ROW, S_COL, NUM_ROWS, NUM_COLS, NUM, IDX, FULL_NUM, FULL_IDX,
+    SEPARATE_FULL: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b * Hx + h) * NUM_ROWS + row: the outputs are contiguous in that order
+    row = pid % NUM_ROWS
+    base = KIND + (pid // NUM_ROWS).to(tl.int64) * S_OUTER + row.to(tl.int64) * S_ROW
+    offs = tl.arange(0, CHUNK)
+    listed_total = 0
+    full_total = 0
+    for start in range(0, NUM_COLS, CHUNK):  # first pass: the counts
+        cols = start + offs
+        k = tl.load(base + cols.to(tl.int64) * S_COL, mask=cols < NUM_COLS, other=0)
+        listed_total += tl.sum(_is_listed(k, SEPARATE_FULL).to(tl.int32), 0)
+        full_total += tl.sum((k == FULL).to(tl.int32), 0)
+    out = pid.to(tl.int64) * NUM_COLS
+    listed_seen = 0
+    full_seen = 0
+    for start in range(0, NUM_COLS, CHUNK):  # second pass: every column to its place
+        cols = start + offs
+        ok = cols < NUM_COLS
+        k = tl.load(base + cols.to(tl.int64) * S_COL, mask=ok, other=0)
+        listed_seen = _write_ranks(IDX + out, _is_listed(k, SEPARATE_FULL) & ok, cols, ok, listed_seen, listed_total)
+        if SEPARATE_FULL:
+            full_seen = _write_ranks(FULL_IDX + out, (k == FULL) & ok, cols, ok, full_seen, full_total)
+    tl.store(NUM + pid, listed_total)
+    if SEPARATE_FULL:
+        tl.store(FULL_NUM + pid, full_total)
