@@ -215,8 +215,10 @@ def _unexpanded(kind: Tensor) -> Tensor:
 class _Reuse:
     """The last few block lists built, per mask structure, captured numbers, sizes and device, valid
     while each captured tensor is the same object with the same ``_version``, storage, shape and
-    strides (an in-place update of a document-id tensor makes a new mask). Small: a kept entry
-    holds O(blocks) memory."""
+    strides, and the same values: the entry keeps a copy of each captured tensor and compares it on
+    a hit, so a write the version counter does not see (through ``.data`` or a numpy view, a loader
+    refilling its buffer) builds anew (one device compare, a wait on a GPU). Small: an entry holds
+    O(blocks) memory and a copy of the captures."""
 
     def __init__(self, size: int):
         self.size = size
@@ -228,20 +230,28 @@ class _Reuse:
         return tuple((t._version, t.data_ptr(), t.shape, t.stride()) for t in buffers)
 
     def get(self, key: tuple, buffers) -> Optional[tuple]:
+        full_key = (key, tuple(map(id, buffers)))
         with self.lock:
-            hit = self.entries.get((key, tuple(map(id, buffers))))
-            if hit is None:
+            hit = self.entries.get(full_key)
+        if hit is None:
+            return None
+        refs, state, copies, lists = hit
+        if any(r() is not t for r, t in zip(refs, buffers)) or state != self._state(buffers):
+            return None
+        with torch.no_grad():
+            if not all(torch.equal(c, t) for c, t in zip(copies, buffers)):
                 return None
-            refs, state, lists = hit
-            if any(r() is not t for r, t in zip(refs, buffers)) or state != self._state(buffers):
-                return None
-            self.entries.move_to_end((key, tuple(map(id, buffers))))
-            return lists
+        with self.lock:
+            if full_key in self.entries:
+                self.entries.move_to_end(full_key)
+        return lists
 
     def put(self, key: tuple, buffers, lists: tuple) -> None:
+        with torch.no_grad():
+            copies = tuple(t.detach().clone() for t in buffers)
         with self.lock:
             self.entries[(key, tuple(map(id, buffers)))] = (
-                tuple(weakref.ref(t) for t in buffers), self._state(buffers), lists)
+                tuple(weakref.ref(t) for t in buffers), self._state(buffers), copies, lists)
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
 

@@ -341,7 +341,8 @@ def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device,
     """Bounds of the mask output for every block: tensors broadcastable to ``[B, H, num_q, num_kv]``.
 
     ``unsafe`` (a list, filled in): for each load, where (broadcastable to the blocks) an index may
-    leave its captured tensor: those blocks must be evaluated, not decided from bounds.
+    leave its captured tensor, and for each integer ``//`` / ``%``, where its divisor may be 0: those
+    blocks must be evaluated (where torch raises), not decided from bounds.
     """
     g: Graph = tm.graph
     inputs = CACHE.get_or_make(("block_inputs", grid, B, H, torch.device(device)),
@@ -361,6 +362,10 @@ def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device,
     scalar_of = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
     extent = float(max(B, H, grid.q_len, grid.kv_len))
     vals = propagate(g, inputs, scalar_of, load, like, extent=extent)
+    for n in g.nodes:  # an integer divisor that may be 0 there: evaluate (torch raises ZeroDivisionError)
+        if n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int and not isinstance(n.args[1], Const):
+            d = vals[n.args[1]]
+            unsafe.append((d.lo <= 0) & (d.hi >= 0))
     out = g.output
     if isinstance(out, Const):
         v = like + float(out.value)
