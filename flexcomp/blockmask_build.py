@@ -110,7 +110,12 @@ def create_block_mask(
         dq_kv_order: its kv order: False ascending, True descending (a bool, as torch).
 
     Returns a BlockMask whose fields are ``[B, H, num_q_blocks]`` / ``[B, H, num_q_blocks,
-    num_kv_blocks]`` int32, equal to torch's.
+    num_kv_blocks]`` int32, equal to torch's. Where the mask ignores ``b`` (or ``h``) they are
+    broadcast views (stride 0) of one computed batch (head); a repeated call with the same mask
+    structure, captured numbers and captured tensors (same objects, versions and values) returns
+    the lists it built before (shared, not copied: do not write into them in place).
+    On CUDA the blocks the interval analysis leaves undecided and the lists are computed by
+    generated kernels (:mod:`flexcomp.codegen.blockmask`); elsewhere by torch ops.
 
     >>> from flexcomp.masks import causal_mask
     >>> bm = create_block_mask(causal_mask, None, None, 512, 512, device="cpu")
