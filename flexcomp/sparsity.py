@@ -95,7 +95,7 @@ def _run_bounds(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor
     pad = runs * width - n
     if pad:
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    x = x.view(*x.shape[:-1], runs, width)
+    x = x.reshape(*x.shape[:-1], runs, width)
     return _f(x.amin(-1)), _f(x.amax(-1))
 
 
