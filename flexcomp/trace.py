@@ -43,7 +43,8 @@ from .ir import Arg, BufferSpec, Const, DType, Graph, ModKind, Op, verify
 from .proxy import _FIX, Proxy, _Concretize, _user_frame
 from .ranges import INDEX_LIMIT, needs_int64
 from .symbolic import simplify
-from .trace_cache import NoCache, fingerprint, lookup, remember, value_range
+from .trace_cache import (NoCache, captured_tensors, fingerprint, lookup, lookup_structure, remember,
+                          remember_structure, structural_key, value_range)
 from .trace_vectors import VectorLike
 
 Number = bool | int | float
@@ -301,14 +302,14 @@ class _ValueReads(torch.overrides.TorchFunctionMode):
     update of the tensor is seen at the next call."""
 
     _READS = frozenset({"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "__array__",
-                        "__complex__", "__format__", "__repr__", "__iter__"})
+                        "__complex__", "__format__", "__repr__", "__iter__", "equal", "allclose", "is_nonzero"})
 
     def __init__(self):
         super().__init__()
         self.seen = False
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self._READS and args and type(args[0]) is torch.Tensor:
+        if getattr(func, "__name__", "") in self._READS and any(type(a) is torch.Tensor for a in args[:2]):
             self.seen = True
         return func(*args, **(kwargs or {}))
 
@@ -393,9 +394,16 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         key = (kind, fingerprint(fn, keep=keep))
     except NoCache:
         key = None
+    tensors = captured_tensors(keep)
     hit = lookup(key) if key is not None else None
     if hit is not None:
         graph, bufs, scalar_values = hit
+        return TracedMod(graph, bufs, scalar_values, fn)
+    skey = structural_key(key, tensors) if key is not None else None
+    same = lookup_structure(skey, tensors) if skey is not None else None
+    if same is not None:  # a closure of the same code over other tensors (a new packing): rebind, no trace
+        graph, bufs, scalar_values, int_ranges = same
+        remember(key, graph, bufs, scalar_values, keep, int_ranges)
         return TracedMod(graph, bufs, scalar_values, fn)
     _check_signature(fn, kind)
     baked: set[str] = set()
@@ -423,6 +431,7 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
                        tuple(value_of[c.name] for c in simple.scalars), fn)
         if key is not None and tracer.cacheable:
             remember(key, tm.graph, tm.buffers, tm.scalars, keep, int_ranges)
+            remember_structure(skey, tm.graph, tm.buffers, tm.scalars, tensors, keep, int_ranges)
         return tm
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")
 

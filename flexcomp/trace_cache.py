@@ -63,6 +63,67 @@ def lookup(key: tuple) -> tuple | None:
     return graph, buffers, scalars
 
 
+def captured_tensors(keep: list) -> list:
+    """Take the tensors out of a :func:`fingerprint`'s ``keep`` (in place) and return them, in the
+    order the key names them."""
+    tensors = [k for k in keep if isinstance(k, torch.Tensor)]
+    keep[:] = [k for k in keep if not isinstance(k, torch.Tensor)]
+    return tensors
+
+
+def structural_key(key: tuple, tensors: list) -> tuple:
+    """``key`` with each tensor's id replaced by its first place among ``tensors``: equal for two
+    closures of the same code that capture different tensors of the same shapes and dtypes, in the
+    same pattern of sharing (a tensor captured twice stays one)."""
+    first: dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        first.setdefault(id(t), i)
+
+    def walk(k):
+        if type(k) is tuple:
+            if len(k) == 4 and k[0] == "tensor" and type(k[1]) is int:
+                return ("tensor", first[k[1]], k[2], k[3])
+            return tuple(walk(x) for x in k)
+        return k
+
+    return walk(key)
+
+
+def remember_structure(skey: tuple, graph: Graph, buffers: tuple, scalars: tuple, tensors: list, keep: list,
+                       int_ranges: dict) -> None:
+    """Keep a trace for closures of the same structure (:func:`structural_key`), when every buffer
+    of the graph is one of the captured ``tensors`` (not a tensor the mod derived from them while
+    tracing: its values would be stale) and the trace read no value into Python (the caller checks).
+    What is kept names places in ``tensors``, never the tensors."""
+    places = []
+    for t in buffers:
+        at = next((i for i, c in enumerate(tensors) if c is t), None)
+        if at is None:
+            return
+        places.append(at)
+    ranges = tuple(int_ranges.get(b.name) for b in graph.buffers)
+    CACHE.put((_NAMESPACE, "structure", skey), (graph, tuple(places), scalars, tuple(keep), ranges))
+
+
+def lookup_structure(skey: tuple, tensors: list) -> tuple | None:
+    """``(graph, buffers, scalars, int_ranges)`` of a trace kept by :func:`remember_structure`, its
+    buffers now this closure's ``tensors``; None if none is kept, or if an int32 capture's values
+    leave the range its trace's integer widths were proven for (one read of its min and max)."""
+    entry = CACHE.get((_NAMESPACE, "structure", skey))
+    if entry is None:
+        return None
+    graph, places, scalars, _, ranges = entry
+    buffers = tuple(tensors[i] for i in places)
+    int_ranges = {}
+    for b, t, r in zip(graph.buffers, buffers, ranges):
+        if r is not None:
+            now = value_range(t)
+            if now[0] < r[0] or now[1] > r[1]:
+                return None
+            int_ranges[b.name] = r
+    return graph, buffers, scalars, int_ranges
+
+
 def value_range(t: torch.Tensor) -> tuple[int, int]:
     """``(min, max)`` of an integer tensor's values (``(0, 0)`` when empty)."""
     if t.numel() == 0:
@@ -107,8 +168,9 @@ def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: fro
     ``names`` are the attribute names the reading code uses.
 
     Objects named by id (code, modules, types) are appended to ``keep``: a cache entry holds them
-    so that their ids cannot be reused while the entry exists. Tensors are named by id too, but
-    entries hold them weakly (they own their entry).
+    so that their ids cannot be reused while the entry exists. Tensors are named by id too and
+    appended to ``keep`` in the order the key names them; :func:`captured_tensors` takes them out
+    (entries hold them weakly: they own their entry).
     """
     keep = [] if keep is None else keep
     if depth > _MAX_DEPTH:
@@ -118,6 +180,7 @@ def fingerprint(value: Any, depth: int = 0, keep: list | None = None, names: fro
     if isinstance(value, float):
         return (float, repr(value))  # repr keeps -0.0 and nan apart
     if isinstance(value, torch.Tensor):
+        keep.append(value)  # the caller takes tensors out of keep (captured_tensors): entries never hold them
         return ("tensor", id(value), tuple(value.shape), value.dtype)  # a resize or a new dtype: a new trace
     if isinstance(value, (torch.dtype, torch.device)):
         return ("torch", str(value))

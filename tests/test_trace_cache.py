@@ -204,3 +204,83 @@ def test_names_looked_up_by_string_and_resized_tensors_retrace():
     table.resize_(N + 4)
     table.copy_(torch.arange(N + 4) % 2)
     _check(reads_shape)
+
+
+# ---- closures of the same code over other tensors: the trace is rebound, never stale -------------
+def _doc_mask(doc):
+    def document(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+    return document
+
+
+def _count_traces(monkeypatch) -> list:
+    from flexcomp import trace as trace_module
+
+    runs = []
+    real = trace_module.Tracer.run
+
+    def run(self):
+        runs.append(1)
+        return real(self)
+
+    monkeypatch.setattr(trace_module.Tracer, "run", run)
+    return runs
+
+
+def test_new_closure_over_new_tensors_reuses_the_trace(monkeypatch):
+    runs = _count_traces(monkeypatch)
+    docs = [torch.randint(0, 3, (N,)).sort().values.to(torch.int32) for _ in range(4)]
+    first = trace(_doc_mask(docs[0]), ModKind.MASK)
+    assert len(runs) == 1
+    for doc in docs[1:]:
+        tm = trace(_doc_mask(doc), ModKind.MASK)
+        assert tm.graph is first.graph and tm.buffers[0] is doc  # rebound: this closure's tensor
+        _check(_doc_mask(doc))
+    assert len(runs) == 1
+
+
+def test_rebinding_keeps_the_pattern_of_shared_tensors(monkeypatch):
+    def pair(a, c):
+        def mod(b, h, q_idx, kv_idx):
+            return a[q_idx] >= c[kv_idx]
+        return mod
+
+    x = torch.randint(0, 5, (N,))
+    trace(pair(x, x), ModKind.MASK)  # one tensor captured twice
+    y, z = torch.randint(0, 5, (N,)), torch.randint(0, 5, (N,))
+    _check(pair(y, z))  # two different tensors: not the one-buffer trace
+    tm = trace(pair(y, z), ModKind.MASK)
+    assert len(tm.buffers) == 2 and tm.buffers[0] is y and tm.buffers[1] is z
+
+
+def test_a_value_read_while_tracing_is_never_rebound():
+    def limit(t):
+        def mod(b, h, q_idx, kv_idx):
+            return kv_idx < int(t.max())  # t's value baked into the trace
+        return mod
+
+    _check(limit(torch.tensor([3, 1])))
+    _check(limit(torch.tensor([7, 2])))
+    _check(limit(torch.tensor([2])))
+
+
+def test_a_tensor_derived_while_tracing_is_never_rebound():
+    def shifted(t):
+        def mod(b, h, q_idx, kv_idx):
+            return (t + 1)[q_idx] > kv_idx  # a new tensor each trace, made from t's values
+        return mod
+
+    _check(shifted(torch.arange(N)))
+    _check(shifted(torch.arange(N) * 2 - 5))
+
+
+def test_rebound_int32_capture_outside_the_proven_range_retraces():
+    def rel(start):
+        def mod(b, h, q_idx, kv_idx):
+            return (q_idx - start[q_idx]) * 16 >= kv_idx * 16
+        return mod
+
+    assert "i64" not in str(trace(rel(torch.zeros(N, dtype=torch.int32)), ModKind.MASK).graph)
+    wide = torch.full((N,), -(2 ** 30), dtype=torch.int32)
+    assert "i64" in str(trace(rel(wide), ModKind.MASK).graph)
+    _check(rel(wide))
