@@ -1,0 +1,152 @@
+"""attn_implementation="flexcomp" in HF transformers: small random-init models against SDPA (eager for
+Gemma-2) in float32 on the CPU, nothing downloaded.
+
+Each model runs once with transformers' own implementation and once with flexcomp's, same weights:
+logits (no padding, left and right padding, packed sequences from ``position_ids``), 20 greedy
+tokens generated with a KV cache, and a training step's loss and every parameter's gradient.
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+fct = pytest.importorskip("flexcomp.integrations.transformers")
+
+from flexcomp import BlockMask  # noqa: E402
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _configs():
+    yield "llama", transformers.LlamaConfig(**SMALL), "sdpa"
+    yield "mistral", transformers.MistralConfig(**SMALL, sliding_window=12), "sdpa"
+    yield "gemma2", transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=12, attn_logit_softcapping=20.0,
+                                              final_logit_softcapping=None, query_pre_attn_scalar=24), "eager"
+    yield "qwen2", transformers.Qwen2Config(**SMALL), "sdpa"
+    yield "phi", transformers.PhiConfig(**{**SMALL, "num_key_value_heads": 4}), "sdpa"
+
+
+CONFIGS = {name: (cfg, ref) for name, cfg, ref in _configs()}
+
+
+def _model(name: str):
+    cfg, ref = CONFIGS[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=ref).float().eval()
+    return model, ref
+
+
+def _logits(model, impl, **inputs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers_own_attention(name):
+    model, ref = _model(name)
+    ids = torch.randint(0, 97, (2, 40))
+    want, got = _logits(model, ref, input_ids=ids), _logits(model, "flexcomp", input_ids=ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_padded_batches_match(name, side):
+    model, ref = _model(name)
+    ids = torch.randint(0, 97, (3, 30))
+    mask = torch.ones(3, 30, dtype=torch.long)
+    for row, pad in ((1, 7), (2, 19)):
+        if side == "left":
+            mask[row, :pad] = 0
+        else:
+            mask[row, 30 - pad:] = 0
+    want = _logits(model, ref, input_ids=ids, attention_mask=mask)
+    got = _logits(model, "flexcomp", input_ids=ids, attention_mask=mask)
+    keep = mask.bool()  # padded positions' outputs are not defined the same way: compare real tokens
+    torch.testing.assert_close(got[keep], want[keep], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
+def test_packed_sequences_from_position_ids_match(name):
+    model, ref = _model(name)
+    ids = torch.randint(0, 97, (1, 36))
+    position_ids = torch.cat([torch.arange(10), torch.arange(17), torch.arange(9)]).view(1, -1)
+    want = _logits(model, ref, input_ids=ids, position_ids=position_ids)
+    got = _logits(model, "flexcomp", input_ids=ids, position_ids=position_ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # and the packing is real: it differs from one unpacked sequence
+    assert not torch.allclose(got, _logits(model, "flexcomp", input_ids=ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_generation_with_a_kv_cache_gives_the_same_tokens(name):
+    model, ref = _model(name)
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as generate expects
+    out = {}
+    for impl in (ref, "flexcomp"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
+                                   min_new_tokens=20, pad_token_id=0)
+    assert torch.equal(out["flexcomp"], out[ref])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_training_step_loss_and_every_gradient_match(name):
+    model, ref = _model(name)
+    model.train()
+    ids = torch.randint(0, 97, (2, 24))
+    results = {}
+    for impl in (ref, "flexcomp"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (loss_ref, g_ref), (loss_fc, g_fc) = results[ref], results["flexcomp"]
+    torch.testing.assert_close(loss_fc, loss_ref, atol=1e-5, rtol=1e-5)
+    assert g_fc.keys() == g_ref.keys() and len(g_ref) > 10
+    for n in g_ref:
+        torch.testing.assert_close(g_fc[n], g_ref[n], atol=2e-5, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_one_block_mask_per_forward_shared_by_the_layers(monkeypatch):
+    model, _ = _model("llama")
+    assert model.config.num_hidden_layers == 2
+    made, seen = [], []
+    real_mask, real_attention = fct.flexcomp_mask, fct.flexcomp_attention
+
+    def mask(*args, **kwargs):
+        made.append(real_mask(*args, **kwargs))
+        return made[-1]
+
+    def attention(module, q, k, v, attention_mask, **kwargs):
+        seen.append(attention_mask)
+        return real_attention(module, q, k, v, attention_mask, **kwargs)
+
+    monkeypatch.setattr(transformers.masking_utils.AttentionMaskInterface, "_global_mapping",
+                        {**transformers.masking_utils.AttentionMaskInterface._global_mapping, "flexcomp": mask})
+    monkeypatch.setattr(transformers.AttentionInterface, "_global_mapping",
+                        {**transformers.AttentionInterface._global_mapping, "flexcomp": attention})
+    _logits(model, "flexcomp", input_ids=torch.randint(0, 97, (2, 20)))
+    assert len(made) == 1 and isinstance(made[0], BlockMask)
+    assert len(seen) == 2 and all(m is made[0] for m in seen)
+
+
+def test_from_config_and_set_attn_implementation_accept_the_name():
+    cfg, _ = CONFIGS["llama"]
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="flexcomp")
+    assert model.config._attn_implementation == "flexcomp"
+    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation("flexcomp")
+    assert model.config._attn_implementation == "flexcomp"
+
+
+def test_attention_dropout_in_training_raises_a_clear_error():
+    cfg, _ = CONFIGS["llama"]
+    cfg = transformers.LlamaConfig(**{**cfg.to_dict(), "attention_dropout": 0.1})
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="flexcomp").train()
+    with pytest.raises(Exception, match="attention dropout"):
+        model(input_ids=torch.randint(0, 97, (1, 8)))
