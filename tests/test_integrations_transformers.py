@@ -150,3 +150,15 @@ def test_attention_dropout_in_training_raises_a_clear_error():
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="flexcomp").train()
     with pytest.raises(Exception, match="attention dropout"):
         model(input_ids=torch.randint(0, 97, (1, 8)))
+
+
+def test_the_docs_example_runs(capsys):
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "transformers.md"
+    if not page.exists():
+        pytest.skip("docs/ is not next to tests/ (an installed test run)")
+    code = re.search(r"```python\n(.*?)```", page.read_text(), re.S).group(1)
+    exec(compile(code, str(page), "exec"), {})
+    assert "torch.Size([2, 24])" in capsys.readouterr().out
