@@ -1,0 +1,287 @@
+"""flash-attn 2's functions on flexcomp: the same names, arguments, layouts and semantics.
+
+Code written for ``flash_attn`` switches with one import line::
+
+    from flexcomp.flash_attn import flash_attn_func, flash_attn_varlen_func
+
+Layouts are flash-attn's: ``q [batch, seqlen_q, nheads, headdim]``, ``k`` / ``v [batch, seqlen_k,
+nheads_k, headdim]`` (``nheads`` a multiple of ``nheads_k``: GQA / MQA); the varlen functions take
+sequences packed along one axis, ``q [total_q, nheads, headdim]``, with ``cu_seqlens_q`` /
+``cu_seqlens_k`` (int32 ``[batch + 1]``, cumulative lengths) for the queries and the keys.
+
+Semantics, as flash-attn documents them:
+
+- ``causal``: aligned to the bottom right when ``seqlen_q != seqlen_k``: query ``i`` sees key ``j``
+  iff ``j <= i + seqlen_k - seqlen_q``;
+- ``window_size=(left, right)``: query ``i`` sees keys in ``[i + seqlen_k - seqlen_q - left,
+  i + seqlen_k - seqlen_q + right]`` (``-1``: no limit on that side; ``causal`` sets ``right = 0``);
+- ``softcap``: ``softcap * tanh(score / softcap)`` on the scaled scores (0: off);
+- ``alibi_slopes`` ``[nheads]`` or ``[batch, nheads]``: ``-slope * |i + seqlen_k - seqlen_q - j|``
+  added to the score;
+- ``softmax_scale``: default ``1 / sqrt(headdim)``; ``deterministic``: a deterministic backward;
+- ``return_attn_probs``: also the LSE ``[batch, nheads, seqlen_q]`` (float32; varlen:
+  ``[nheads, total_q]``) and the attention probabilities ``[batch, nheads, seqlen_q, seqlen_k]``
+  (for testing only, as flash-attn says: computed densely).
+
+In the varlen functions each sequence is its own batch element for these rules (its own lengths,
+alignment and ALiBi row ``slopes[i]``). Their BlockMask is built from ``cu_seqlens`` on the device
+(no tensor of ``total_q x total_k``; a new packing reuses the traced mask). Attention dropout
+(``dropout_p > 0``) is not supported yet and raises.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .api import AuxRequest, flex_attention
+from .blockmask_build import create_block_mask
+from .errors import FlexcompError, FlexcompTypeError
+
+Window = tuple[int, int]
+
+
+# ---- the rules, as mask_mods and score_mods over (document, local position) --------------------
+def _window_mod(shift: Tensor, left: int, right: int, doc_q: Optional[Tensor] = None, doc_k: Optional[Tensor] = None,
+                pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None):
+    """Keep ``j - i - shift`` in ``[-left, right]`` (``-1``: unbounded), ``i`` / ``j`` positions in their
+    sequence; varlen (``doc_*``, ``pos_*``: each token's sequence and position in it, ``shift`` per
+    query token) also keeps only pairs of one sequence. Every capture is indexed by ``q_idx`` or
+    ``kv_idx`` itself, so the block analysis bounds them per block exactly."""
+    def window(b, h, q_idx, kv_idx):
+        if doc_q is None:
+            d = kv_idx - q_idx - shift[0]
+            keep = d == d
+        else:
+            d = pos_k[kv_idx] - pos_q[q_idx] - shift[q_idx]
+            keep = doc_q[q_idx] == doc_k[kv_idx]
+        if right >= 0:
+            keep = keep & (d <= right)
+        if left >= 0:
+            keep = keep & (d >= -left)
+        return keep
+
+    return window
+
+
+def _score_mod(softcap: float, slopes: Optional[Tensor], shift: Tensor, doc_q: Optional[Tensor] = None,
+               pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None):
+    """Soft-cap, then ALiBi ``-slopes[b, h] * |i + shift - j|`` (``b`` the sequence in varlen)."""
+    def flash_score(score, b, h, q_idx, kv_idx):
+        if softcap > 0:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            if doc_q is None:
+                score = score - slopes[b, h] * torch.abs(q_idx + shift[0] - kv_idx)
+            else:
+                dist = torch.abs(pos_q[q_idx] + shift[q_idx] - pos_k[kv_idx])
+                score = score - slopes[doc_q[q_idx], h] * dist
+        return score
+
+    return flash_score
+
+
+# ---- argument checks -------------------------------------------------------------------------------
+def _check(where: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float, window_size, softcap: float, dims: int):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise FlexcompTypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            layout = "[batch, seqlen, nheads, headdim]" if dims == 4 else "[total, nheads, headdim]"
+            raise FlexcompError(f"{where}: {name} must be {layout} ({dims} dims), got shape {tuple(t.shape)}")
+    hq, hk = q.shape[-2], k.shape[-2]
+    if v.shape[-2] != hk or hq % hk:
+        raise FlexcompError(f"{where}: nheads of q ({hq}) must be a multiple of nheads of k and v (got {hk} and "
+                            f"{v.shape[-2]}, which must be equal)")
+    if q.shape[-1] != k.shape[-1]:
+        raise FlexcompError(f"{where}: q and k must have the same headdim, got {q.shape[-1]} and {k.shape[-1]}")
+    if dropout_p:
+        raise FlexcompError(f"{where}: dropout_p={dropout_p}: attention dropout is not supported by flexcomp yet; "
+                            f"pass dropout_p=0.0 (evaluation, or training without attention dropout)")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise FlexcompError(f"{where}: window_size must be (left, right) ints >= -1 (-1: unlimited), got {window_size!r}")
+    if softcap < 0:
+        raise FlexcompError(f"{where}: softcap must be >= 0 (0: off), got {softcap}")
+
+
+def _slopes(where: str, alibi_slopes: Optional[Tensor], batch: int, heads: int) -> Optional[Tensor]:
+    """``[batch, heads]`` float32 slopes (a ``[heads]`` vector broadcast), or None."""
+    if alibi_slopes is None:
+        return None
+    s = alibi_slopes
+    if s.shape == (heads,):
+        return s.float().view(1, heads).expand(batch, heads)
+    if s.shape == (batch, heads):
+        return s.float()
+    raise FlexcompError(f"{where}: alibi_slopes must be [nheads] = ({heads},) or [batch, nheads] = ({batch}, {heads}), "
+                        f"got {tuple(s.shape)}")
+
+
+def _window(causal: bool, window_size) -> Window:
+    left, right = int(window_size[0]), int(window_size[1])
+    return (left, 0 if causal else right)
+
+
+def _options(deterministic: bool) -> Optional[dict]:
+    return {"DETERMINISTIC": True} if deterministic else None
+
+
+def _probs(q: Tensor, k: Tensor, scale: float, score_mod, mask_mod, lse: Tensor) -> Tensor:
+    """Dense attention probabilities ``[B, H, L, S]`` (return_attn_probs: for tests, as flash-attn)."""
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    kk = k.repeat_interleave(H // k.shape[1], dim=1)
+    s = (q.float() @ kk.float().transpose(-1, -2)) * scale
+    b = torch.arange(B, device=q.device).view(-1, 1, 1, 1)
+    h = torch.arange(H, device=q.device).view(1, -1, 1, 1)
+    i = torch.arange(L, device=q.device).view(1, 1, -1, 1)
+    j = torch.arange(S, device=q.device).view(1, 1, 1, -1)
+    if score_mod is not None:
+        s = score_mod(s, b, h, i, j)
+    if mask_mod is not None:
+        s = torch.where(torch.broadcast_to(mask_mod(b, h, i, j), s.shape), s, float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, score_mod, mask_mod, block_mask, deterministic: bool,
+            return_attn_probs: bool):
+    """flex_attention on ``[B, H, L, D]`` views; (out, lse, probs) when asked."""
+    gqa = q.shape[1] != k.shape[1]
+    out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                              kernel_options=_options(deterministic), return_aux=AuxRequest(lse=True))
+    if not return_attn_probs:
+        return out, None, None
+    return out, aux.lse, _probs(q, k, scale, score_mod, mask_mod, aux.lse)
+
+
+# ---- batched ---------------------------------------------------------------------------------------
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                    causal: bool = False, window_size: Window = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False):
+    """flash-attn's ``flash_attn_func``: ``q [B, Lq, H, D]``, ``k`` / ``v [B, Lk, Hk, D]`` ->
+    ``out [B, Lq, H, D]`` (and ``(out, lse [B, H, Lq], probs [B, H, Lq, Lk])`` with
+    ``return_attn_probs``). See the module docstring for each argument's meaning.
+
+    >>> import torch
+    >>> q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
+    >>> flash_attn_func(q, k, v, causal=True).shape
+    torch.Size([1, 5, 2, 8])
+    """
+    _check("flash_attn_func", q, k, v, dropout_p, window_size, softcap, dims=4)
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    shift = torch.tensor([Lk - Lq], device=q.device)
+    left, right = _window(causal, window_size)
+    mask_mod = _window_mod(shift, left, right) if (left >= 0 or right >= 0) else None
+    slopes = _slopes("flash_attn_func", alibi_slopes, B, H)
+    score_mod = _score_mod(float(softcap), slopes, shift) if (softcap or slopes is not None) else None
+    block_mask = create_block_mask(mask_mod, 1, None, Lq, Lk, device=q.device) if mask_mod is not None else None
+    out, lse, probs = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, score_mod, mask_mod,
+                              block_mask, deterministic, return_attn_probs)
+    out = out.transpose(1, 2).contiguous()
+    return (out, lse, probs) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size: Window = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                              return_attn_probs: bool = False):
+    """``qkv [B, L, 3, H, D]`` -> :func:`flash_attn_func` of its three parts."""
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                             causal: bool = False, window_size: Window = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                             return_attn_probs: bool = False):
+    """``q [B, Lq, H, D]``, ``kv [B, Lk, 2, Hk, D]`` -> :func:`flash_attn_func`."""
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+# ---- varlen ------------------------------------------------------------------------------------------
+def _packing(cu: Tensor, total: int, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Per token its sequence and its position in it, and per sequence its length, from ``cu``
+    (``[batch + 1]`` cumulative lengths), with device ops only (int32)."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+        raise FlexcompError(f"flash_attn_varlen_func: {name} must be an integer tensor [batch + 1] of cumulative "
+                            f"lengths starting at 0, got {cu if not isinstance(cu, Tensor) else tuple(cu.shape)}")
+    cu = cu.to(torch.int32)
+    tokens = torch.arange(total, device=cu.device, dtype=torch.int32)
+    doc = torch.clamp(torch.searchsorted(cu[1:].contiguous(), tokens, right=True), max=cu.numel() - 2).to(torch.int32)
+    return doc, tokens - cu[doc.long()], (cu[1:] - cu[:-1]).contiguous()
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: Window = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Optional[Tensor] = None):
+    """flash-attn's ``flash_attn_varlen_func``: sequences packed along the token axis,
+    ``q [total_q, H, D]``, ``k`` / ``v [total_k, Hk, D]``, sequence ``i`` holding queries
+    ``cu_seqlens_q[i] .. cu_seqlens_q[i + 1]`` and keys ``cu_seqlens_k[i] .. cu_seqlens_k[i + 1]``.
+    Returns ``out [total_q, H, D]`` (with ``return_attn_probs``: ``(out, lse [H, total_q],
+    probs [1, H, total_q, total_k])``). ``max_seqlen_*`` are accepted as flash-attn takes them.
+
+    >>> import torch
+    >>> q, k, v = (torch.randn(7, 2, 8) for _ in range(3))
+    >>> cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    >>> flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True).shape
+    torch.Size([7, 2, 8])
+    """
+    where = "flash_attn_varlen_func"
+    _check(where, q, k, v, dropout_p, window_size, softcap, dims=3)
+    if block_table is not None:
+        raise FlexcompError(f"{where}: block_table (paged KV) is not supported yet; pass contiguous k and v")
+    total_q, H, D = q.shape
+    total_k = k.shape[0]
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise FlexcompError(f"{where}: cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got "
+                            f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    doc_q, pos_q, len_q = _packing(cu_seqlens_q.to(q.device), total_q, "cu_seqlens_q")
+    doc_k, pos_k, len_k = _packing(cu_seqlens_k.to(q.device), total_k, "cu_seqlens_k")
+    batch = len_q.numel()
+    shift = (len_k - len_q)[doc_q.long()].to(torch.int32)  # per query token: its sequence's Lk - Lq
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    left, right = _window(causal, window_size)
+    mask_mod = _window_mod(shift, left, right, doc_q, doc_k, pos_q, pos_k)
+    slopes = _slopes(where, alibi_slopes, batch, H)
+    score_mod = (_score_mod(float(softcap), slopes, shift, doc_q, pos_q, pos_k)
+                 if (softcap or slopes is not None) else None)
+    block_mask = create_block_mask(mask_mod, 1, None, total_q, total_k, device=q.device)
+    out, lse, probs = _attend(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                              v.transpose(0, 1).unsqueeze(0), scale, score_mod, mask_mod, block_mask, deterministic,
+                              return_attn_probs)
+    out = out[0].transpose(0, 1).contiguous()
+    return (out, lse[0], probs) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                                     softmax_scale: Optional[float] = None, causal: bool = False,
+                                     window_size: Window = (-1, -1), softcap: float = 0.0,
+                                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                                     return_attn_probs: bool = False):
+    """``qkv [total, 3, H, D]``, one packing for queries and keys -> :func:`flash_attn_varlen_func`."""
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                                    softmax_scale: Optional[float] = None, causal: bool = False,
+                                    window_size: Window = (-1, -1), softcap: float = 0.0,
+                                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                                    return_attn_probs: bool = False):
+    """``q [total_q, H, D]``, ``kv [total_k, 2, Hk, D]`` -> :func:`flash_attn_varlen_func`."""
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)

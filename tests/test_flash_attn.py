@@ -1,0 +1,303 @@
+"""flexcomp.flash_attn and flexcomp.sdpa against oracles written here from flash-attn's and SDPA's
+documented semantics (dense float64, autograd): outputs, LSE, probabilities and every gradient."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexcomp.errors import FlexcompError
+from flexcomp.flash_attn import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                                 flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                 flash_attn_varlen_qkvpacked_func)
+from flexcomp.sdpa import scaled_dot_product_attention
+
+F64 = torch.float64
+
+
+def oracle(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, slopes=None):
+    """flash-attn's documented semantics, dense: q [B, Lq, H, D], k / v [B, Lk, Hk, D] -> (out, lse [B, H, Lq])."""
+    B, Lq, H, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    kk = k.repeat_interleave(H // Hk, dim=2)
+    vv = v.repeat_interleave(H // Hk, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Lq).view(-1, 1)
+    j = torch.arange(Lk).view(1, -1)
+    if slopes is not None:
+        sl = slopes.to(F64).expand(B, H) if slopes.dim() == 2 else slopes.to(F64).view(1, H).expand(B, H)
+        s = s - sl.view(B, H, 1, 1) * (i + Lk - Lq - j).abs()
+    left, right = window[0], 0 if causal else window[1]
+    d = j - i - (Lk - Lq)
+    keep = torch.ones(Lq, Lk, dtype=torch.bool)
+    if right >= 0:
+        keep &= d <= right
+    if left >= 0:
+        keep &= d >= -left
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return torch.einsum("bhij,bjhd->bihd", p, vv), lse
+
+
+def rand(*shape, grad=True):
+    return torch.randn(*shape, dtype=F64).requires_grad_(grad)
+
+
+def check_grads(got, want, inputs):
+    do = torch.randn_like(want)
+    g1 = torch.autograd.grad(got, inputs, do, allow_unused=True)
+    g2 = torch.autograd.grad(want, inputs, do, allow_unused=True)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
+
+
+CASES = [
+    dict(),
+    dict(causal=True),
+    dict(window=(3, 0)),
+    dict(window=(2, 5)),
+    dict(window=(-1, 1)),
+    dict(softcap=5.0),
+    dict(slopes="h"),
+    dict(slopes="bh"),
+    dict(causal=True, window=(4, -1), softcap=3.0, slopes="bh"),
+    dict(scale=0.3, causal=True),
+]
+
+
+@pytest.mark.parametrize("Lq,Lk", [(9, 9), (7, 13), (13, 7)])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_flash_attn_func_matches_the_documented_semantics(case, Lq, Lk):
+    kw = dict(CASES[case])
+    B, H, Hk, D = 2, 4, 2, 16
+    if kw.get("slopes") == "h":
+        kw["slopes"] = torch.rand(H)
+    elif kw.get("slopes") == "bh":
+        kw["slopes"] = torch.rand(B, H)
+    q, k, v = rand(B, Lq, H, D), rand(B, Lk, Hk, D), rand(B, Lk, Hk, D)
+    want, lse = oracle(q, k, v, **kw)
+    got = flash_attn_func(q, k, v, softmax_scale=kw.get("scale"), causal=kw.get("causal", False),
+                          window_size=kw.get("window", (-1, -1)), softcap=kw.get("softcap", 0.0),
+                          alibi_slopes=kw.get("slopes"))
+    assert got.shape == (B, Lq, H, D)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    check_grads(got, want, (q, k, v))
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_head_dims(D):
+    q, k, v = rand(1, 6, 2, D), rand(1, 6, 2, D), rand(1, 6, 2, D)
+    want, _ = oracle(q, k, v, causal=True)
+    got = flash_attn_func(q, k, v, causal=True)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    check_grads(got, want, (q, k, v))
+
+
+def test_return_attn_probs_gives_lse_and_probabilities():
+    q, k, v = rand(2, 5, 2, 8, grad=False), rand(2, 7, 2, 8, grad=False), rand(2, 7, 2, 8, grad=False)
+    want, lse = oracle(q, k, v, causal=True, softcap=4.0)
+    out, got_lse, probs = flash_attn_func(q, k, v, causal=True, softcap=4.0, return_attn_probs=True)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(got_lse.to(F64), lse, atol=1e-6, rtol=1e-6)
+    assert probs.shape == (2, 2, 5, 7)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 5, dtype=probs.dtype), atol=1e-5, rtol=0)
+    assert probs[..., 0, 4:].abs().max() == 0  # causal, bottom-right: query 0 sees keys 0..2
+
+
+def test_rows_with_no_key_give_zero_output_and_gradient():
+    q, k, v = rand(1, 6, 2, 8), rand(1, 3, 2, 8), rand(1, 3, 2, 8)  # causal, Lq > Lk: the first 3 rows see nothing
+    out = flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(out[:, :3], torch.zeros_like(out[:, :3]))
+    want, _ = oracle(q, k, v, causal=True)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-8)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(q.grad[:, :3], torch.zeros_like(q.grad[:, :3]))
+
+
+def test_packed_variants_and_deterministic():
+    qkv = rand(2, 7, 3, 2, 8, grad=False)
+    want, _ = oracle(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True)
+    torch.testing.assert_close(flash_attn_qkvpacked_func(qkv, causal=True), want, atol=1e-10, rtol=1e-8)
+    q, kv = rand(2, 5, 4, 8, grad=False), rand(2, 7, 2, 2, 8, grad=False)
+    want, _ = oracle(q, kv[:, :, 0], kv[:, :, 1], window=(2, 1))
+    torch.testing.assert_close(flash_attn_kvpacked_func(q, kv, window_size=(2, 1)), want, atol=1e-10, rtol=1e-8)
+    a = flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], deterministic=True)
+    assert torch.equal(a, flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], deterministic=True))
+
+
+# ---- varlen --------------------------------------------------------------------------------------
+def varlen_oracle(q, k, v, lq, lk, slopes=None, **kw):
+    """Each sequence through :func:`oracle` on its own (its own lengths, alignment and ALiBi row)."""
+    outs, lses, cq, ck = [], [], 0, 0
+    for i, (a, b) in enumerate(zip(lq, lk)):
+        sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[i:i + 1])
+        o, lse = oracle(q[None, cq:cq + a], k[None, ck:ck + b], v[None, ck:ck + b], slopes=sl, **kw)
+        outs.append(o[0])
+        lses.append(lse[0])
+        cq, ck = cq + a, ck + b
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+def cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+
+
+VARLEN = [
+    dict(causal=True),
+    dict(),
+    dict(window=(3, 2)),
+    dict(causal=True, softcap=4.0),
+    dict(slopes="h", causal=True),
+    dict(slopes="bh", window=(5, 0)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(VARLEN)))
+def test_varlen_with_ragged_q_and_kv_packings(case):
+    kw = dict(VARLEN[case])
+    lq, lk = [5, 1, 12, 7], [9, 4, 12, 3]  # different packings for q and kv; Lq > Lk in the last one
+    H, Hk, D = 4, 2, 16
+    if kw.get("slopes") == "h":
+        kw["slopes"] = torch.rand(H)
+    elif kw.get("slopes") == "bh":
+        kw["slopes"] = torch.rand(len(lq), H)
+    q, k, v = rand(sum(lq), H, D), rand(sum(lk), Hk, D), rand(sum(lk), Hk, D)
+    want, lse = varlen_oracle(q, k, v, lq, lk, **kw)
+    got = flash_attn_varlen_func(q, k, v, cu(lq), cu(lk), max(lq), max(lk), causal=kw.get("causal", False),
+                                 window_size=kw.get("window", (-1, -1)), softcap=kw.get("softcap", 0.0),
+                                 alibi_slopes=kw.get("slopes"))
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    check_grads(got, want, (q, k, v))
+    _, got_lse, _ = flash_attn_varlen_func(q, k, v, cu(lq), cu(lk), max(lq), max(lk), causal=kw.get("causal", False),
+                                           window_size=kw.get("window", (-1, -1)), softcap=kw.get("softcap", 0.0),
+                                           alibi_slopes=kw.get("slopes"), return_attn_probs=True)
+    finite = torch.isfinite(lse)
+    torch.testing.assert_close(got_lse.to(F64)[finite], lse[finite], atol=1e-6, rtol=1e-6)
+
+
+def test_varlen_packed_variants():
+    lens = [3, 8, 5]
+    qkv = rand(sum(lens), 3, 2, 8, grad=False)
+    want, _ = varlen_oracle(qkv[:, 0], qkv[:, 1], qkv[:, 2], lens, lens, causal=True)
+    got = flash_attn_varlen_qkvpacked_func(qkv, cu(lens), max(lens), causal=True)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    lk = [4, 2, 6]
+    q, kv = rand(sum(lens), 2, 8, grad=False), rand(sum(lk), 2, 2, 8, grad=False)
+    want, _ = varlen_oracle(q, kv[:, 0], kv[:, 1], lens, lk, causal=True)
+    got = flash_attn_varlen_kvpacked_func(q, kv, cu(lens), cu(lk), max(lens), max(lk), causal=True)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.tuples(st.integers(1, 9), st.integers(0, 9)), min_size=1, max_size=4),
+       causal=st.booleans(), left=st.integers(-1, 4), right=st.integers(-1, 4), softcap=st.sampled_from([0.0, 3.0]),
+       alibi=st.booleans())
+def test_varlen_fuzz(lengths, causal, left, right, softcap, alibi):
+    lq, lk = [a for a, _ in lengths], [b for _, b in lengths]
+    q, k, v = rand(sum(lq), 2, 8, grad=False), rand(max(sum(lk), 1), 2, 8, grad=False), rand(max(sum(lk), 1), 2, 8,
+                                                                                         grad=False)
+    k, v = k[:sum(lk)], v[:sum(lk)]
+    slopes = torch.rand(2) if alibi else None
+    want, _ = varlen_oracle(q, k, v, lq, lk, causal=causal, window=(left, right), softcap=softcap, slopes=slopes)
+    got = flash_attn_varlen_func(q, k, v, cu(lq), cu(lk), max(lq), max(lk), causal=causal, window_size=(left, right),
+                                 softcap=softcap, alibi_slopes=slopes)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+def test_new_packings_reuse_the_traced_mask(monkeypatch):
+    from flexcomp import trace as trace_module
+
+    runs = []
+    real = trace_module.Tracer.run
+    monkeypatch.setattr(trace_module.Tracer, "run", lambda self: runs.append(1) or real(self))
+    q = rand(20, 2, 8, grad=False)
+    flash_attn_varlen_func(q, q, q, cu([5, 15]), cu([5, 15]), 15, 15, causal=True)
+    first = len(runs)
+    for lens in ([10, 10], [1, 2, 17], [20]):  # other packings, other numbers of sequences: no new trace
+        flash_attn_varlen_func(q, q, q, cu(lens), cu(lens), max(lens), max(lens), causal=True)
+    assert first >= 1 and len(runs) == first
+
+
+def test_errors_name_the_argument():
+    q = rand(1, 4, 2, 8, grad=False)
+    with pytest.raises(FlexcompError, match="dropout_p=0.1.*not supported"):
+        flash_attn_func(q, q, q, dropout_p=0.1)
+    with pytest.raises(FlexcompError, match=r"q must be \[batch, seqlen, nheads, headdim\]"):
+        flash_attn_func(q[0], q, q)
+    with pytest.raises(FlexcompError, match="window_size"):
+        flash_attn_func(q, q, q, window_size=(-2, 0))
+    with pytest.raises(FlexcompError, match="alibi_slopes"):
+        flash_attn_func(q, q, q, alibi_slopes=torch.rand(3))
+    with pytest.raises(FlexcompError, match="multiple of nheads"):
+        flash_attn_func(rand(1, 4, 3, 8), q, q)
+    with pytest.raises(FlexcompError, match="cu_seqlens_q"):
+        flash_attn_varlen_func(q[0], q[0], q[0], torch.tensor([[0, 4]]), torch.tensor([[0, 4]]), 4, 4)
+
+
+# ---- SDPA ----------------------------------------------------------------------------------------
+def sdpa_oracle(q, k, v, mask=None, causal=False, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+MASKS = {
+    "none": None,
+    "bool [L, S]": lambda B, H, L, S: torch.rand(L, S) > 0.3,
+    "bool [B, 1, 1, S] (padding)": lambda B, H, L, S: torch.arange(S).view(1, 1, 1, S) < torch.tensor([S, S - 3]).view(
+        B, 1, 1, 1),
+    "bool [B, H, L, S]": lambda B, H, L, S: torch.rand(B, H, L, S) > 0.2,
+    "float [L, S]": lambda B, H, L, S: torch.randn(L, S, dtype=F64),
+    "float [1, H, L, S]": lambda B, H, L, S: torch.randn(1, H, L, S, dtype=F64),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_sdpa_matches_torch(name, causal):
+    B, H, L, S = 2, 4, 9, 9 if causal else 11
+    mask = MASKS[name](B, H, L, S) if MASKS[name] else None
+    if causal and mask is not None and mask.dtype != torch.bool:
+        pytest.skip("torch's SDPA refuses attn_mask with is_causal; float masks add to the scores")
+    q, k, v = rand(B, H, L, 16), rand(B, 2, S, 16), rand(B, 2, S, 16)
+    if causal and mask is not None:  # torch refuses both at once: its oracle is their intersection
+        want = sdpa_oracle(q, k, v, mask & torch.ones(L, S, dtype=torch.bool).tril())
+    else:
+        want = sdpa_oracle(q, k, v, mask, causal)
+    got = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    rows = ~torch.isnan(want).any(-1, keepdim=True)  # torch gives NaN where a row keeps nothing; flexcomp 0
+    torch.testing.assert_close(torch.where(rows, got, 0.0), torch.where(rows, want, 0.0), atol=1e-10, rtol=1e-8)
+    assert torch.equal(got[~rows.expand_as(got)], torch.zeros_like(got[~rows.expand_as(got)]))
+    if bool(rows.all()):
+        check_grads(got, want, (q, k, v))
+
+
+def test_sdpa_scale_and_errors():
+    q, k, v = rand(1, 2, 5, 8), rand(1, 2, 5, 8), rand(1, 2, 5, 8)
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, scale=0.2), sdpa_oracle(q, k, v, scale=0.2),
+                               atol=1e-10, rtol=1e-8)
+    with pytest.raises(FlexcompError, match="enable_gqa"):
+        scaled_dot_product_attention(rand(1, 4, 5, 8), k, v)
+    with pytest.raises(FlexcompError, match="does not broadcast"):
+        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(FlexcompError, match="dropout_p"):
+        scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+
+def test_the_generated_kernels_run_these_mods(monkeypatch):
+    """The Triton backend (the interpreter here) on the varlen and batched mods, float32."""
+    monkeypatch.setenv("FLEXCOMP_BACKEND", "triton")
+    lq, lk = [5, 11, 7], [9, 3, 7]
+    q, k, v = (torch.randn(sum(n), 2, 16) for n in (lq, lk, lk))
+    slopes = torch.rand(2)
+    want, _ = varlen_oracle(q.double(), k.double(), v.double(), lq, lk, causal=True, softcap=4.0, slopes=slopes)
+    got = flash_attn_varlen_func(q, k, v, cu(lq), cu(lk), 11, 9, causal=True, softcap=4.0, alibi_slopes=slopes)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    q, k, v = torch.randn(1, 9, 4, 16), torch.randn(1, 12, 2, 16), torch.randn(1, 12, 2, 16)
+    want, _ = oracle(q.double(), k.double(), v.double(), window=(3, 2))
+    torch.testing.assert_close(flash_attn_func(q, k, v, window_size=(3, 2)).double(), want, atol=2e-5, rtol=1e-4)
