@@ -260,5 +260,12 @@ def _launch_forward(problem: Problem, plan: Plan, block_mask, q, k, v, out, lse,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV), PRECISION=dot_precision(problem.dtype),
         EVEN_KV=problem.kv_len % skv == 0, STATIC_SUB=cfg.static_sub, OUTPUT_MAX=mx is not None,
-        FP64=problem.dtype == torch.float64, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FP64=problem.dtype == torch.float64, DROPOUT=problem.dropout is not None, DROP=dropout_args(problem),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def dropout_args(problem: Problem) -> tuple:
+    """The kernels' ``DROP = (seed, threshold, 1 / (1 - p))`` (zeros without dropout)."""
+    d = problem.dropout
+    return (0, 0, 1.0) if d is None else (d.seed, d.threshold, d.scale)

@@ -29,8 +29,8 @@ from flexcomp.problem import Grads, Problem, Saved
 from flexcomp.tiles import BackwardConfig, pad_dim, smaller_backward
 
 from .kernels.backward import flex_bwd, flex_bwd_delta
-from .launch import (block_lists, dot_precision, float_type, full_block_mask, kernel_scale, kv_strides, mod_args,
-                     stats_dtype)
+from .launch import (block_lists, dot_precision, dropout_args, float_type, full_block_mask, kernel_scale, kv_strides,
+                     mod_args, stats_dtype)
 from .lower import FloatType
 from .modules import jit_scatter
 
@@ -193,4 +193,5 @@ def _launch(a: _Args, cfg: BackwardConfig, launch: BackwardLaunch) -> None:
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
         D=p.head_dim, D_PAD=pad_dim(p.head_dim), DV=p.value_dim, DV_PAD=pad_dim(p.value_dim),
         PRECISION=dot_precision(p.dtype), EVEN_Q=p.q_len % sq == 0, EVEN_KV=p.kv_len % skv == 0,
-        FP64=p.dtype == torch.float64, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        FP64=p.dtype == torch.float64, DROPOUT=p.dropout is not None, DROP=dropout_args(p),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)

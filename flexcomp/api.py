@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from torch import Tensor
 
 from .blockmask import BlockMask, _sliced_mask_mod_error, is_noop_block_mask, noop_mask
+from .dropout import Dropout
 from .errors import (FlexcompAttributeError, FlexcompError, FlexcompNotCallableError, FlexcompNotImplementedError,
                      FlexcompRuntimeError, FlexcompTypeError, FlexcompZeroDivisionError)
 from .ir import ModKind
@@ -52,9 +53,9 @@ _RETURN_LSE_WARNING = ("return_lse is deprecated and will be removed in v2.10. "
 _WARNINGS_SHOWN: set[str] = set()
 
 
-def _warn_once(warning_id: str, message: str, category: type[Warning]) -> None:
+def _warn_once(warning_id: str, message: str, category: type[Warning], stacklevel: int = 3) -> None:
     if warning_id not in _WARNINGS_SHOWN:
-        warnings.warn(message, category, stacklevel=3)
+        warnings.warn(message, category, stacklevel=stacklevel)
         _WARNINGS_SHOWN.add(warning_id)
 
 
@@ -203,6 +204,18 @@ def flex_attention(
     >>> torch.allclose(aux.max_scores, s.amax(-1)), aux.max_scores.requires_grad
     (True, False)
     """
+    return attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+                     return_aux=return_aux)
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable] = None,
+              block_mask: Optional[BlockMask] = None, scale: Optional[float] = None, enable_gqa: bool = False,
+              return_lse: bool = False, kernel_options: Optional[dict] = None, *,
+              return_aux: Optional[AuxRequest] = None, dropout: Optional[Dropout] = None):
+    """:func:`flex_attention` with flexcomp's extension: attention ``dropout`` (a
+    :class:`flexcomp.dropout.Dropout`: probability and seed; the output is ``(P * keep / (1 - p)) @ V``,
+    the LSE the softmax's). torch's ``flex_attention`` has no dropout, so :func:`flex_attention` keeps
+    torch's signature and ``flexcomp.flash_attn`` / ``flexcomp.sdpa`` reach dropout through here."""
     _validate(query, key, value, block_mask, enable_gqa)
     if score_mod is not None and not callable(score_mod):
         raise FlexcompNotCallableError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
@@ -213,7 +226,7 @@ def flex_attention(
         raise FlexcompError("Cannot specify both return_lse and return_aux. return_lse is deprecated, please use "
                             "return_aux=AuxRequest(lse=True) instead (give either, not both)")
     if return_lse:
-        _warn_once("deprecated_return_lse", _RETURN_LSE_WARNING, FutureWarning)
+        _warn_once("deprecated_return_lse", _RETURN_LSE_WARNING, FutureWarning, stacklevel=4)  # flex_attention's caller
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -232,7 +245,8 @@ def flex_attention(
             check_runnable(tm, query.device, Domain(query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
     want_lse = return_lse or (return_aux is not None and bool(return_aux.lse))
     want_max = return_aux is not None and bool(return_aux.max_scores)
-    out, lse, max_scores = run_attention(query, key, value, score, mask, block_mask, float(scale), options, want_max)
+    out, lse, max_scores = run_attention(query, key, value, score, mask, block_mask, float(scale), options, want_max,
+                                         dropout)
     # as torch: an empty LSE / max (no query, or no batch) is returned as None
     lse = lse if want_lse and lse.numel() > 0 else None
     max_scores = max_scores if want_max and max_scores.numel() > 0 else None

@@ -6,7 +6,8 @@
 
 Cases (block size 128, B = H = 1): ``causal``, ``sliding`` (causal, window 1024), ``document``
 (ragged lengths in ``64 .. S // 4``, seeded; ``document ids``: the same packings as device doc
-ids) at each size; ``document batch`` (B = 4, S = 8192, a packing per batch element, ``doc_ids [4, S]``). Times: median over ``--reps`` calls after ``WARMUP``,
+ids) at each size; ``document batch`` (B = 4, S = 8192, a packing per batch element,
+``doc_ids [4, S]``). Times: median over ``--reps`` calls after ``WARMUP``,
 ``torch.cuda.synchronize()`` around each. ``flexcomp build``: a fresh build per call (a different
 packing per call where the mask captures a tensor, so a result cache cannot answer; else
 ``blockmask_build.build_block_mask`` where it exists: ``flexcomp_fn`` says which). ``flexcomp reuse``:

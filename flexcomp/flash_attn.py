@@ -25,8 +25,11 @@ Semantics, as flash-attn documents them:
 
 In the varlen functions each sequence is its own batch element for these rules (its own lengths,
 alignment and ALiBi row ``slopes[i]``). Their BlockMask is built from ``cu_seqlens`` on the device
-(no tensor of ``total_q x total_k``; a new packing reuses the traced mask). Attention dropout
-(``dropout_p > 0``) is not supported yet and raises.
+(no tensor of ``total_q x total_k``; a new packing reuses the traced mask).
+
+``dropout_p``: attention dropout, in the kernels (forward and backward; the keep pattern is a hash
+of a per-call seed drawn from torch's generator and the pair's coordinates, regenerated in the
+backward, never stored: :mod:`flexcomp.dropout`); ``torch.manual_seed`` repeats it.
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .api import AuxRequest, flex_attention
+from .api import AuxRequest, attention
 from .blockmask_build import create_block_mask
+from .dropout import Dropout, keep_mask
 from .errors import FlexcompError, FlexcompTypeError
 
 Window = tuple[int, int]
@@ -97,12 +101,12 @@ def _check(where: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float, window
                             f"{v.shape[-2]}, which must be equal)")
     if q.shape[-1] != k.shape[-1]:
         raise FlexcompError(f"{where}: q and k must have the same headdim, got {q.shape[-1]} and {k.shape[-1]}")
-    if dropout_p:
-        raise FlexcompError(f"{where}: dropout_p={dropout_p}: attention dropout is not supported by flexcomp yet; "
-                            f"pass dropout_p=0.0 (evaluation, or training without attention dropout)")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise FlexcompError(f"{where}: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and w >= -1 for w in window_size)):
-        raise FlexcompError(f"{where}: window_size must be (left, right) ints >= -1 (-1: unlimited), got {window_size!r}")
+        raise FlexcompError(f"{where}: window_size must be (left, right) ints >= -1 (-1: unlimited), got "
+                            f"{window_size!r}")
     if softcap < 0:
         raise FlexcompError(f"{where}: softcap must be >= 0 (0: off), got {softcap}")
 
@@ -129,8 +133,9 @@ def _options(deterministic: bool) -> Optional[dict]:
     return {"DETERMINISTIC": True} if deterministic else None
 
 
-def _probs(q: Tensor, k: Tensor, scale: float, score_mod, mask_mod, lse: Tensor) -> Tensor:
-    """Dense attention probabilities ``[B, H, L, S]`` (return_attn_probs: for tests, as flash-attn)."""
+def _probs(q: Tensor, k: Tensor, scale: float, score_mod, mask_mod, lse: Tensor, dropout: Optional[Dropout]) -> Tensor:
+    """Dense attention probabilities ``[B, H, L, S]`` (return_attn_probs: for tests, as flash-attn), the
+    dropped pairs negative (flash-attn's ``S_dmask`` encoding: ``-p``)."""
     B, H, L, _ = q.shape
     S = k.shape[2]
     kk = k.repeat_interleave(H // k.shape[1], dim=1)
@@ -143,19 +148,23 @@ def _probs(q: Tensor, k: Tensor, scale: float, score_mod, mask_mod, lse: Tensor)
         s = score_mod(s, b, h, i, j)
     if mask_mod is not None:
         s = torch.where(torch.broadcast_to(mask_mod(b, h, i, j), s.shape), s, float("-inf"))
-    p = torch.exp(s - lse.unsqueeze(-1))
-    return torch.nan_to_num(p, nan=0.0)
+    p = torch.nan_to_num(torch.exp(s - lse.unsqueeze(-1)), nan=0.0)
+    if dropout is not None:
+        p = torch.where(keep_mask(dropout, b, h, i, j), p, -p)
+    return p
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, score_mod, mask_mod, block_mask, deterministic: bool,
-            return_attn_probs: bool):
-    """flex_attention on ``[B, H, L, D]`` views; (out, lse, probs) when asked."""
+            return_attn_probs: bool, dropout_p: float):
+    """flex_attention on ``[B, H, L, D]`` views, with dropout when ``dropout_p > 0`` (a fresh seed from
+    torch's generator); (out, lse, probs) when asked."""
     gqa = q.shape[1] != k.shape[1]
-    out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-                              kernel_options=_options(deterministic), return_aux=AuxRequest(lse=True))
+    dropout = Dropout.draw(dropout_p) if dropout_p > 0 else None
+    out, aux = attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+                         kernel_options=_options(deterministic), return_aux=AuxRequest(lse=True), dropout=dropout)
     if not return_attn_probs:
         return out, None, None
-    return out, aux.lse, _probs(q, k, scale, score_mod, mask_mod, aux.lse)
+    return out, aux.lse, _probs(q, k, scale, score_mod, mask_mod, aux.lse, dropout)
 
 
 # ---- batched ---------------------------------------------------------------------------------------
@@ -183,7 +192,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     score_mod = _score_mod(float(softcap), slopes, shift) if (softcap or slopes is not None) else None
     block_mask = create_block_mask(mask_mod, 1, None, Lq, Lk, device=q.device) if mask_mod is not None else None
     out, lse, probs = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, score_mod, mask_mod,
-                              block_mask, deterministic, return_attn_probs)
+                              block_mask, deterministic, return_attn_probs, dropout_p)
     out = out.transpose(1, 2).contiguous()
     return (out, lse, probs) if return_attn_probs else out
 
@@ -259,7 +268,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     block_mask = create_block_mask(mask_mod, 1, None, total_q, total_k, device=q.device)
     out, lse, probs = _attend(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                               v.transpose(0, 1).unsqueeze(0), scale, score_mod, mask_mod, block_mask, deterministic,
-                              return_attn_probs)
+                              return_attn_probs, dropout_p)
     out = out[0].transpose(0, 1).contiguous()
     return (out, lse[0], probs) if return_attn_probs else out
 

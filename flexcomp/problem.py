@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE
+from .dropout import Dropout
 from .options import Options
 from .trace import TracedMod
 
@@ -46,6 +47,7 @@ class Problem:
             context parallel and decode shift them).
         page_table: ``[B, pages]`` int32 page numbers of a paged KV cache (None: contiguous).
         seq_lens: ``[B]`` int32 keys used per sequence (None: all ``kv_len``).
+        dropout: attention dropout's probability and seed (:mod:`flexcomp.dropout`; None: none).
     """
 
     batch: int
@@ -72,6 +74,7 @@ class Problem:
     kv_offset: int = 0
     page_table: Optional[Tensor] = None
     seq_lens: Optional[Tensor] = None
+    dropout: Optional[Dropout] = None
 
     @property
     def group(self) -> int:
@@ -94,7 +97,7 @@ class Problem:
         return (self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim, self.value_dim,
                 self.kv_batch, self.dtype, self.device, _mod_key(self.score), _mod_key(self.mask), lists,
                 self.options, self.want_max, self.score_grads, self.page_table is not None,
-                self.seq_lens is not None)
+                self.seq_lens is not None, self.dropout is not None)
 
 
 def _mod_key(tm: Optional[TracedMod]) -> Optional[tuple]:
@@ -102,7 +105,8 @@ def _mod_key(tm: Optional[TracedMod]) -> Optional[tuple]:
 
 
 def make_problem(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], mask: Optional[TracedMod],
-                 block_mask, scale: float, options: Options, want_max: bool = False) -> Problem:
+                 block_mask, scale: float, options: Options, want_max: bool = False,
+                 dropout: Optional[Dropout] = None) -> Problem:
     """The record of a validated call (``flexcomp.api`` checked shapes, dtypes and devices).
 
     ``score_grads`` come from the captured tensors: float ones that require grad, while grad mode
@@ -114,7 +118,7 @@ def make_problem(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], ma
         grads = tuple(on and t.requires_grad and t.is_floating_point() for t in score.buffers)
     return Problem(B, H, k.shape[1], L, k.shape[2], D, v.shape[3], k.shape[0], q.dtype, q.device,
                    tuple(q.stride()), tuple(k.stride()), tuple(v.stride()), scale, score, mask, block_mask,
-                   options, want_max, grads)
+                   options, want_max, grads, dropout=dropout)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .blockmask import _ordered_to_dense
 from .errors import zero_division_names
 from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
+from .dropout import Dropout, keep_mask
 from .problem import Grads, Outputs
 from .sparsity import BlockKind
 from .trace import TracedMod
@@ -53,6 +54,7 @@ class ReferencePlan:
         mask_buffers: captured tensors of the mask_mod (never differentiated).
         scale: the factor on ``q @ k^T``.
         chunk_elements: size of one score tile, which bounds memory.
+        dropout: attention dropout (:mod:`flexcomp.dropout`, the kernels' keep pattern); None: none.
     """
 
     score: Optional[TracedMod]
@@ -61,6 +63,7 @@ class ReferencePlan:
     mask_buffers: tuple
     scale: float
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    dropout: Optional[Dropout] = None
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -124,6 +127,9 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     l = p.sum(dim=-1, keepdim=True)
     empty = l == 0
     l_safe = torch.where(empty, 1.0, l)
+    if plan.dropout is not None:  # the output sees the dropped, rescaled softmax; the LSE is the softmax's
+        p = torch.where(keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"]),
+                        p * plan.dropout.scale, 0.0)
     o = (p.reshape(B, Hkv, G, c, KV) @ v.to(wd).unsqueeze(2)).reshape(B, Hq, c, v.shape[-1]) / l_safe
     lse = torch.where(empty, -torch.inf, m + torch.log(l_safe))
     # as torch's logsumexp: a +inf score gives +inf (exp(s - inf) would make it NaN); NaN stays NaN
@@ -279,7 +285,7 @@ class ReferenceBackend:
         mask = problem.mask
         return ReferencePlan(problem.score, mask, block_map_of(problem.block_mask, device),
                              tuple(_on(t, device) for t in mask.buffers) if mask is not None else (),
-                             problem.scale, problem.options.chunk_elements)
+                             problem.scale, problem.options.chunk_elements, problem.dropout)
 
 
 REFERENCE_BACKEND = ReferenceBackend()

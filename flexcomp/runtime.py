@@ -92,11 +92,12 @@ class _Attention(torch.autograd.Function):
 
 
 def run_attention(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], mask: Optional[TracedMod],
-                  block_mask, scale: float, options: Options, want_max: bool = False):
+                  block_mask, scale: float, options: Options, want_max: bool = False, dropout=None):
     """Run one validated call on its backend; returns ``(output, lse, max_scores)``.
 
     ``max_scores`` (``[B, Hq, Q_LEN]``, the row max of the post-mod, masked scores, no gradient) is
-    None unless ``want_max``. Every backend returns the same triple.
+    None unless ``want_max``. ``dropout``: a :class:`flexcomp.dropout.Dropout` or None. Every backend
+    returns the same triple.
 
     >>> import torch
     >>> from flexcomp.options import Options
@@ -105,7 +106,7 @@ def run_attention(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], m
     >>> out.shape, lse.shape, torch.allclose(mx, (q @ k.transpose(-1, -2) * 0.5).amax(-1))
     (torch.Size([1, 2, 16, 8]), torch.Size([1, 2, 16]), True)
     """
-    problem = make_problem(q, k, v, score, mask, block_mask, scale, options, want_max)
+    problem = make_problem(q, k, v, score, mask, block_mask, scale, options, want_max, dropout)
     backend = choose_backend(options, q.device)
     impl = backend_for(backend)
     impl.check(problem)

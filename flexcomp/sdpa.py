@@ -7,7 +7,8 @@ becomes a BlockMask (blocks that are all False are skipped; the mask is read whe
 mixed), a **float** mask is added to the scores by a score_mod; either may broadcast to
 ``[B, H, L, S]`` over any leading dim. ``is_causal`` is SDPA's: aligned to the top left
 (query ``i`` sees keys ``j <= i``). Rows with nothing to attend give 0 (SDPA gives NaN there), with
-a zero gradient. Attention dropout (``dropout_p > 0``) is not supported yet and raises.
+a zero gradient. ``dropout_p``: attention dropout in the kernels, a fresh seed per call from
+torch's generator (``torch.manual_seed`` repeats it; :mod:`flexcomp.dropout`).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .api import flex_attention
+from .api import attention
 from .blockmask_build import create_block_mask
+from .dropout import Dropout
 from .errors import FlexcompError, FlexcompTypeError
 
 
@@ -67,13 +69,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
-            raise FlexcompTypeError(f"scaled_dot_product_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise FlexcompTypeError(f"scaled_dot_product_attention: {name} must be a torch.Tensor, got "
+                                    f"{type(t).__name__}")
         if t.dim() != 4:
             raise FlexcompError(f"scaled_dot_product_attention: {name} must be [B, H, L, E] (4 dims), got shape "
                                 f"{tuple(t.shape)}")
-    if dropout_p:
-        raise FlexcompError(f"scaled_dot_product_attention: dropout_p={dropout_p}: attention dropout is not supported "
-                            f"by flexcomp yet; pass dropout_p=0.0")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise FlexcompError(f"scaled_dot_product_attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
     B, H, L, E = query.shape
     S = key.shape[2]
     if key.shape[1] != H and not enable_gqa:
@@ -101,5 +103,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if mask_mod is not None:
         block_mask = create_block_mask(mask_mod, B, H, L, S, device=query.device)
     scale = scale if scale is not None else 1.0 / math.sqrt(E)
-    return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                          enable_gqa=key.shape[1] != H)
+    dropout = Dropout.draw(dropout_p) if dropout_p > 0 else None
+    return attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                     enable_gqa=key.shape[1] != H, dropout=dropout)

@@ -17,7 +17,7 @@ from flexcomp.sdpa import scaled_dot_product_attention
 F64 = torch.float64
 
 
-def oracle(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, slopes=None):
+def oracle(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, slopes=None, drop=None):
     """flash-attn's documented semantics, dense: q [B, Lq, H, D], k / v [B, Lk, Hk, D] -> (out, lse [B, H, Lq])."""
     B, Lq, H, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
@@ -42,6 +42,9 @@ def oracle(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, slop
     s = s.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    if drop is not None:  # (keep [B, H, Lq, Lk], probability): the kept pairs weighted 1 / (1 - p)
+        keep, prob = drop
+        p = torch.where(keep, p / (1 - prob), 0.0)
     return torch.einsum("bhij,bjhd->bihd", p, vv), lse
 
 
@@ -226,8 +229,8 @@ def test_new_packings_reuse_the_traced_mask(monkeypatch):
 
 def test_errors_name_the_argument():
     q = rand(1, 4, 2, 8, grad=False)
-    with pytest.raises(FlexcompError, match="dropout_p=0.1.*not supported"):
-        flash_attn_func(q, q, q, dropout_p=0.1)
+    with pytest.raises(FlexcompError, match=r"dropout_p must be a float in \[0, 1\), got 1.0"):
+        flash_attn_func(q, q, q, dropout_p=1.0)
     with pytest.raises(FlexcompError, match=r"q must be \[batch, seqlen, nheads, headdim\]"):
         flash_attn_func(q[0], q, q)
     with pytest.raises(FlexcompError, match="window_size"):
@@ -286,7 +289,7 @@ def test_sdpa_scale_and_errors():
     with pytest.raises(FlexcompError, match="does not broadcast"):
         scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool))
     with pytest.raises(FlexcompError, match="dropout_p"):
-        scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        scaled_dot_product_attention(q, k, v, dropout_p=-0.5)
 
 
 def test_the_generated_kernels_run_these_mods(monkeypatch):
@@ -301,3 +304,76 @@ def test_the_generated_kernels_run_these_mods(monkeypatch):
     q, k, v = torch.randn(1, 9, 4, 16), torch.randn(1, 12, 2, 16), torch.randn(1, 12, 2, 16)
     want, _ = oracle(q.double(), k.double(), v.double(), window=(3, 2))
     torch.testing.assert_close(flash_attn_func(q, k, v, window_size=(3, 2)).double(), want, atol=2e-5, rtol=1e-4)
+
+
+# ---- dropout -------------------------------------------------------------------------------------
+def _keep(seed, p, B, H, L, S):
+    from flexcomp.dropout import Dropout, keep_mask
+
+    ar = torch.arange
+    return keep_mask(Dropout(p, seed), ar(B).view(-1, 1, 1, 1), ar(H).view(1, -1, 1, 1), ar(L).view(1, 1, -1, 1),
+                     ar(S).view(1, 1, 1, -1))
+
+
+def _seed_of_next_call():
+    """The seed flexcomp draws for the next call (torch's generator state restored)."""
+    state = torch.random.get_rng_state()
+    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    torch.random.set_rng_state(state)
+    return seed
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dropout_output_and_gradients_follow_the_keep_pattern(backend, monkeypatch):
+    monkeypatch.setenv("FLEXCOMP_BACKEND", backend)
+    B, L, S, H, D, p = 2, 9, 13, 2, 16, 0.3
+    dt = F64 if backend == "reference" else torch.float32
+    q, k, v = (torch.randn(B, n, H, D, dtype=dt, requires_grad=True) for n in (L, S, S))
+    keep = _keep(_seed_of_next_call(), p, B, H, L, S)
+    got = flash_attn_func(q, k, v, dropout_p=p, causal=True, softcap=5.0)
+    want, _ = oracle(q.double(), k.double(), v.double(), causal=True, softcap=5.0, drop=(keep, p))
+    tol = dict(atol=1e-10, rtol=1e-8) if dt == F64 else dict(atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got.double(), want, **tol)
+    do = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got.double(), (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
+        torch.testing.assert_close(a.double(), b.double(), **tol)
+
+
+def test_dropout_keep_rate_and_determinism():
+    p = 0.1
+    keep = _keep(1234, p, 4, 8, 256, 256)
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) < 0.005  # 2M pairs: the standard error is 0.0002
+    per_row = keep.double().mean(-1)
+    assert per_row.min() > 0.75 and per_row.max() < 1.0  # no row or column structure
+    assert abs(keep[..., :128].double().mean().item() - keep[..., 128:].double().mean().item()) < 0.01
+    q = rand(1, 16, 2, 8, grad=False)
+    torch.manual_seed(5)
+    a = flash_attn_func(q, q, q, dropout_p=0.5)
+    torch.manual_seed(5)
+    assert torch.equal(a, flash_attn_func(q, q, q, dropout_p=0.5))
+    assert not torch.equal(a, flash_attn_func(q, q, q, dropout_p=0.5))  # the next call: a new seed
+
+
+def test_dropout_in_varlen_sdpa_and_attn_probs():
+    lens = [4, 9]
+    q, k, v = rand(13, 2, 8), rand(13, 2, 8), rand(13, 2, 8)
+    seed = _seed_of_next_call()
+    got, lse, probs = flash_attn_varlen_func(q, k, v, cu(lens), cu(lens), 9, 9, dropout_p=0.4, causal=True,
+                                             return_attn_probs=True)
+    keep = _keep(seed, 0.4, 1, 2, 13, 13)[0]
+    same = torch.repeat_interleave(torch.arange(2), torch.tensor(lens))
+    causal = torch.arange(13).view(-1, 1) >= torch.arange(13).view(1, -1)
+    mask = (same.view(-1, 1) == same.view(1, -1)) & causal
+    s = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(8)
+    pr = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
+    want = torch.einsum("hij,jhd->ihd", torch.where(keep, pr / 0.6, 0.0), v)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    assert bool((probs[0][~keep & mask] < 0).all()) and bool((probs[0][keep & mask] > 0).all())  # S_dmask's sign
+    qb, kb, vb = rand(1, 2, 6, 8), rand(1, 2, 6, 8), rand(1, 2, 6, 8)
+    seed = _seed_of_next_call()
+    got = scaled_dot_product_attention(qb, kb, vb, dropout_p=0.25, is_causal=True)
+    keep = _keep(seed, 0.25, 1, 2, 6, 6)
+    pr = torch.softmax((qb @ kb.transpose(-1, -2) / math.sqrt(8)).masked_fill(~torch.ones(6, 6).tril().bool(),
+                                                                            float("-inf")), -1)
+    torch.testing.assert_close(got, torch.where(keep, pr / 0.75, 0.0) @ vb, atol=1e-10, rtol=1e-8)

@@ -17,7 +17,11 @@ Per tile, with ``s = q k^T * scale`` and ``s' = score_mod(s)``: ``p = exp(s' - l
 ``dS = dS' * d score_mod / d s``, where ``SCORE_GRAD`` is the generated function returning
 ``(s', d s'/d s)`` from one shared computation (``flexcomp.derivative.value_and_derivatives``).
 Masked pairs (mask_mod False, or out of the sequence) get ``dS = 0`` whatever the derivative is
-there, so rows with nothing kept give zero gradients, never NaN.
+there, so rows with nothing kept give zero gradients, never NaN. With attention dropout
+(``DROPOUT``, ``DROP = (seed, threshold, 1 / (1 - p))``) the forward's keep pattern is regenerated
+per tile (:func:`.common.dropout_keep`): ``dV`` sums the dropped, rescaled ``p``, and ``dP`` is
+zero where a pair was dropped and rescaled where kept; ``delta = rowsum(dO * O)`` already holds
+the dropout (``O`` is the dropped output).
 
 Gradients into captured tensors are scattered from ``dS'`` by a generated ``SCATTER`` function
 (``flexcomp.codegen.lower.lower_scatter``), in the mode the plan's launches say
@@ -37,7 +41,7 @@ dtypes compile exactly as without the switch.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, head_base, load_rows, store_rows, tile_ptrs, variant_name
+from .common import LOG2E, dropout_base, dropout_keep, head_base, load_rows, store_rows, tile_ptrs, variant_name
 
 
 @triton.jit
@@ -90,6 +94,7 @@ def _dq_tile(
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP, drop_base,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < KV_LEN
@@ -106,6 +111,8 @@ def _dq_tile(
                                MASK_BUFS, HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, CHECK_BOUNDS=not EVEN_KV)
     p = tl.exp2(post - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:  # the forward's pattern, regenerated: d(out) reaches kept pairs only, weighted 1 / (1 - p)
+        dp = tl.where(dropout_keep(drop_base, q_idx, kv_idx, DROP[1]), dp * DROP[2], 0.0)
     dsp = p * (dp - delta[:, None])
     if SCATTER_MODE == 1:  # deterministic mode, first pass: the largest contribution
         SCATTER(s, dsp, keep & in_q[:, None], off_b, off_h, q_idx, kv_idx, SCORE_BUFS, GRADS,
@@ -123,7 +130,7 @@ def _dq_blocks(
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_KV: tl.constexpr, NUM_KV_BLOCKS,
+    EVEN_KV: tl.constexpr, NUM_KV_BLOCKS, DROPOUT: tl.constexpr, DROP, drop_base,
 ):
     """The kv blocks listed in ``IDX[0:n_blocks]``, in BLOCK_N-wide tiles, as one flat loop
     (one software pipeline over every tile); block numbers are clamped to the sequence."""
@@ -133,7 +140,8 @@ def _dq_blocks(
         dq = _dq_tile(
             dq, q, do, lse2, delta, K_base, V_base, SK, SV, kv_block * SPARSE_KV + (t % MULT) * BLOCK_N, q_idx, in_q,
             off_b, off_h, KV_LEN, sm_scale, SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS,
-            HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, SCATTER_MODE, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV)
+            HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, SCATTER_MODE, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV,
+            DROPOUT, DROP, drop_base)
     return dq
 
 
@@ -146,7 +154,7 @@ def _dq_program(
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FP64: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, FP64: tl.constexpr, DROPOUT: tl.constexpr, DROP,
 ):
     """dQ for ``BLOCK_M`` query rows of one (batch, query head)."""
     ACC: tl.constexpr = tl.float64 if FP64 else tl.float32
@@ -168,17 +176,18 @@ def _dq_program(
     row = (pid_m * BLOCK_M) // SPARSE_Q
     num_off = head_base(0, SN, off_b, off_h) + row * SN[2]
     idx_off = head_base(0, SI, off_b, off_h) + row * SI[2]
+    drop_base = dropout_base(DROP[0], off_b, off_h) if DROPOUT else 0
     if HAS_FULL:
         dq = _dq_blocks(
             dq, q, do, lse2, delta, K_base, V_base, SK, SV, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), SI[3],
             q_idx, in_q, off_b, off_h, KV_LEN, sm_scale, SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS,
             HAS_SCORE_MOD, HAS_MASK_MOD, False, SCATTER_MODE, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION,
-            EVEN_KV, NUM_KV_BLOCKS)
+            EVEN_KV, NUM_KV_BLOCKS, DROPOUT, DROP, drop_base)
     dq = _dq_blocks(
         dq, q, do, lse2, delta, K_base, V_base, SK, SV, KV_IDX + idx_off, tl.load(KV_NUM + num_off), SI[3],
         q_idx, in_q, off_b, off_h, KV_LEN, sm_scale, SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS,
         HAS_SCORE_MOD, HAS_MASK_MOD, True, SCATTER_MODE, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION,
-        EVEN_KV, NUM_KV_BLOCKS)
+        EVEN_KV, NUM_KV_BLOCKS, DROPOUT, DROP, drop_base)
     store_rows(tile_ptrs(head_base(GRAD_Q, SDQ, off_b, off_h), offs_m, offs_d, SDQ), dq * sm_scale, in_q, offs_d, D)
 
 
@@ -189,6 +198,7 @@ def _dkdv_tile(
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_Q: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP, drop_base,
 ):
     """One ``[BLOCK_N, BLOCK_M]`` tile in the transposed orientation (keys down, queries across)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -210,8 +220,14 @@ def _dkdv_tile(
     post, dmod, keep = _scores(sT, off_b, off_h, q_idx, kv_idx, in_q[None, :], SCORE_GRAD, SCORE_BUFS, MASK_MOD,
                                MASK_BUFS, HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, CHECK_BOUNDS=not EVEN_Q)
     pT = tl.exp2(post - lse2[None, :])
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=dv.dtype)
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    if DROPOUT:  # the forward's pattern, regenerated (keys down, queries across)
+        kept = dropout_keep(drop_base, q_idx, kv_idx, DROP[1])
+        dv = tl.dot(tl.where(kept, pT * DROP[2], 0.0).to(do.dtype), do, dv, input_precision=PRECISION,
+                    out_dtype=dv.dtype)
+        dpT = tl.where(kept, dpT * DROP[2], 0.0)
+    else:
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=dv.dtype)
     dspT = pT * (dpT - delta[None, :])
     if SCATTER_MODE == 0 or SCATTER_MODE == 2:  # captured-tensor gradients: atomics or fixed point
         SCATTER(sT, dspT, keep & in_kv[:, None], off_b, off_h, q_idx, kv_idx, SCORE_BUFS, GRADS,
@@ -230,7 +246,7 @@ def _dkdv_blocks(
     SCATTER: tl.constexpr, GRADS, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_Q: tl.constexpr, NUM_Q_BLOCKS,
+    EVEN_Q: tl.constexpr, NUM_Q_BLOCKS, DROPOUT: tl.constexpr, DROP, drop_base,
 ):
     """The query blocks listed in ``IDX[0:n_blocks]``, in BLOCK_M-tall tiles, as one flat loop."""
     MULT: tl.constexpr = SPARSE_Q // BLOCK_M
@@ -240,7 +256,7 @@ def _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL,
             q_block * SPARSE_Q + (t % MULT) * BLOCK_M, kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale,
             SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS, HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK,
-            SCATTER_MODE, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q)
+            SCATTER_MODE, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, DROPOUT, DROP, drop_base)
     return dk, dv
 
 
@@ -253,7 +269,7 @@ def _dkdv_program(
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, SPARSE_KV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_Q: tl.constexpr, FP64: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_Q: tl.constexpr, FP64: tl.constexpr, DROPOUT: tl.constexpr, DROP,
 ):
     """dK and dV for ``BLOCK_N`` keys of one (batch, key/value head), summed over its query heads.
     ``SN`` / ``SI``: strides of the transposed lists (``[B, H, kv blocks]``, ``[B, H, kv blocks, n]``)."""
@@ -277,17 +293,20 @@ def _dkdv_program(
         DELTA_base = DELTA + (off_b * (HKV * GROUP) + off_h).to(tl.int64) * Q_LEN
         num_off = head_base(0, SN, off_b, off_h) + col * SN[2]
         idx_off = head_base(0, SI, off_b, off_h) + col * SI[2]
+        drop_base = dropout_base(DROP[0], off_b, off_h) if DROPOUT else 0
         if HAS_FULL:
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL, FULL_IDX + idx_off,
                 tl.load(FULL_NUM + num_off), SI[3], kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale,
                 SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS, HAS_SCORE_MOD, HAS_MASK_MOD, False,
-                SCATTER_MODE, SPARSE_Q, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, NUM_Q_BLOCKS)
+                SCATTER_MODE, SPARSE_Q, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, NUM_Q_BLOCKS,
+                DROPOUT, DROP, drop_base)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL, Q_IDX + idx_off,
             tl.load(Q_NUM + num_off), SI[3], kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale,
             SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS, HAS_SCORE_MOD, HAS_MASK_MOD, True,
-            SCATTER_MODE, SPARSE_Q, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, NUM_Q_BLOCKS)
+            SCATTER_MODE, SPARSE_Q, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, NUM_Q_BLOCKS,
+                DROPOUT, DROP, drop_base)
     store_rows(tile_ptrs(head_base(GRAD_K, SDK, off_b, off_hkv), offs_n, offs_d, SDK), dk * sm_scale, in_kv, offs_d, D)
     store_rows(tile_ptrs(head_base(GRAD_V, SDV, off_b, off_hkv), offs_n, offs_dv, SDV), dv, in_kv, offs_dv, DV)
 
@@ -304,6 +323,7 @@ def flex_bwd(
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, FP64: tl.constexpr,
+    DROPOUT: tl.constexpr, DROP,
 ):
     """dQ and dK/dV programs in one launch (grid ``(N_KV_PROGRAMS + GROUP * N_Q_PROGRAMS, B * HKV)``
     when both run): the first ``N_KV_PROGRAMS`` of each (batch, kv head) are dK/dV programs, the
@@ -321,7 +341,8 @@ def flex_bwd(
             pid, off_b, off_hkv, Q, K, V, DO, GRAD_K, GRAD_V, LSE, DELTA, SQ, SK, SV, SDO, SDK, SDV, SL,
             Q_NUM, Q_IDX, Q_FULL_NUM, Q_FULL_IDX, SQN, SQI, HKV, Q_LEN, KV_LEN, GROUP, sm_scale,
             SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_Q_FULL,
-            DKDV_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M1, BLOCK_N1, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, FP64)
+            DKDV_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M1, BLOCK_N1, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, FP64,
+            DROPOUT, DROP)
     elif RUN_DQ:
         off_pid = pid - N_KV_PROGRAMS if RUN_DKDV else pid
         _dq_program(
@@ -329,4 +350,5 @@ def flex_bwd(
             SQ, SK, SV, SDO, SDQ, SL, KV_NUM, KV_IDX, KV_FULL_NUM, KV_FULL_IDX, SKN, SKI,
             HKV * GROUP, Q_LEN, KV_LEN, GROUP, sm_scale,
             SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS, HAS_SCORE_MOD, HAS_MASK_MOD, HAS_KV_FULL,
-            DQ_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M2, BLOCK_N2, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV, FP64)
+            DQ_SCATTER, SPARSE_Q, SPARSE_KV, BLOCK_M2, BLOCK_N2, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV, FP64,
+            DROPOUT, DROP)

@@ -60,3 +60,37 @@ def variant_name(kernel: str):
                 parts.append(_LONG_KEY.sub(r"_\1", generated.removesuffix("_args")))
         return re.sub(r"\W", "_", "__".join(parts))
     return name
+
+
+# attention dropout's counter-based hash (flexcomp.dropout holds the same constants and the torch twin)
+MIX_1 = tl.constexpr(0x7FEB352D)
+MIX_2 = tl.constexpr(0x846CA68B)
+B_MUL = tl.constexpr(0x9E3779B1)
+H_MUL = tl.constexpr(0x85EBCA77)
+Q_MUL = tl.constexpr(0xC2B2AE3D)
+
+
+@triton.jit
+def _mix32(x):
+    """lowbias32 on uint32 (products wrap modulo 2**32, shifts are logical)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], MIX_1, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], MIX_2, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_base(seed, b, h):
+    """The hash state of one (batch, query head) for the call's ``seed``."""
+    # tl.cast, not .to: an int argument of 1 arrives as a compile-time constant
+    x = _mix32(tl.cast(seed, tl.uint32) ^ (tl.cast(b, tl.uint32) * tl.full([], B_MUL, tl.uint32)))
+    return _mix32(x ^ (tl.cast(h, tl.uint32) * tl.full([], H_MUL, tl.uint32)))
+
+
+@triton.jit
+def dropout_keep(base, q_idx, kv_idx, threshold):
+    """Where the pairs ``(q_idx, kv_idx)`` (broadcast tiles) are kept: hash >= ``threshold``."""
+    x = _mix32(base ^ (q_idx.to(tl.uint32) * tl.full([], Q_MUL, tl.uint32)))
+    x = _mix32(x ^ kv_idx.to(tl.uint32))
+    return x >= tl.cast(threshold, tl.uint32)

@@ -18,8 +18,8 @@ Two functions are registered under one name:
   own flex path does.
 
 transformers is an optional dependency: ``pip install transformers`` (flexcomp's ``test`` extra has
-it). Attention dropout is not supported yet: a model in training mode with ``attention_dropout > 0``
-raises (set ``config.attention_dropout = 0`` or call ``model.eval()``).
+it). Attention dropout (a model in training mode with ``attention_dropout > 0``) runs in flexcomp's
+kernels, a fresh seed per call from torch's generator.
 
 >>> import flexcomp.integrations.transformers as fct
 >>> "flexcomp" in fct.registered()
@@ -37,10 +37,10 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("flexcomp.integrations.transformers needs HF transformers: pip install transformers") from e
 
-from flexcomp.api import AuxRequest, flex_attention
+from flexcomp.api import AuxRequest, attention
 from flexcomp.blockmask import BlockMask
 from flexcomp.blockmask_build import create_block_mask
-from flexcomp.errors import FlexcompError
+from flexcomp.dropout import Dropout
 
 NAME = "flexcomp"
 
@@ -93,13 +93,11 @@ def flexcomp_attention(
     ``query`` ``[B, Hq, L, D]``, ``key`` / ``value`` ``[B, Hkv, S, D]`` (GQA when ``Hkv < Hq``);
     ``attention_mask`` the BlockMask of :func:`flexcomp_mask`, a 4-D float (additive) or bool mask
     ``[B, 1, L, >= S]``, or None; ``scaling`` the score scale; ``softcap`` Gemma-2's logit cap;
-    ``s_aux`` attention sinks ``[Hq]``; ``position_bias`` ``[B, Hq, L, S]`` added to the scores.
+    ``s_aux`` attention sinks ``[Hq]``; ``position_bias`` ``[B, Hq, L, S]`` added to the scores;
+    ``dropout`` the attention dropout probability (applied in training mode only, as transformers does).
     Returns ``(out [B, L, Hq, D], None)`` (no attention weights), as transformers' own functions do.
     """
-    if dropout and module.training:
-        raise FlexcompError(
-            f"attn_implementation='flexcomp': attention dropout ({dropout}) is not supported yet; set the "
-            f"config's attention_dropout to 0 or call model.eval()")
+    drop = Dropout.draw(dropout) if dropout and module.training else None
     block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
     dense = None
     if isinstance(attention_mask, torch.Tensor):
@@ -109,11 +107,11 @@ def flexcomp_attention(
     score_mod = _score_mod(softcap, dense, position_bias)
     gqa = query.shape[1] != key.shape[1]
     if s_aux is None:
-        out = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                             enable_gqa=gqa)
+        out = attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                        enable_gqa=gqa, dropout=drop)
     else:
-        out, aux = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                                  enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+        out, aux = attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                             enable_gqa=gqa, return_aux=AuxRequest(lse=True), dropout=drop)
         lse = aux.lse
         # sinks: one more logit per head in every row's softmax, renormalised with the LSE
         sinks = s_aux.to(lse.dtype).view(1, -1, 1)
