@@ -96,8 +96,9 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     lo, hi = _kv_span(plan, q0, c, k.shape[2])
     k, v = k[:, :, lo:hi], v[:, :, lo:hi]
     KV = hi - lo
-    qg = q.to(wd).reshape(B, Hkv, G, c, D)
-    s = (qg @ k.to(wd).unsqueeze(2).transpose(-1, -2)).reshape(B, Hq, c, KV) * plan.scale
+    # a GQA group's query rows stacked: [B, Hkv, G * c, D] @ [B, Hkv, D, KV], K never broadcast (copied)
+    qg = q.to(wd).reshape(B, Hkv, G * c, D)
+    s = (qg @ k.to(wd).transpose(-1, -2)).reshape(B, Hq, c, KV) * plan.scale
     ar = lambda n, o=0: torch.arange(o, o + n, device=dev, dtype=torch.int32)  # noqa: E731
     idx = {"b": ar(B).view(-1, 1, 1, 1), "h": ar(Hq).view(1, -1, 1, 1),
            "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV, lo).view(1, 1, 1, -1)}
@@ -130,7 +131,7 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     if plan.dropout is not None:  # the output sees the dropped, rescaled softmax; the LSE is the softmax's
         p = torch.where(keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"]),
                         p * plan.dropout.scale, 0.0)
-    o = (p.reshape(B, Hkv, G, c, KV) @ v.to(wd).unsqueeze(2)).reshape(B, Hq, c, v.shape[-1]) / l_safe
+    o = (p.reshape(B, Hkv, G * c, KV) @ v.to(wd)).reshape(B, Hq, c, v.shape[-1]) / l_safe
     lse = torch.where(empty, -torch.inf, m + torch.log(l_safe))
     # as torch's logsumexp: a +inf score gives +inf (exp(s - inf) would make it NaN); NaN stays NaN
     lse = torch.where(torch.isposinf(row_max), torch.inf, lse).squeeze(-1)
