@@ -82,6 +82,32 @@ def _kv_span(plan: ReferencePlan, q0: int, c: int, kv_len: int) -> tuple[int, in
     return int(cols[0]) * bm.kv_block, min(kv_len, (int(cols[-1]) + 1) * bm.kv_block)
 
 
+def _indices(B: int, H: int, c: int, q0: int, KV: int, lo: int, dev) -> dict[str, Tensor]:
+    """The mods' index inputs for a chunk: int32, broadcastable to ``[B, H, c, KV]``."""
+    def ar(n: int, o: int = 0) -> Tensor:
+        return torch.arange(o, o + n, device=dev, dtype=torch.int32)
+
+    return {"b": ar(B).view(-1, 1, 1, 1), "h": ar(H).view(1, -1, 1, 1),
+            "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV, lo).view(1, 1, 1, -1)}
+
+
+def _keep(plan: ReferencePlan, idx: dict, q0: int, c: int, lo: int, KV: int, dev) -> Optional[Tensor]:
+    """Where the chunk's pairs are kept (mask_mod inside partial blocks, full blocks whole), bool
+    broadcastable to ``[B, H, c, KV]``; None: every pair."""
+    keep = None
+    if plan.mask is not None:
+        # masks are evaluated in float32 whatever the inputs, as torch and create_block_mask do
+        with zero_division_names(plan.mask.graph, plan.mask.fn):
+            keep = evaluate(plan.mask.graph, idx, plan.mask_buffers, plan.mask.scalars, torch.float32)
+    if plan.blocks is not None:
+        bm = plan.blocks
+        kind = bm.kind[:, :, (q0 + torch.arange(c, device=dev)) // bm.q_block, :]
+        kind = kind[..., (lo + torch.arange(KV, device=dev)) // bm.kv_block]
+        partial = kind == int(BlockKind.PARTIAL)
+        keep = (kind == int(BlockKind.FULL)) | (partial & keep if keep is not None else partial)
+    return keep
+
+
 def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor,
                    score_buffers) -> tuple[Tensor, Tensor, Tensor]:
     """Output ``[B, Hq, c, Dv]`` (input dtype), LSE and row max ``[B, Hq, c]`` for queries ``q0 .. q0 + c``.
@@ -99,20 +125,8 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     # a GQA group's query rows stacked: [B, Hkv, G * c, D] @ [B, Hkv, D, KV], K never broadcast (copied)
     qg = q.to(wd).reshape(B, Hkv, G * c, D)
     s = (qg @ k.to(wd).transpose(-1, -2)).reshape(B, Hq, c, KV) * plan.scale
-    ar = lambda n, o=0: torch.arange(o, o + n, device=dev, dtype=torch.int32)  # noqa: E731
-    idx = {"b": ar(B).view(-1, 1, 1, 1), "h": ar(Hq).view(1, -1, 1, 1),
-           "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV, lo).view(1, 1, 1, -1)}
-    keep = None
-    if plan.mask is not None:
-        # masks are evaluated in float32 whatever the inputs, as torch and create_block_mask do
-        with zero_division_names(plan.mask.graph, plan.mask.fn):
-            keep = evaluate(plan.mask.graph, idx, plan.mask_buffers, plan.mask.scalars, torch.float32)
-    if plan.blocks is not None:
-        bm = plan.blocks
-        kind = bm.kind[:, :, (q0 + torch.arange(c, device=dev)) // bm.q_block, :]
-        kind = kind[..., (lo + torch.arange(KV, device=dev)) // bm.kv_block]
-        partial = kind == int(BlockKind.PARTIAL)
-        keep = (kind == int(BlockKind.FULL)) | (partial & keep if keep is not None else partial)
+    idx = _indices(B, Hq, c, q0, KV, lo, dev) if (plan.mask or plan.score or plan.dropout) else {}
+    keep = _keep(plan, idx, q0, c, lo, KV, dev)
     if plan.score is not None:
         if keep is not None and s.requires_grad:
             # masked pairs send no gradient into score_mod (0 * NaN would, where the mod is NaN there)
@@ -147,6 +161,8 @@ def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor,
                     score_buffers: tuple) -> tuple[Tensor, Tensor, Tensor]:
     """Output, LSE and row max for every query, a chunk at a time (no autograd)."""
     step = _chunk_len(plan, q, k)
+    if 0 < q.shape[2] <= step:  # one chunk (a decoding step, short sequences): no concatenation
+        return _chunk_forward(plan, q, 0, k, v, score_buffers)
     B, H = q.shape[:2]
     outs = [q.new_empty(B, H, 0, v.shape[-1])]  # so that Q_LEN = 0 gives empty outputs
     lses = [q.new_empty(B, H, 0, dtype=_working_dtype(q.dtype))]
@@ -159,9 +175,79 @@ def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor,
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2), torch.cat(maxes, dim=2)
 
 
+def _chunk_grads(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                 do: Tensor, dlse: Optional[Tensor]) -> tuple:
+    """FlashAttention's backward for queries ``q0 .. q0 + c`` without a score_mod, from the saved
+    output and LSE: ``p = exp(s - lse)``, ``dV = p_d^T dO``, ``dS = p * (dP_d - delta)`` with
+    ``delta = rowsum(dO * O) - dLSE`` (``_d``: dropout's pattern applied). Returns ``(dq [B, Hq, c, D],
+    dk, dv [B, Hkv, KV, *] for keys lo .. hi, lo, hi)`` in the working dtype."""
+    B, Hq, c, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    wd = _working_dtype(q.dtype)
+    dev = q.device
+    lo, hi = _kv_span(plan, q0, c, k.shape[2])
+    KV = hi - lo
+    if KV == 0:
+        return torch.zeros(B, Hq, c, D, dtype=wd, device=dev), None, None, lo, hi
+    kc, vc = k[:, :, lo:hi].to(wd), v[:, :, lo:hi].to(wd)
+    qg = q.to(wd).reshape(B, Hkv, G * c, D)
+    s = (qg @ kc.transpose(-1, -2)).mul_(plan.scale).view(B, Hq, c, KV)
+    idx = _indices(B, Hq, c, q0, KV, lo, dev) if (plan.mask or plan.dropout) else {}
+    keep = _keep(plan, idx, q0, c, lo, KV, dev)
+    if keep is not None:
+        s.masked_fill_(~torch.broadcast_to(keep, s.shape), -torch.inf)
+    p = s.sub_(torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)).exp_()  # rows with nothing kept: 0
+    dog = do.to(wd).reshape(B, Hkv, G * c, do.shape[-1])
+    dp = (dog @ vc.transpose(-1, -2)).view(B, Hq, c, KV)
+    delta = (do.to(wd) * o.to(wd)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(wd)
+    pd = p
+    if plan.dropout is not None:
+        kept = keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"])
+        pd = torch.where(kept, p * plan.dropout.scale, 0.0)
+        dp = torch.where(kept, dp * plan.dropout.scale, 0.0)
+    dv = pd.reshape(B, Hkv, G * c, KV).transpose(-1, -2) @ dog
+    ds = p.mul_(dp.sub_(delta.unsqueeze(-1))).view(B, Hkv, G * c, KV)  # p is not needed after this
+    dq = (ds @ kc).mul_(plan.scale).view(B, Hq, c, D)
+    dk = (ds.transpose(-1, -2) @ qg).mul_(plan.scale)
+    return dq, dk, dv, lo, hi
+
+
+def _explicit_backward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       d_out: Optional[Tensor], d_lse: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` chunk by chunk with :func:`_chunk_grads` (no autograd graph: about a third
+    of the recompute-under-autograd cost)."""
+    step = _chunk_len(plan, q, k)
+    wd = _working_dtype(q.dtype)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=wd, device=k.device)
+    dv = torch.zeros(v.shape, dtype=wd, device=v.device)
+    d_out = torch.zeros_like(out) if d_out is None else d_out
+    for s in range(0, q.shape[2], step):
+        sl = slice(s, s + step)
+        g_q, g_k, g_v, lo, hi = _chunk_grads(plan, q[:, :, sl], s, k, v, out[:, :, sl], lse[:, :, sl],
+                                             d_out[:, :, sl], None if d_lse is None else d_lse[:, :, sl])
+        dq[:, :, sl] = g_q
+        if g_k is not None:
+            dk[:, :, lo:hi] += g_k
+            dv[:, :, lo:hi] += g_v
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 def chunked_backward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, bufs: tuple, d_out: Optional[Tensor],
-                     d_lse: Optional[Tensor], needs: tuple) -> tuple:
-    """``(dq, dk, dv, *d_bufs)`` (None where ``needs`` is False): each chunk recomputed under autograd."""
+                     d_lse: Optional[Tensor], needs: tuple, out: Optional[Tensor] = None,
+                     lse: Optional[Tensor] = None) -> tuple:
+    """``(dq, dk, dv, *d_bufs)`` (None where ``needs`` is False).
+
+    Without a score_mod, given the forward's ``out`` and ``lse`` (and keys and values per batch
+    element, LSEs finite or -inf), FlashAttention's backward by hand (:func:`_explicit_backward`);
+    otherwise each chunk is recomputed under autograd (gradients into captured tensors too)."""
+    if (plan.score is None and out is not None and lse is not None and k.shape[0] == q.shape[0]
+            and not bool(torch.isposinf(lse).any() | torch.isnan(lse).any())):
+        dq, dk, dv = _explicit_backward(plan, q, k, v, out, lse, d_out, d_lse)
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None
     step = _chunk_len(plan, q, k)
     B, H, L = q.shape[:3]
     wd = _working_dtype(q.dtype)
@@ -274,7 +360,7 @@ class ReferenceBackend:
     def backward(self, problem, plan, saved, d_out, d_lse, wanted):
         """Each chunk recomputed under autograd; gradients of captured tensors on their own devices."""
         dq, dk, dv, *d_bufs = chunked_backward(self._plan(problem, saved.q.device), saved.q, saved.k, saved.v,
-                                               saved.score_buffers, d_out, d_lse, wanted)
+                                               saved.score_buffers, d_out, d_lse, wanted, saved.out, saved.lse)
         return Grads(dq, dk, dv, tuple(d_bufs))
 
     @staticmethod

@@ -323,15 +323,16 @@ def _seed_of_next_call():
     return seed
 
 
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["no score_mod", "softcap"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_dropout_output_and_gradients_follow_the_keep_pattern(backend, monkeypatch):
+def test_dropout_output_and_gradients_follow_the_keep_pattern(backend, softcap, monkeypatch):
     monkeypatch.setenv("FLEXCOMP_BACKEND", backend)
     B, L, S, H, D, p = 2, 9, 13, 2, 16, 0.3
     dt = F64 if backend == "reference" else torch.float32
     q, k, v = (torch.randn(B, n, H, D, dtype=dt, requires_grad=True) for n in (L, S, S))
     keep = _keep(_seed_of_next_call(), p, B, H, L, S)
-    got = flash_attn_func(q, k, v, dropout_p=p, causal=True, softcap=5.0)
-    want, _ = oracle(q.double(), k.double(), v.double(), causal=True, softcap=5.0, drop=(keep, p))
+    got = flash_attn_func(q, k, v, dropout_p=p, causal=True, softcap=softcap)
+    want, _ = oracle(q.double(), k.double(), v.double(), causal=True, softcap=softcap, drop=(keep, p))
     tol = dict(atol=1e-10, rtol=1e-8) if dt == F64 else dict(atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got.double(), want, **tol)
     do = torch.randn_like(want)
