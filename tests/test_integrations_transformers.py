@@ -172,3 +172,22 @@ def test_the_docs_example_runs(capsys):
     code = re.search(r"```python\n(.*?)```", page.read_text(), re.S).group(1)
     exec(compile(code, str(page), "exec"), {})
     assert "torch.Size([2, 24])" in capsys.readouterr().out
+
+
+def test_attention_function_sinks_dense_masks_and_position_bias_against_dense_softmax():
+    B, H, Hkv, L, S, D = 2, 4, 2, 5, 7, 8
+    q = torch.randn(B, H, L, D, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, S, D, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(H, dtype=torch.float64)
+    mask = torch.randn(B, 1, L, S + 3, dtype=torch.float64)  # wider than S, as models' masks can be
+    bias = torch.randn(B, H, L, S, dtype=torch.float64)
+    module = torch.nn.Module().eval()
+    out, weights = fct.flexcomp_attention(module, q, k, v, mask, scaling=0.3, softcap=4.0, s_aux=sinks,
+                                          position_bias=bias)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = q @ kk.transpose(-1, -2) * 0.3
+    s = 4.0 * torch.tanh(s / 4.0) + mask[..., :S] + bias
+    full = torch.cat([s, sinks.view(1, H, 1, 1).expand(B, H, L, 1)], dim=-1)  # the sink: one more logit
+    want = (torch.softmax(full, -1)[..., :S] @ vv).transpose(1, 2)
+    assert weights is None and out.shape == (B, L, H, D)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-8)
