@@ -108,6 +108,21 @@ def _keep(plan: ReferencePlan, idx: dict, q0: int, c: int, lo: int, KV: int, dev
     return keep
 
 
+def _grouped_scores(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor) -> tuple:
+    """``(lo, hi, qg, kc, s)`` for queries ``q0 .. q0 + c``: the kv span of their non-empty blocks,
+    the queries with a GQA group's rows stacked (``qg [B, Hkv, G * c, D]``, so K is never
+    broadcast, i.e. copied), the span's keys ``kc`` and the scaled scores ``s [B, Hq, c, hi - lo]``,
+    all in the working dtype."""
+    B, Hq, c, D = q.shape
+    Hkv = k.shape[1]
+    wd = _working_dtype(q.dtype)
+    lo, hi = _kv_span(plan, q0, c, k.shape[2])
+    kc = k[:, :, lo:hi].to(wd)
+    qg = q.to(wd).reshape(B, Hkv, (Hq // Hkv) * c, D)
+    s = (qg @ kc.transpose(-1, -2)).mul_(plan.scale).view(B, Hq, c, hi - lo)
+    return lo, hi, qg, kc, s
+
+
 def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor,
                    score_buffers) -> tuple[Tensor, Tensor, Tensor]:
     """Output ``[B, Hq, c, Dv]`` (input dtype), LSE and row max ``[B, Hq, c]`` for queries ``q0 .. q0 + c``.
@@ -119,12 +134,9 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     G = Hq // Hkv
     wd = _working_dtype(q.dtype)
     dev = q.device
-    lo, hi = _kv_span(plan, q0, c, k.shape[2])
-    k, v = k[:, :, lo:hi], v[:, :, lo:hi]
+    lo, hi, qg, _, s = _grouped_scores(plan, q, q0, k)
+    v = v[:, :, lo:hi]
     KV = hi - lo
-    # a GQA group's query rows stacked: [B, Hkv, G * c, D] @ [B, Hkv, D, KV], K never broadcast (copied)
-    qg = q.to(wd).reshape(B, Hkv, G * c, D)
-    s = (qg @ k.to(wd).transpose(-1, -2)).reshape(B, Hq, c, KV) * plan.scale
     idx = _indices(B, Hq, c, q0, KV, lo, dev) if (plan.mask or plan.score or plan.dropout) else {}
     keep = _keep(plan, idx, q0, c, lo, KV, dev)
     if plan.score is not None:
@@ -186,13 +198,11 @@ def _chunk_grads(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor, 
     G = Hq // Hkv
     wd = _working_dtype(q.dtype)
     dev = q.device
-    lo, hi = _kv_span(plan, q0, c, k.shape[2])
+    lo, hi, qg, kc, s = _grouped_scores(plan, q, q0, k)
     KV = hi - lo
     if KV == 0:
         return torch.zeros(B, Hq, c, D, dtype=wd, device=dev), None, None, lo, hi
-    kc, vc = k[:, :, lo:hi].to(wd), v[:, :, lo:hi].to(wd)
-    qg = q.to(wd).reshape(B, Hkv, G * c, D)
-    s = (qg @ kc.transpose(-1, -2)).mul_(plan.scale).view(B, Hq, c, KV)
+    vc = v[:, :, lo:hi].to(wd)
     idx = _indices(B, Hq, c, q0, KV, lo, dev) if (plan.mask or plan.dropout) else {}
     keep = _keep(plan, idx, q0, c, lo, KV, dev)
     if keep is not None:

@@ -165,7 +165,7 @@ def _range_load(buf: torch.Tensor, iv: list[Interval], kinds: tuple[IndexKind, .
     indices count from the end there). ``memo`` keeps per-run bounds of a tensor between its loads.
 
     Nothing is read back to the host: on a GPU the whole analysis is queued without a wait."""
-    key = id(buf)
+    buf_id = id(buf)  # the capture itself (the analysis keeps it alive): its runs are kept per id
     buf = buf.detach().to(device)
     if buf.dtype == torch.bool:
         buf = buf.to(torch.int8)
@@ -198,7 +198,7 @@ def _range_load(buf: torch.Tensor, iv: list[Interval], kinds: tuple[IndexKind, .
     width = kinds[d].block
     if width:
         memo = {} if memo is None else memo
-        key = (key, d, width)
+        key = (buf_id, d, width)
         if key not in memo:
             memo[key] = _run_bounds(x, width)
         return _aligned_bounds(memo[key], iv[d].lo, width, points), unsafe

@@ -38,7 +38,8 @@ from flexcomp.masks import (
     sliding_window,
 )
 
-from test_blockmask import FIELDS, assert_same  # tests/ is on sys.path (as for variants.py)
+from test_blockmask import (FIELDS, assert_same, batch_and_head,  # tests/ is on sys.path (as for variants.py)
+                            per_head_window)
 
 UNKNOWN = 3  # flexcomp.sparsity.BlockKind.UNKNOWN: what the classify kernel decides
 
@@ -107,16 +108,7 @@ DOC_IDS_1D = torch.repeat_interleave(torch.tensor([3, 1, 3, 7, 2]), torch.tensor
 SHARED_1D = torch.cat([torch.full((40,), -1), torch.arange(S - 40) % 3])  # interleaved continuations
 SHARED_2D = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor([45, 60, 87])),
                          torch.repeat_interleave(torch.arange(4), torch.tensor([45, 30, 100, 17]))])
-HEAD_WIN = torch.tensor([5, 40, 130], dtype=torch.int32)
 PAD_LENS = [150, 33]
-
-
-def per_head_window(b, h, q_idx, kv_idx):
-    return (q_idx >= kv_idx) & (q_idx - kv_idx < HEAD_WIN[h])
-
-
-def batch_and_head(b, h, q_idx, kv_idx):
-    return ((kv_idx + q_idx) % (b + h + 2) == 0) | (kv_idx < 8 * b + h)
 
 
 FACTORY_MASKS = {

@@ -265,11 +265,12 @@ MASKS = {
 def test_sdpa_matches_torch(name, causal):
     B, H, L, S = 2, 4, 9, 9 if causal else 11
     mask = MASKS[name](B, H, L, S) if MASKS[name] else None
-    if causal and mask is not None and mask.dtype != torch.bool:
-        pytest.skip("torch's SDPA refuses attn_mask with is_causal; float masks add to the scores")
     q, k, v = rand(B, H, L, 16), rand(B, 2, S, 16), rand(B, 2, S, 16)
-    if causal and mask is not None:  # torch refuses both at once: its oracle is their intersection
-        want = sdpa_oracle(q, k, v, mask & torch.ones(L, S, dtype=torch.bool).tril())
+    tril = torch.ones(L, S, dtype=torch.bool).tril()
+    if causal and mask is not None and mask.dtype == torch.bool:  # torch refuses both at once: the intersection
+        want = sdpa_oracle(q, k, v, mask & tril)
+    elif causal and mask is not None:  # a float mask added, and the causal pairs only
+        want = sdpa_oracle(q, k, v, mask + torch.zeros(L, S, dtype=F64).masked_fill(~tril, float("-inf")))
     else:
         want = sdpa_oracle(q, k, v, mask, causal)
     got = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
