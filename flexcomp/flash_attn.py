@@ -33,6 +33,7 @@ backward, never stored: :mod:`flexcomp.dropout`); ``torch.manual_seed`` repeats 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -185,16 +186,26 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    shift = torch.tensor([Lk - Lq], device=q.device)
     left, right = _window(causal, window_size)
-    mask_mod = _window_mod(shift, left, right) if (left >= 0 or right >= 0) else None
+    shift, mask_mod, block_mask = _batched_mask(Lq, Lk, left, right, q.device)
     slopes = _slopes("flash_attn_func", alibi_slopes, B, H)
     score_mod = _score_mod(float(softcap), slopes, shift) if (softcap or slopes is not None) else None
-    block_mask = create_block_mask(mask_mod, 1, None, Lq, Lk, device=q.device) if mask_mod is not None else None
     out, lse, probs = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, score_mod, mask_mod,
                               block_mask, deterministic, return_attn_probs, dropout_p)
     out = out.transpose(1, 2).contiguous()
     return (out, lse, probs) if return_attn_probs else out
+
+
+@functools.lru_cache(maxsize=64)
+def _batched_mask(Lq: int, Lk: int, left: int, right: int, device: torch.device):
+    """``(shift, mask_mod, block_mask)`` of the batched functions' window, built once per lengths,
+    window and device (a training loop's calls then trace nothing and build no mask); ``shift`` is
+    ``[Lk - Lq]`` on the device, the mods' bottom-right alignment. No window: no mask_mod, no BlockMask."""
+    shift = torch.tensor([Lk - Lq], device=device)
+    if left < 0 and right < 0:
+        return shift, None, None
+    mask_mod = _window_mod(shift, left, right)
+    return shift, mask_mod, create_block_mask(mask_mod, 1, None, Lq, Lk, device=device)
 
 
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
@@ -218,14 +229,15 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, soft
 # ---- varlen ------------------------------------------------------------------------------------------
 def _packing(cu: Tensor, total: int, name: str) -> tuple[Tensor, Tensor, Tensor]:
     """Per token its sequence and its position in it, and per sequence its length, from ``cu``
-    (``[batch + 1]`` cumulative lengths), with device ops only (int32)."""
+    (``[batch + 1]`` cumulative lengths), with device ops only. int64: a new packing's tables then
+    need no read of their range (an int32 capture's range is checked against its trace's widths)."""
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
         raise FlexcompError(f"flash_attn_varlen_func: {name} must be an integer tensor [batch + 1] of cumulative "
                             f"lengths starting at 0, got {cu if not isinstance(cu, Tensor) else tuple(cu.shape)}")
-    cu = cu.to(torch.int32)
-    tokens = torch.arange(total, device=cu.device, dtype=torch.int32)
-    doc = torch.clamp(torch.searchsorted(cu[1:].contiguous(), tokens, right=True), max=cu.numel() - 2).to(torch.int32)
-    return doc, tokens - cu[doc.long()], (cu[1:] - cu[:-1]).contiguous()
+    cu = cu.to(torch.int64)
+    tokens = torch.arange(total, device=cu.device, dtype=torch.int64)
+    doc = torch.clamp(torch.searchsorted(cu[1:].contiguous(), tokens, right=True), max=cu.numel() - 2)
+    return doc, tokens - cu[doc], (cu[1:] - cu[:-1]).contiguous()
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -258,7 +270,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     doc_q, pos_q, len_q = _packing(cu_seqlens_q.to(q.device), total_q, "cu_seqlens_q")
     doc_k, pos_k, len_k = _packing(cu_seqlens_k.to(q.device), total_k, "cu_seqlens_k")
     batch = len_q.numel()
-    shift = (len_k - len_q)[doc_q.long()].to(torch.int32)  # per query token: its sequence's Lk - Lq
+    shift = (len_k - len_q)[doc_q]  # per query token: its sequence's Lk - Lq
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     left, right = _window(causal, window_size)
     mask_mod = _window_mod(shift, left, right, doc_q, doc_k, pos_q, pos_k)

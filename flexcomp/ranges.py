@@ -206,11 +206,31 @@ def mod_proven_safe(tm, batch: int, heads: int, q_len: int, kv_len: int) -> bool
     return _prove(tm, Domain(batch, heads, q_len, kv_len), divisors=True)
 
 
+def _feeding_indices(g: Graph, divisors: bool) -> set[int]:
+    """Ids of the nodes whose values reach an index of a load (or, with ``divisors``, the divisor of
+    an integer ``//`` / ``%``): the only values :func:`_prove` needs."""
+    need = []
+    for n in g.nodes:
+        if n.op is Op.LOAD:
+            need += [a for a in n.args if not isinstance(a, Const)]
+        elif divisors and n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int and not isinstance(n.args[1], Const):
+            need.append(n.args[1])
+    seen: set[int] = set()
+    while need:
+        i = need.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        need += [a for a in g.nodes[i].args if not isinstance(a, Const)]
+    return seen
+
+
 def _prove(tm, domain: Domain, divisors: bool) -> bool:
     g = tm.graph
     buf_of = {b.name: t for b, t in zip(g.buffers, tm.buffers)}
     proven = [True]
     like = _like()
+    valued = _feeding_indices(g, divisors)
 
     def load(n: Node, xs: list[Interval]) -> Interval:
         t = buf_of[n.attr].detach()
@@ -222,6 +242,8 @@ def _prove(tm, domain: Domain, divisors: bool) -> bool:
         proven[0] = proven[0] and inside
         if t.numel() == 0:
             return Interval(like, like)
+        if n.id not in valued:  # its values reach no index or divisor: not read (a device read waits)
+            return Interval(like - math.inf, like + math.inf)
         region = t
         if inside and all(lo >= 0 for lo in lows):  # exact: the box of indices reached
             region = t[tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(lows, highs))]

@@ -43,7 +43,7 @@ from .ir import Arg, BufferSpec, Const, DType, Graph, ModKind, Op, verify
 from .proxy import _FIX, Proxy, _Concretize, _user_frame
 from .ranges import INDEX_LIMIT, needs_int64
 from .symbolic import simplify
-from .trace_cache import (NoCache, captured_tensors, fingerprint, lookup, lookup_structure, remember,
+from .trace_cache import (NoCache, captured_tensors, fingerprint, lookup, lookup_structure, recipes_of, remember,
                           remember_structure, structural_key, value_range)
 from .trace_vectors import VectorLike
 
@@ -87,6 +87,7 @@ class Tracer:
         self.scalar_values: dict[str, Number] = {}
         self.scalar_origin: dict[int, str] = {}  # scalar node id -> user-visible name
         self.walked: set[int] = set()  # ids of tensors reached through closures and globals
+        self.walked_storages: set[tuple] = set()  # their (device, storage address)
         self.cacheable = True  # False once a tensor came from anywhere else (attributes, the mod's body)
         self.narrow: dict[int, torch.dtype] = {}  # IR values of torch's int8 / uint8 / int16 types
 
@@ -138,8 +139,7 @@ class Tracer:
             self.scalar_origin[node] = name
             return Proxy(self, node)
         if isinstance(value, torch.Tensor):
-            self.tensor_names.setdefault(id(value), name)
-            self.walked.add(id(value))
+            self.walk(value, name)
             return value
         if isinstance(value, types.FunctionType):
             return self.lift_function(value, depth + 1)
@@ -164,8 +164,7 @@ class Tracer:
         for g in code.co_names:
             v = fn.__globals__.get(g)
             if isinstance(v, torch.Tensor):
-                self.tensor_names.setdefault(id(v), g)
-                self.walked.add(id(v))
+                self.walk(v, g)
         if not fn.__closure__:
             return fn
         cells = []
@@ -178,10 +177,20 @@ class Tracer:
         new.__kwdefaults__ = fn.__kwdefaults__
         return new
 
+    def walk(self, t: torch.Tensor, name: str) -> None:
+        """Note a tensor reached through the mod's closure or globals (its values are read at run time)."""
+        self.tensor_names.setdefault(id(t), name)
+        self.walked.add(id(t))
+        self.walked_storages.add((t.device, t.untyped_storage().data_ptr()))
+
+    def is_view_of_walked(self, t: torch.Tensor) -> bool:
+        """A view the mod took of a captured tensor (``offset[0]``): read at run time like it."""
+        return t._base is not None and (t.device, t.untyped_storage().data_ptr()) in self.walked_storages
+
     def capture_tensor(self, t: torch.Tensor) -> BufferSpec:
         if id(t) in self.tensors:
             return self.tensors[id(t)][0]
-        if id(t) not in self.walked:
+        if id(t) not in self.walked and not self.is_view_of_walked(t):
             self.cacheable = False
         dt = ir_dtype_of(t.dtype)
         if dt is None:
@@ -402,8 +411,8 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
     skey = structural_key(key, tensors) if key is not None else None
     same = lookup_structure(skey, tensors) if skey is not None else None
     if same is not None:  # a closure of the same code over other tensors (a new packing): rebind, no trace
-        graph, bufs, scalar_values, int_ranges = same
-        remember(key, graph, bufs, scalar_values, keep, int_ranges)
+        graph, bufs, scalar_values, recipes, int_ranges = same
+        remember(key, graph, recipes, tensors, scalar_values, keep, int_ranges)
         return TracedMod(graph, bufs, scalar_values, fn)
     _check_signature(fn, kind)
     baked: set[str] = set()
@@ -429,9 +438,10 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         simple = verify(simplify(g))
         tm = TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
                        tuple(value_of[c.name] for c in simple.scalars), fn)
-        if key is not None and tracer.cacheable:
-            remember(key, tm.graph, tm.buffers, tm.scalars, keep, int_ranges)
-            remember_structure(skey, tm.graph, tm.buffers, tm.scalars, tensors, keep, int_ranges)
+        recipes = recipes_of(tm.buffers, tensors) if key is not None and tracer.cacheable else None
+        if recipes is not None:
+            remember(key, tm.graph, recipes, tensors, tm.scalars, keep, int_ranges)
+            remember_structure(skey, tm.graph, recipes, tm.scalars, keep, int_ranges)
         return tm
     raise FlexcompTraceError(f"{kind.value} {tracer.name!r}: tracing did not settle")
 

@@ -28,16 +28,50 @@ _NAMESPACE = "trace"
 _MAX_DEPTH = 12  # how deep fingerprint follows closures, globals and containers before giving up
 
 
-def remember(key: tuple, graph: Graph, buffers: tuple, scalars: tuple, keep: list, int_ranges: dict) -> None:
-    """Keep a trace under ``key`` (a :func:`fingerprint`); ``keep`` holds what the key names by id.
+def _recipe(t: torch.Tensor, tensors: list) -> tuple | None:
+    """How a buffer of a trace is found again among a closure's captured ``tensors``: ``(i, None)``
+    for ``tensors[i]`` itself, ``(i, view)`` for a view the mod took of it while tracing (``offset[0]``,
+    ``table[1:]``: same storage, read at run time), None for a tensor from anywhere else."""
+    for i, c in enumerate(tensors):
+        if c is t:
+            return i, None
+    storage = t.untyped_storage().data_ptr()
+    for i, c in enumerate(tensors):
+        if c.device == t.device and c.dtype == t.dtype and c.untyped_storage().data_ptr() == storage:
+            return i, (tuple(t.shape), tuple(t.stride()), t.storage_offset() - c.storage_offset(), tuple(c.stride()))
+    return None
+
+
+def _rebuild(recipe: tuple, tensors: tuple) -> torch.Tensor | None:
+    """The buffer a :func:`_recipe` names, over ``tensors`` (None if a view's base changed strides)."""
+    i, view = recipe
+    c = tensors[i]
+    if view is None:
+        return c
+    size, stride, delta, base_stride = view
+    if tuple(c.stride()) != base_stride:
+        return None
+    return c.as_strided(size, stride, c.storage_offset() + delta)
+
+
+def recipes_of(buffers: tuple, tensors: list) -> tuple | None:
+    """Each buffer's :func:`_recipe`, or None if one is neither a captured tensor nor a view of one."""
+    out = tuple(_recipe(t, tensors) for t in buffers)
+    return None if any(r is None for r in out) else out
+
+
+def remember(key: tuple, graph: Graph, recipes: tuple, tensors: list, scalars: tuple, keep: list,
+             int_ranges: dict) -> None:
+    """Keep a trace under ``key`` (a :func:`fingerprint`); ``keep`` holds what the key names by id;
+    ``recipes`` (:func:`recipes_of`) find the graph's buffers among the captured ``tensors``.
 
     The integer width was proven for ``int_ranges`` (value ranges of int32 captures, by buffer
     name): re-checked when a capture's version counter moves (an in-place update), and the entry
     dropped if they no longer hold."""
-    guards = [[i, *int_ranges[b.name], t._version] for i, (b, t) in enumerate(zip(graph.buffers, buffers))
-              if b.name in int_ranges]
-    entry = (graph, tuple(weakref.ref(t) for t in buffers), scalars, tuple(keep), guards)
-    CACHE.put((_NAMESPACE, key), entry, owners=tuple(buffers))
+    guards = [[j, *int_ranges[b.name], tensors[recipes[j][0]]._version]
+              for j, b in enumerate(graph.buffers) if b.name in int_ranges]
+    entry = (graph, recipes, tuple(weakref.ref(t) for t in tensors), scalars, tuple(keep), guards)
+    CACHE.put((_NAMESPACE, key), entry, owners=tuple(tensors))
 
 
 def lookup(key: tuple) -> tuple | None:
@@ -46,20 +80,24 @@ def lookup(key: tuple) -> tuple | None:
     entry = CACHE.get((_NAMESPACE, key))
     if entry is None:
         return None
-    graph, refs, scalars, _, guards = entry
-    buffers = tuple(r() for r in refs)
-    if any(b is None for b in buffers):  # dying: its finalizer has not dropped it yet
+    graph, recipes, refs, scalars, _, guards = entry
+    tensors = tuple(r() for r in refs)
+    if any(t is None for t in tensors):  # dying: its finalizer has not dropped it yet
         CACHE.discard((_NAMESPACE, key))
         return None
+    buffers = tuple(_rebuild(r, tensors) for r in recipes)
+    if any(b is None for b in buffers):
+        return None
     for guard in guards:
-        i, lo, hi, version = guard
-        t = buffers[i]
-        if t._version != version:
+        j, lo, hi, version = guard
+        t = buffers[j]
+        base = tensors[recipes[j][0]]
+        if base._version != version:
             now = value_range(t)
             if now[0] < lo or now[1] > hi:
                 CACHE.discard((_NAMESPACE, key))
                 return None
-            guard[3] = t._version
+            guard[3] = base._version
     return graph, buffers, scalars
 
 
@@ -89,31 +127,28 @@ def structural_key(key: tuple, tensors: list) -> tuple:
     return walk(key)
 
 
-def remember_structure(skey: tuple, graph: Graph, buffers: tuple, scalars: tuple, tensors: list, keep: list,
+def remember_structure(skey: tuple, graph: Graph, recipes: tuple, scalars: tuple, keep: list,
                        int_ranges: dict) -> None:
-    """Keep a trace for closures of the same structure (:func:`structural_key`), when every buffer
-    of the graph is one of the captured ``tensors`` (not a tensor the mod derived from them while
-    tracing: its values would be stale) and the trace read no value into Python (the caller checks).
-    What is kept names places in ``tensors``, never the tensors."""
-    places = []
-    for t in buffers:
-        at = next((i for i, c in enumerate(tensors) if c is t), None)
-        if at is None:
-            return
-        places.append(at)
+    """Keep a trace for closures of the same structure (:func:`structural_key`); its buffers are
+    found again by ``recipes`` (captured tensors or views of them, never a tensor the mod computed
+    while tracing: its values would be stale), and the trace read no value into Python (the caller
+    checks). What is kept names places among the captured tensors, never the tensors."""
     ranges = tuple(int_ranges.get(b.name) for b in graph.buffers)
-    CACHE.put((_NAMESPACE, "structure", skey), (graph, tuple(places), scalars, tuple(keep), ranges))
+    CACHE.put((_NAMESPACE, "structure", skey), (graph, recipes, scalars, tuple(keep), ranges))
 
 
 def lookup_structure(skey: tuple, tensors: list) -> tuple | None:
-    """``(graph, buffers, scalars, int_ranges)`` of a trace kept by :func:`remember_structure`, its
-    buffers now this closure's ``tensors``; None if none is kept, or if an int32 capture's values
-    leave the range its trace's integer widths were proven for (one read of its min and max)."""
+    """``(graph, buffers, scalars, recipes, int_ranges)`` of a trace kept by :func:`remember_structure`,
+    its buffers now found among this closure's ``tensors``; None if none is kept, or if an int32
+    capture's values leave the range its trace's integer widths were proven for (one read of its min
+    and max)."""
     entry = CACHE.get((_NAMESPACE, "structure", skey))
     if entry is None:
         return None
-    graph, places, scalars, _, ranges = entry
-    buffers = tuple(tensors[i] for i in places)
+    graph, recipes, scalars, _, ranges = entry
+    buffers = tuple(_rebuild(r, tensors) for r in recipes)
+    if any(b is None for b in buffers):
+        return None
     int_ranges = {}
     for b, t, r in zip(graph.buffers, buffers, ranges):
         if r is not None:
@@ -121,7 +156,7 @@ def lookup_structure(skey: tuple, tensors: list) -> tuple | None:
             if now[0] < r[0] or now[1] > r[1]:
                 return None
             int_ranges[b.name] = r
-    return graph, buffers, scalars, int_ranges
+    return graph, buffers, scalars, recipes, int_ranges
 
 
 def value_range(t: torch.Tensor) -> tuple[int, int]:

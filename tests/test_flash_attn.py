@@ -379,3 +379,31 @@ def test_dropout_in_varlen_sdpa_and_attn_probs():
     pr = torch.softmax((qb @ kb.transpose(-1, -2) / math.sqrt(8)).masked_fill(~torch.ones(6, 6).tril().bool(),
                                                                             float("-inf")), -1)
     torch.testing.assert_close(got, torch.where(keep, pr / 0.75, 0.0) @ vb, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gpu_kernels_drop_the_same_pairs_forward_and_backward(dtype):
+    """On CUDA: varlen with ragged q / kv packings, GQA, causal and dropout, against the float64 oracle
+    with the keep pattern the reference regenerates (grads through the backward kernels)."""
+    lq, lk, H, Hk, D, p = [70, 200, 33], [90, 150, 33], 4, 2, 64, 0.2
+    q, k, v = (torch.randn(sum(n), h, D, device="cuda", dtype=dtype, requires_grad=True)
+               for n, h in ((lq, H), (lk, Hk), (lk, Hk)))
+    seed = _seed_of_next_call()
+    got = flash_attn_varlen_func(q, k, v, cu(lq).cuda(), cu(lk).cuda(), 200, 150, dropout_p=p, causal=True)
+    keep = _keep(seed, p, 1, H, sum(lq), sum(lk))[0]
+    outs, c_q, c_k = [], 0, 0
+    qd, kd, vd = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    for a, b in zip(lq, lk):
+        kp = keep[:, c_q:c_q + a, c_k:c_k + b].unsqueeze(0)
+        o, _ = oracle(qd[c_q:c_q + a][None], kd[c_k:c_k + b][None], vd[c_k:c_k + b][None], causal=True,
+                      drop=(kp, p))
+        outs.append(o[0])
+        c_q, c_k = c_q + a, c_k + b
+    want = torch.cat(outs)
+    tol = dict(atol=3e-3, rtol=3e-3) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.double().cpu(), want, **tol)
+    do = torch.randn_like(want)
+    ours = torch.autograd.grad(got, (q, k, v), do.to("cuda", dtype))
+    for a, b in zip(ours, torch.autograd.grad(want, (qd, kd, vd), do)):
+        torch.testing.assert_close(a.double().cpu(), b, **tol)

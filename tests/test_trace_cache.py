@@ -284,3 +284,23 @@ def test_rebound_int32_capture_outside_the_proven_range_retraces():
     wide = torch.full((N,), -(2 ** 30), dtype=torch.int32)
     assert "i64" in str(trace(rel(wide), ModKind.MASK).graph)
     _check(rel(wide))
+
+
+def test_views_taken_while_tracing_are_cached_and_rebound(monkeypatch):
+    """``offset[0]`` / ``table[1:]`` inside the mod: views of a captured tensor, read at run time, so the
+    trace is kept (one trace for many closures) and sees in-place writes and each closure's tensor."""
+    runs = _count_traces(monkeypatch)
+
+    def shifted(offset, table):
+        def mod(b, h, q_idx, kv_idx):
+            return (q_idx + offset[0] >= kv_idx) & (table[1:][kv_idx] > 0)
+        return mod
+
+    offset, table = torch.tensor([0]), torch.randint(0, 3, (N + 1,))
+    _check(shifted(offset, table))
+    offset[0] = 3  # an in-place write: seen without a new trace
+    _check(shifted(offset, table))
+    for _ in range(3):  # new tensors: rebound, no new trace
+        _check(shifted(torch.randint(-4, 4, (1,)), torch.randint(0, 3, (N + 1,))))
+    _check(shifted(torch.tensor([[2, 5]])[:, 1], table))  # a strided capture: its own views
+    assert len(runs) <= 2
