@@ -1,7 +1,8 @@
 """The Triton backend: a :class:`flexcomp.runtime.AttentionBackend` over the generated kernels.
 
-It chooses the kernel family inside (the plan's ``family``: prefill today; decode, paged KV and
-varlen kernels join here) and runs it; the reference backend stays the oracle for all of them.
+It runs the plan's kernel family (``family``): the prefill kernels, or for few queries against
+many keys the split-KV decode kernels (their backward is the prefill one: it reads only the
+saved output and LSE); the reference backend stays the oracle for all of them.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from flexcomp.plan import Plan
 from flexcomp.problem import Grads, Outputs, Problem, Saved
 from flexcomp.tiles import KernelFamily
 
-from . import launch, launch_backward
+from . import launch, launch_backward, launch_decode
 
 
 class TritonBackend:
@@ -31,12 +32,14 @@ class TritonBackend:
         """The plan's family's forward."""
         if plan.family is KernelFamily.PREFILL:
             return launch.forward(problem, plan, q, k, v)
+        if plan.family is KernelFamily.DECODE:
+            return launch_decode.forward(problem, plan, q, k, v)
         raise FlexcompError(f"internal: no Triton forward for kernel family {plan.family.value!r}")
 
     def backward(self, problem: Problem, plan: Plan, saved: Saved, d_out: Optional[Tensor],
                  d_lse: Optional[Tensor], wanted: tuple[bool, ...]) -> Grads:
         """The plan's family's backward (every gradient; autograd keeps the wanted ones)."""
-        if plan.family is KernelFamily.PREFILL:
+        if plan.family in (KernelFamily.PREFILL, KernelFamily.DECODE):
             return launch_backward.backward(problem, plan, saved, d_out, d_lse)
         raise FlexcompError(f"internal: no Triton backward for kernel family {plan.family.value!r}")
 

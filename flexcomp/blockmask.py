@@ -131,10 +131,8 @@ class BlockMask:
         self.kv_indices = kv_indices
         self.full_kv_num_blocks = full_kv_num_blocks
         self.full_kv_indices = full_kv_indices
-        self.q_num_blocks = q_num_blocks
-        self.q_indices = q_indices
-        self.full_q_num_blocks = full_q_num_blocks
-        self.full_q_indices = full_q_indices
+        self._q_pending: Optional[Callable[[], tuple]] = None
+        self._q = (q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
         self.dq_write_order = dq_write_order
         self.dq_write_order_full = dq_write_order_full
         self.dq_kv_order = dq_kv_order
@@ -211,21 +209,56 @@ class BlockMask:
     @classmethod
     def _build(cls, kv_num, kv_idx, full_num, full_idx, block, mask_mod, seq_lengths, compute_q_blocks,
                dq_write_order=None, dq_write_order_full=None, dq_kv_order=None) -> "BlockMask":
-        """``from_kv_blocks`` without the checks, for lists flexcomp made itself."""
-        q_num = q_idx = fq_num = fq_idx = None
-        if compute_q_blocks:
-            q_num, q_idx = _transpose_ordered(kv_num, kv_idx)
-            if full_num is not None:
-                fq_num, fq_idx = _transpose_ordered(full_num, full_idx)
+        """``from_kv_blocks`` without the checks, for lists flexcomp made itself. The q-side lists
+        (``compute_q_blocks``) are derived when first read: a decode step's sliced or converted mask
+        that never runs a backward never pays for the transpose."""
         if isinstance(block, int):
             block = (block, block)
         if seq_lengths is None:
             seq_lengths = (kv_idx.shape[-2] * block[0], kv_idx.shape[-1] * block[1])
-        return cls(seq_lengths, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, fq_num, fq_idx, block,
-                   mask_mod if mask_mod is not None else noop_mask, dq_write_order=dq_write_order,
-                   dq_write_order_full=dq_write_order_full,
-                   dq_kv_order=dq_kv_order if isinstance(dq_kv_order, Tensor) else None,
-                   dq_kv_order_spt=dq_kv_order if isinstance(dq_kv_order, bool) else None)
+        bm = cls(seq_lengths, kv_num, kv_idx, full_num, full_idx, None, None, None, None, block,
+                 mask_mod if mask_mod is not None else noop_mask, dq_write_order=dq_write_order,
+                 dq_write_order_full=dq_write_order_full,
+                 dq_kv_order=dq_kv_order if isinstance(dq_kv_order, Tensor) else None,
+                 dq_kv_order_spt=dq_kv_order if isinstance(dq_kv_order, bool) else None)
+        if compute_q_blocks:
+            def transposes() -> tuple:
+                full = _transpose_ordered(full_num, full_idx) if full_num is not None else (None, None)
+                return (*_transpose_ordered(kv_num, kv_idx), *full)
+
+            bm._q_pending = transposes
+        return bm
+
+    # ---- the q-side lists: given, or derived from the kv lists when first read ---------------
+    def _q_lists(self) -> tuple:
+        if self._q_pending is not None:
+            make, self._q_pending = self._q_pending, None
+            self._q = make()
+        return self._q
+
+    def _set_q(self, i: int, value: Optional[Tensor]) -> None:
+        lists = list(self._q_lists())
+        lists[i] = value
+        self._q = tuple(lists)
+
+    def _has_q_lists(self) -> bool:
+        """Whether the q-side lists exist (given, derived, or to be derived), without deriving them."""
+        return self._q_pending is not None or self._q[1] is not None
+
+    def _has_full_q_lists(self) -> bool:
+        """Whether ``full_q_num_blocks`` is (or will be, once derived) a tensor, without deriving it."""
+        if self._q_pending is not None:
+            return self.full_kv_num_blocks is not None
+        return self._q[2] is not None
+
+    q_num_blocks = property(lambda self: self._q_lists()[0], lambda self, v: self._set_q(0, v),
+                            doc="int32 ``[*, num_kv_blocks]``: partial q tiles of each kv-block column")
+    q_indices = property(lambda self: self._q_lists()[1], lambda self, v: self._set_q(1, v),
+                         doc="int32 ``[*, num_kv_blocks, num_q_blocks]``: their q-block numbers")
+    full_q_num_blocks = property(lambda self: self._q_lists()[2], lambda self, v: self._set_q(2, v),
+                                 doc="the same as ``q_num_blocks`` for full tiles (or None)")
+    full_q_indices = property(lambda self: self._q_lists()[3], lambda self, v: self._set_q(3, v),
+                              doc="the same as ``q_indices`` for full tiles (or None)")
 
     def as_tuple(self, flatten: bool = True) -> tuple:
         """The fields in torch's ``BlockMask.as_tuple`` order (what torch's kernels take).
@@ -339,7 +372,7 @@ class BlockMask:
         full_num = self.full_kv_num_blocks[index] if self.full_kv_num_blocks is not None else None
         full_idx = self.full_kv_indices[index] if self.full_kv_indices is not None else None
         new = BlockMask._build(self.kv_num_blocks[index], self.kv_indices[index], full_num, full_idx, self.BLOCK_SIZE,
-                               _sliced_mask_mod_error, self.seq_lengths, self.q_indices is not None)
+                               _sliced_mask_mod_error, self.seq_lengths, self._has_q_lists())
         return self._carry_dq(new, self._slice_dq_kv_order(self.dq_kv_order, index))
 
     def _carry_dq(self, new: "BlockMask", dq_kv_order: Optional[Tensor]) -> "BlockMask":
@@ -363,7 +396,7 @@ class BlockMask:
         if self.full_kv_num_blocks is not None:
             f_num, f_idx = crop_lists(self.full_kv_num_blocks, self.full_kv_indices, rows, cols)
         new = type(self)._build(kv_num, kv_idx, f_num, f_idx, self.BLOCK_SIZE, self.mask_mod,
-                                (new_q_len, new_kv_len), self.q_indices is not None)
+                                (new_q_len, new_kv_len), self._has_q_lists())
         return self._carry_dq(new, self.dq_kv_order)
 
     def to(self, device: Union[torch.device, str]) -> "BlockMask":

@@ -135,6 +135,8 @@ class Options:
         interpret: ``TRITON_INTERPRET=1`` was set: the Triton backend runs in Triton's CPU
             interpreter (it must have been set before the kernels were defined, as Triton wants).
         sources: where generated sources are written.
+        family: the forward's kernel family asked for (``"decode"``: torch's ``BACKEND="TRITON_DECODE"``;
+            ``"prefill"``: ``FORCE_USE_FLEX_ATTENTION=True``; None: chosen by the problem's shape).
     """
 
     backend: Optional[Backend] = None
@@ -144,6 +146,7 @@ class Options:
     backward: TileRequest = field(default_factory=TileRequest)
     interpret: bool = False
     sources: Sources = field(default_factory=Sources)
+    family: Optional[str] = None
 
     @staticmethod
     def parse(kernel_options: Optional[Mapping[str, Any]]) -> "Options":
@@ -229,8 +232,13 @@ class Options:
             backend = _parse_backend(os.environ.get("FLEXCOMP_BACKEND"), "FLEXCOMP_BACKEND")
         chunk = int(kernel_options.get("CHUNK_ELEMENTS", DEFAULT_CHUNK_ELEMENTS))
         deterministic = kernel_options.get("DETERMINISTIC", False)
+        family = None
+        if str(kernel_options.get("BACKEND", "")).strip().lower() == "triton_decode":
+            family = "decode"
+        elif kernel_options.get("FORCE_USE_FLEX_ATTENTION", False):
+            family = "prefill"
         return Options(backend, chunk, deterministic, TileRequest.parse(kernel_options, Pass.FORWARD),
-                       TileRequest.parse(kernel_options, Pass.BACKWARD), interpret, Sources.from_env())
+                       TileRequest.parse(kernel_options, Pass.BACKWARD), interpret, Sources.from_env(), family)
 
 
 def _parse_backend(value: Optional[str], source: str) -> Optional[Backend]:

@@ -45,7 +45,8 @@ from .ir_ops import OPS
 from .options import Backend
 from .problem import Problem
 from .ranges import mod_proven_safe
-from .tiles import BackwardConfig, ForwardConfig, KernelFamily, backward_config, forward_config, smem_limit_of
+from .tiles import (DECODE_MAX_Q, DECODE_MIN_KV_BLOCKS, BackwardConfig, DecodeConfig, ForwardConfig, KernelFamily,
+                    backward_config, decode_config, forward_config, smem_limit_of)
 from .trace import TracedMod
 
 MAX_HEAD_DIM = 256  # the Triton kernels' widest query/key and value heads
@@ -97,7 +98,7 @@ class Plan:
             whose captures may be named differently).
         loads_per_buffer: per captured tensor of the score_mod, how many differentiated loads read it.
         fp64: the working float is float64 (float64 inputs).
-        forward, backward: the tiles (Triton backend).
+        forward, backward: the tiles (Triton backend); decode: the decode kernel's (decode family).
         backward_launches: the backward kernel's launches, in order.
         passes: the passes that ran, each verified.
         score_checked, mask_checked: run the mod's checked variant (an index or a divisor not
@@ -118,6 +119,7 @@ class Plan:
     fp64: bool = False
     forward: Optional[ForwardConfig] = None
     backward: Optional[BackwardConfig] = None
+    decode: Optional[DecodeConfig] = None
     backward_launches: tuple[BackwardLaunch, ...] = ()
     passes: tuple[str, ...] = ()
     score_checked: bool = False
@@ -241,11 +243,38 @@ def _make(problem: Problem, backend: Backend, key: tuple) -> Plan:
             _verified(passes, "scatter", scatter)
         loads_per_buffer = tuple(sum(n.attr == b.name for n in floats) for b in score.buffers)
     forward, backward = _tiles(problem, score, mask, bool(positions))
+    family = family_for(problem)
+    decode = None
+    if family is KernelFamily.DECODE:
+        decode = decode_config(problem.head_dim, problem.value_dim, problem.dtype.itemsize, problem.block_size[1],
+                               problem.options.forward, problem.options.interpret, smem_limit_of(problem.device))
     passes.append("tiles")
-    return replace(plan, score_grad=score_grad, scatter=scatter, scatter_buffers=positions,
-                   loads_per_buffer=loads_per_buffer, forward=forward, backward=backward,
+    return replace(plan, family=family, score_grad=score_grad, scatter=scatter, scatter_buffers=positions,
+                   loads_per_buffer=loads_per_buffer, forward=forward, backward=backward, decode=decode,
                    backward_launches=backward_launches(backward, bool(positions), problem.options.deterministic),
                    passes=tuple(passes))
+
+
+def family_for(problem: Problem) -> KernelFamily:
+    """The forward's kernel family: decode (split-KV) for at most :data:`DECODE_MAX_Q` queries against
+    at least :data:`DECODE_MIN_KV_BLOCKS` kv blocks, without dropout, row maxima or float64 (which the
+    prefill kernel serves); ``kernel_options`` may ask for either (``BACKEND="TRITON_DECODE"``,
+    ``FORCE_USE_FLEX_ATTENTION``). Asking for decode where it cannot run is an error."""
+    unsupported = [what for what, bad in (("dropout", problem.dropout is not None),
+                                          ("max_scores", problem.want_max),
+                                          ("float64", problem.dtype == torch.float64)) if bad]
+    asked = problem.options.family
+    if asked == "decode":
+        if unsupported:
+            raise FlexcompError(f"kernel_options BACKEND='TRITON_DECODE': the decode kernels do not serve "
+                                f"{', '.join(unsupported)}; leave BACKEND out (the prefill kernel runs)")
+        return KernelFamily.DECODE
+    if asked == "prefill" or unsupported:
+        return KernelFamily.PREFILL
+    kv_blocks = -(-problem.kv_len // problem.block_size[1])
+    if problem.q_len <= DECODE_MAX_Q and kv_blocks >= DECODE_MIN_KV_BLOCKS:
+        return KernelFamily.DECODE
+    return KernelFamily.PREFILL
 
 
 def _tiles(problem: Problem, score: Optional[Graph], mask: Optional[Graph],

@@ -93,11 +93,17 @@ class Problem:
         """What a plan depends on, hashable: never the values of tensors or captured numbers."""
         bm = self.block_mask
         lists = None if bm is None else (tuple(bm.BLOCK_SIZE), bm.full_kv_num_blocks is not None,
-                                         bm.full_q_num_blocks is not None)
+                                         _has_full_q_lists(bm))
         return (self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim, self.value_dim,
                 self.kv_batch, self.dtype, self.device, _mod_key(self.score), _mod_key(self.mask), lists,
                 self.options, self.want_max, self.score_grads, self.page_table is not None,
                 self.seq_lens is not None, self.dropout is not None)
+
+
+def _has_full_q_lists(bm) -> bool:
+    """The BlockMask has full q-side lists (a flexcomp BlockMask answers without deriving them)."""
+    has = getattr(bm, "_has_full_q_lists", None)
+    return has() if has is not None else bm.full_q_num_blocks is not None
 
 
 def _mod_key(tm: Optional[TracedMod]) -> Optional[tuple]:

@@ -22,9 +22,15 @@ MIN_TILE = 16  # tl.dot's smallest tile side
 
 
 class KernelFamily(enum.Enum):
-    """The kernel family a problem runs on (decode, paged and varlen kernels join here)."""
+    """The kernel family a problem's forward runs on (the backward is the prefill one for both)."""
 
     PREFILL = "prefill"  # flash forward and FlashAttention-2 backward over the BlockMask's lists
+    DECODE = "decode"  # split-KV flash-decoding: few queries against many keys (codegen/kernels/decode.py)
+
+
+DECODE_MAX_Q = 64  # the longest query the decode family takes (speculative decoding, tree verification)
+DECODE_MIN_KV_BLOCKS = 2  # below this many kv blocks a row has nothing to split: prefill
+DECODE_MAX_ROWS = 64  # query rows (packed heads x positions) in one decode tile
 
 
 def _request(options: Union[TileRequest, Mapping], which: Pass) -> TileRequest:
@@ -259,3 +265,79 @@ def smaller_backward(cfg: BackwardConfig) -> Optional[BackwardConfig]:
     return replace(cfg, block_m1=tiles[0], block_n1=tiles[1], block_m2=tiles[2], block_n2=tiles[3], num_warps=4)
 
 
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles of the decode kernel: ``block_n`` keys per tile (a power of two dividing the BlockMask's
+    kv block), ``num_warps`` / ``num_stages`` as in Triton, ``static_sub`` as in :class:`ForwardConfig`,
+    and ``waves``: programs aimed at per streaming multiprocessor when choosing the number of splits."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    waves: int
+    static_sub: bool = True
+
+
+def decode_config(head_dim: int, value_dim: int, elt: int, sparse_kv: int, options: Union[TileRequest, Mapping],
+                  interpret: bool, smem_limit: int = HOPPER_SMEM_BYTES) -> DecodeConfig:
+    """Tiles for the decode kernel. A decode step is bound by reading K and V once: tiles of 64 keys
+    (128 at head dim <= 64) in 4 warps, 4 stages of loads in flight, and enough splits for about
+    four programs per multiprocessor. ``BLOCK_N`` / ``num_warps`` / ``num_stages`` (or ``fwd_``
+    forms) in ``kernel_options`` override them."""
+    if interpret:
+        bn, warps, stages = 64, 4, 1
+    elif elt >= 4:
+        bn, warps, stages = 32, 4, 2
+    else:
+        bn, warps, stages = (128 if head_dim <= 64 else 64), 4, 4
+    req = _request(options, Pass.FORWARD)
+    bn = largest_pow2_dividing(sparse_kv, _power_of_two(req, "block_n", bn))
+    if bn < MIN_TILE:
+        raise FlexcompError(
+            f"the triton backend tiles the BlockMask's blocks with tiles of at least 16 keys, but block_mask has a "
+            f"kv block of {sparse_kv}; create it with block sizes that are multiples of 16")
+    warps = warps if req.num_warps is None else req.num_warps
+    stages = stages if req.num_stages is None else req.num_stages
+    static_sub = True
+    if not interpret:
+        per_stage = sparse_kv * (pad_dim(head_dim) + pad_dim(value_dim)) * elt
+        while stages > 1 and stages * per_stage > smem_limit:
+            stages -= 1
+        static_sub = stages * per_stage <= smem_limit
+    return DecodeConfig(bn, warps, stages, 4, static_sub)
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """How one decode call maps onto programs: ``heads`` query heads of one GQA group packed in a
+    tile's rows with ``rows_q`` query positions each (``block_m`` rows, padded to a power of two >= 16),
+    ``tiles`` query tiles per head group, and ``splits`` programs sharing each row's kv blocks."""
+
+    heads: int
+    rows_q: int
+    block_m: int
+    tiles: int
+    splits: int
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def decode_layout(batch: int, heads: int, group: int, q_len: int, kv_len: int, sparse_q: int, sparse_kv: int,
+                  lists_per_head: bool, multiprocessors: int, waves: int) -> DecodeLayout:
+    """The :class:`DecodeLayout` of a call: a GQA group's heads share a tile when the block lists do not
+    differ by head (``lists_per_head`` False) and the group fits :data:`DECODE_MAX_ROWS`; query
+    positions fill the rest (never across a BlockMask row); splits bring the grid to about ``waves``
+    programs per multiprocessor, at most one per kv block."""
+    packed = 1 if lists_per_head or group > DECODE_MAX_ROWS else group
+    room = max(1, DECODE_MAX_ROWS // _pow2_at_least(packed))
+    rows_q = largest_pow2_dividing(sparse_q, min(_pow2_at_least(q_len), room))
+    block_m = max(MIN_TILE, _pow2_at_least(packed * rows_q))
+    tiles = -(-q_len // rows_q)
+    programs = batch * (heads // packed) * tiles
+    kv_blocks = -(-kv_len // sparse_kv)
+    splits = max(1, min(kv_blocks, -(-waves * multiprocessors // programs)))
+    return DecodeLayout(packed, rows_q, block_m, tiles, splits)

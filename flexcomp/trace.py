@@ -165,6 +165,9 @@ class Tracer:
             v = fn.__globals__.get(g)
             if isinstance(v, torch.Tensor):
                 self.walk(v, g)
+        for i, d in enumerate(list(fn.__defaults__ or ()) + list((fn.__kwdefaults__ or {}).values())):
+            if isinstance(d, torch.Tensor):  # ``lambda ..., offset=offset:``: keyed like a closure's tensor
+                self.walk(d, f"default{i}")
         if not fn.__closure__:
             return fn
         cells = []

@@ -1,0 +1,93 @@
+"""The Triton backend's decode forward: the split-KV kernel and the merge of its splits.
+
+The plan chose the decode family (:func:`flexcomp.plan.family_for`: few queries, many keys) and its
+tiles; here the call's layout (:func:`flexcomp.tiles.decode_layout`: how many query heads share a
+tile, how many splits) is decided from the BlockMask's lists and the device, and the kernels run.
+Inputs, mods and block lists reach the kernel exactly as in the prefill forward
+(:mod:`flexcomp.codegen.launch`); nothing is copied.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from flexcomp.cache import CACHE
+from flexcomp.plan import Plan
+from flexcomp.problem import Outputs, Problem
+from flexcomp.tiles import DecodeLayout, decode_layout, pad_dim
+
+from .kernels.decode import decode_merge, flex_decode
+from .launch import (BlockLists, FloatType, ModArgs, block_lists, dot_precision, float_type, full_block_mask,
+                     kv_strides, mod_args, raise_if_out_of_range, stats_dtype)
+
+INTERPRETER_MULTIPROCESSORS = 4  # under Triton's interpreter: a few splits, so that tests cover the merge
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (kept: a device query costs)."""
+    def query() -> int:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        return INTERPRETER_MULTIPROCESSORS
+
+    return CACHE.get_or_make(("multiprocessors", device), query)
+
+
+def layout_of(problem: Problem, plan: Plan, lists: BlockLists) -> DecodeLayout:
+    """The call's :class:`DecodeLayout`; heads share tiles only where the lists do not differ by head
+    (the BlockMask's head dim is 1 or broadcast)."""
+    per_head = lists.num.shape[1] > 1 and lists.num.stride(1) != 0
+    if lists.has_full:
+        per_head = per_head or (lists.full_num.shape[1] > 1 and lists.full_num.stride(1) != 0)
+    sq, skv = problem.block_size
+    return decode_layout(problem.batch, problem.heads, problem.group, problem.q_len, problem.kv_len, sq, skv,
+                         per_head, multiprocessors(problem.device), plan.decode.waves)
+
+
+def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Outputs:
+    """The decode forward: output ``[B, Hq, L, Ev]`` (input dtype) and LSE ``[B, Hq, L]`` (natural log,
+    float32), as :func:`flexcomp.codegen.launch.forward` returns them. Raises ``FlexcompIndexError``
+    when a mod indexed a captured tensor out of range."""
+    B, H, L, S, DV = problem.batch, problem.heads, problem.q_len, problem.kv_len, problem.value_dim
+    device = problem.device
+    block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(L, S, device)
+    lists = block_lists(block_mask, B, H, transposed=False)
+    sources = problem.options.sources
+    sa = mod_args(problem.score, plan.score, device, float_type(plan), plan.score_checked, sources)
+    ma = mod_args(problem.mask, plan.mask, device, FloatType.F32, plan.mask_checked, sources)
+    out = torch.empty(B, H, L, DV, dtype=problem.dtype, device=device)
+    lse = torch.empty(B, H, L, dtype=stats_dtype(problem.dtype), device=device)
+    layout = layout_of(problem, plan, lists)
+    if layout.splits == 1:
+        _launch(problem, plan, layout, q, k, v, out, lse, lists, sa, ma, split=False)
+    else:
+        dv_pad = pad_dim(DV)
+        o_part = torch.empty(B, H, layout.splits, L, dv_pad, dtype=torch.float32, device=device)
+        lse_part = torch.empty(B, H, layout.splits, L, dtype=torch.float32, device=device)
+        _launch(problem, plan, layout, q, k, v, o_part, lse_part, lists, sa, ma, split=True)
+        decode_merge[(B * H, L)](o_part, lse_part, out, lse, out.stride(), lse.stride(), H, L, layout.splits,
+                                 SPLITS_PAD=max(2, triton.next_power_of_2(layout.splits)), DV=DV, DV_PAD=dv_pad,
+                                 num_warps=4)
+    if sa.err is not None or ma.err is not None:
+        raise_if_out_of_range(((problem.score, sa), (problem.mask, ma)))
+    return Outputs(out, lse, None)
+
+
+def _launch(problem: Problem, plan: Plan, layout: DecodeLayout, q, k, v, out, lse, lists: BlockLists, sa: ModArgs,
+            ma: ModArgs, split: bool) -> None:
+    cfg = plan.decode
+    sq, skv = problem.block_size
+    D, DV = problem.head_dim, problem.value_dim
+    grid = (layout.splits, problem.batch * (problem.heads // layout.heads), layout.tiles)
+    flex_decode[grid](
+        q, k, v, out, lse, q.stride(), kv_strides(problem, k), kv_strides(problem, v),
+        out.stride() if not split else (0, 0, 0, 0), lse.stride() if not split else (0, 0, 0),
+        *lists.tensors, lists.num.stride(), lists.idx.stride(),
+        problem.heads, problem.q_len, problem.kv_len, problem.group, problem.scale,
+        sa.fn, sa.bufs, ma.fn, ma.bufs,
+        HAS_SCORE_MOD=sa.fn is not None, HAS_MASK_MOD=ma.fn is not None, HAS_FULL=lists.has_full,
+        SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=layout.block_m, BLOCK_N=cfg.block_n, HEADS=layout.heads,
+        ROWS_Q=layout.rows_q, D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV),
+        PRECISION=dot_precision(problem.dtype), EVEN_KV=problem.kv_len % skv == 0, STATIC_SUB=cfg.static_sub,
+        SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
