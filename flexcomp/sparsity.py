@@ -263,6 +263,7 @@ def propagate(g: Graph, inputs: dict[str, Interval], scalars: dict[str, float], 
     """
     vals: list = [None] * len(g.nodes)
     mags: list[float] = [math.inf] * len(g.nodes)
+    known: dict[int, int] = {}  # integer captured numbers (and int casts of them): rules see them as literals
 
     def iv(a) -> Interval:
         if isinstance(a, Const):
@@ -279,12 +280,18 @@ def propagate(g: Graph, inputs: dict[str, Interval], scalars: dict[str, float], 
         elif op is Op.SCALAR:
             v = like + float(scalars[n.attr])
             out = Interval(v, v)
+            if n.dtype.is_int:
+                known[n.id] = int(scalars[n.attr])
         elif op is Op.LOAD:
             out = load(n, xs)
         else:
-            consts = tuple(a.value if isinstance(a, Const) else None for a in n.args)
+            consts = tuple(a.value if isinstance(a, Const) else known.get(a) for a in n.args)
             arg_dtypes = tuple(g.dtype_of(a) for a in n.args)
             out = OPS[op].interval(IntervalArgs(tuple(xs), consts, n.dtype, arg_dtypes, like))
+            if op is Op.CAST and n.dtype.is_int and consts[0] is not None:
+                tmin, tmax = _INT_RANGE[n.dtype]
+                if tmin <= consts[0] <= tmax:
+                    known[n.id] = int(consts[0])
         if n.dtype is DType.F32 and op is not Op.SCALAR:
             out = _widen(out)
         elif wrap_guard and n.dtype.is_int and op not in (Op.INPUT, Op.SCALAR):

@@ -2,19 +2,25 @@
 
 ``create_block_mask`` builds its block lists either with the torch evaluator (the default on CPU) or
 with the generated kernels (a classify kernel for the blocks the interval analysis leaves undecided,
-then the ordered-lists kernel): on CUDA, and here on CPU with ``FLEXCOMP_BACKEND=triton`` under
-``TRITON_INTERPRET=1`` (conftest.py sets it). Each comparison builds on both paths (the reuse cache
+then the ordered-lists kernel). The tests run on ``DEVICE``: ``"cuda"`` where there is a GPU (the real
+kernels), else ``"cpu"`` under ``TRITON_INTERPRET=1`` (conftest.py sets it then), where
+``FLEXCOMP_BACKEND=triton`` asks for the kernels in Triton's interpreter. On either,
+``FLEXCOMP_BACKEND=triton`` takes the kernel path and ``reference`` the torch evaluator
+(``flexcomp.blockmask_build._use_kernels``). Each comparison builds on both paths (the reuse cache
 cleared in between, so each really builds, and a spy on the launchers proves which path ran) and
-checks every field against torch's own ``torch.nn.attention.flex_attention.create_block_mask``
-(dense, exact at these sizes). Sizes stay at a few hundred tokens: the interpreter is slow.
+checks every field against torch's own ``torch.nn.attention.flex_attention.create_block_mask`` on the
+same device (dense, exact at these sizes). Every tensor a mask captures lives on ``DEVICE`` too: torch
+cannot index a CPU tensor with CUDA indices. Sizes stay at a few hundred tokens: the interpreter is slow.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -24,6 +30,7 @@ from torch.nn.attention import flex_attention as tfa
 import flexcomp.codegen.blockmask as on_device
 from flexcomp import and_masks, create_block_mask, create_mask, or_masks
 from flexcomp.blockmask_build import _REUSE, build_block_mask
+from flexcomp.ir import ModKind
 from flexcomp.masks import (
     block_diffusion_mask,
     causal_mask,
@@ -37,11 +44,25 @@ from flexcomp.masks import (
     sliding_tile_mask,
     sliding_window,
 )
+from flexcomp.trace import trace
 
 from test_blockmask import (FIELDS, assert_same, batch_and_head,  # tests/ is on sys.path (as for variants.py)
                             per_head_window)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: a GPU, or Triton's interpreter
 UNKNOWN = 3  # flexcomp.sparsity.BlockKind.UNKNOWN: what the classify kernel decides
+
+
+def tables_on(fn, device):
+    """``fn`` (a mask_mod reading module-level tensors, as test_blockmask's ``per_head_window`` its
+    ``HEAD_WIN``) reading ``device`` copies of them: torch's create_block_mask on CUDA cannot index a
+    CPU tensor with CUDA indices. Where they already are on ``device``, the same tensors (``Tensor.to``
+    returns them): only the function object is new."""
+    scope = dict(fn.__globals__)
+    for name in fn.__code__.co_names:
+        if isinstance(scope.get(name), torch.Tensor):
+            scope[name] = scope[name].to(device)
+    return types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 class Paths:
@@ -71,7 +92,7 @@ class Paths:
         self.use(kernels)
         _REUSE.clear()
         seen = len(self.launches)
-        bm = create_block_mask(mask_mod, B, H, Q, KV, device="cpu", **kw)
+        bm = create_block_mask(mask_mod, B, H, Q, KV, device=DEVICE, **kw)
         ran = [launch[0] for launch in self.launches[seen:]]
         assert ran == (["classify", "lists"] if kernels else []), ran
         self.last = self.launches[seen:]
@@ -80,7 +101,7 @@ class Paths:
     def compare(self, mask_mod, B, H, Q, KV, what="", **kw):
         """Kernel path == torch's create_block_mask == flexcomp's torch-evaluator path, every field."""
         got = self.build(True, mask_mod, B, H, Q, KV, **kw)
-        want = tfa.create_block_mask(mask_mod, B, H, Q, KV, device="cpu", **kw)
+        want = tfa.create_block_mask(mask_mod, B, H, Q, KV, device=DEVICE, **kw)
         assert_same(got, want, f"kernels vs torch: {what} B={B} H={H} Q={Q} KV={KV} {kw}")
         launches = self.last
         evaluator = self.build(False, mask_mod, B, H, Q, KV, **kw)
@@ -103,38 +124,41 @@ S = 192
 DOC_IDS_2D = torch.stack([
     torch.repeat_interleave(torch.arange(4), torch.tensor([60, 10, 90, 32])),
     torch.repeat_interleave(torch.arange(3), torch.tensor([80, 80, 32])),
-])
-DOC_IDS_1D = torch.repeat_interleave(torch.tensor([3, 1, 3, 7, 2]), torch.tensor([40, 1, 39, 70, 42]))
-SHARED_1D = torch.cat([torch.full((40,), -1), torch.arange(S - 40) % 3])  # interleaved continuations
+]).to(DEVICE)
+DOC_IDS_1D = torch.repeat_interleave(torch.tensor([3, 1, 3, 7, 2]), torch.tensor([40, 1, 39, 70, 42])).to(DEVICE)
+SHARED_1D = torch.cat([torch.full((40,), -1), torch.arange(S - 40) % 3]).to(DEVICE)  # interleaved continuations
 SHARED_2D = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor([45, 60, 87])),
-                         torch.repeat_interleave(torch.arange(4), torch.tensor([45, 30, 100, 17]))])
+                         torch.repeat_interleave(torch.arange(4), torch.tensor([45, 30, 100, 17]))]).to(DEVICE)
 PAD_LENS = [150, 33]
 
 
-FACTORY_MASKS = {
-    "causal": causal_mask,
-    "sliding_window": sliding_window(23),
-    "prefix_lm": prefix_lm(45),
-    "document_lengths": document_mask([70, 41, 81]),
-    "document_lengths_prefix_inner": document_mask([70, 41, 81], inner=prefix_lm(8)),
-    "document_ids_per_batch": document_mask(doc_ids=DOC_IDS_2D),
-    "document_ids_1d_bidirectional": document_mask(doc_ids=DOC_IDS_1D, inner=None),
-    "padding": padding_mask(PAD_LENS),
-    "dilated_sliding_window": dilated_sliding_window(6, 5),
-    "global_tokens": global_tokens(5),
-    "global_tokens_window": global_tokens(20, inner=sliding_window(24)),
-    "shared_prefix_1d": shared_prefix_mask(40, SHARED_1D),
-    "shared_prefix_per_batch": shared_prefix_mask(45, SHARED_2D),
-    "block_diffusion": block_diffusion_mask(20, S // 2),
-    "natten": natten_mask(12, 16, 5, 7),
-    "sliding_tile": sliding_tile_mask(8, 16, 4, 4, 2, 3, text_len=S - 128),
-    "and_causal_padding": and_masks(causal_mask, padding_mask(PAD_LENS)),
-    "or_prefix_window": or_masks(prefix_lm(20), sliding_window(10)),
-    "nested_and_or": and_masks(document_mask([70, 41, 81]),
-                               or_masks(global_tokens(4), dilated_sliding_window(8, 4))),
-    "per_head_window": per_head_window,
-    "batch_and_head": batch_and_head,
-}
+# the factories given lists (document_mask's lengths, padding_mask's) make their tensors on the default
+# device: DEVICE here, so that torch's create_block_mask can read them (test_every_capture_is_on_the_device)
+with torch.device(DEVICE):
+    FACTORY_MASKS = {
+        "causal": causal_mask,
+        "sliding_window": sliding_window(23),
+        "prefix_lm": prefix_lm(45),
+        "document_lengths": document_mask([70, 41, 81]),
+        "document_lengths_prefix_inner": document_mask([70, 41, 81], inner=prefix_lm(8)),
+        "document_ids_per_batch": document_mask(doc_ids=DOC_IDS_2D),
+        "document_ids_1d_bidirectional": document_mask(doc_ids=DOC_IDS_1D, inner=None),
+        "padding": padding_mask(PAD_LENS),
+        "dilated_sliding_window": dilated_sliding_window(6, 5),
+        "global_tokens": global_tokens(5),
+        "global_tokens_window": global_tokens(20, inner=sliding_window(24)),
+        "shared_prefix_1d": shared_prefix_mask(40, SHARED_1D),
+        "shared_prefix_per_batch": shared_prefix_mask(45, SHARED_2D),
+        "block_diffusion": block_diffusion_mask(20, S // 2),
+        "natten": natten_mask(12, 16, 5, 7),
+        "sliding_tile": sliding_tile_mask(8, 16, 4, 4, 2, 3, text_len=S - 128),
+        "and_causal_padding": and_masks(causal_mask, padding_mask(PAD_LENS)),
+        "or_prefix_window": or_masks(prefix_lm(20), sliding_window(10)),
+        "nested_and_or": and_masks(document_mask([70, 41, 81]),
+                                   or_masks(global_tokens(4), dilated_sliding_window(8, 4))),
+        "per_head_window": tables_on(per_head_window, DEVICE),  # test_blockmask's, its HEAD_WIN on DEVICE
+        "batch_and_head": batch_and_head,
+    }
 # one block size per mask, cycling, so every size meets several masks without multiplying the cases
 # (blocks of 16 on square 192-token maps cost the interpreter too much; test_ragged_lengths has them)
 _CYCLE = [32, (16, 64), 64, (64, 32), 128]
@@ -167,6 +191,8 @@ def test_ragged_lengths_and_block_sizes(paths, block):
 @pytest.mark.parametrize("name,block", [("document_ids_per_batch", 32), ("sliding_tile", (32, 64)),
                                         ("per_head_window", 128)])
 def test_separate_full_blocks_false(paths, name, block):
+    if "separate_full_blocks" not in inspect.signature(tfa.create_block_mask).parameters:
+        pytest.skip("this torch's create_block_mask has no separate_full_blocks (torch 2.13 added it)")
     bm = paths.compare(FACTORY_MASKS[name], 2, 3, S - 7, S, name, BLOCK_SIZE=block, separate_full_blocks=False)
     assert bm.full_kv_num_blocks is None and bm.full_q_indices is None
     assert paths.last[-1][2] is False  # the lists kernel was asked for the partial lists only
@@ -189,6 +215,7 @@ def test_list_rows_longer_than_one_chunk(separate_full):
     g = torch.Generator().manual_seed(3)
     kind = torch.randint(0, 3, (1, 2, 2, cols), generator=g, dtype=torch.int8)
     kind[0, 1, 1] = 0  # a row with nothing listed
+    kind = kind.to(DEVICE)
     for transposed, k in ((False, kind), (True, kind.transpose(-2, -1).contiguous())):
         num, idx, full_num, full_idx = on_device._lists(k, transposed, separate_full)
         rows = k.transpose(-2, -1) if transposed else k
@@ -206,9 +233,9 @@ def test_empty_sizes_on_the_kernel_path(paths, B, H, Q, KV):
     """Nothing to classify: the kernel path gives torch's (empty) fields without a launch."""
     paths.use(True)
     _REUSE.clear()
-    got = create_block_mask(causal_mask, B, H, Q, KV, device="cpu", BLOCK_SIZE=16)
+    got = create_block_mask(causal_mask, B, H, Q, KV, device=DEVICE, BLOCK_SIZE=16)
     assert paths.launches == []
-    want = tfa.create_block_mask(causal_mask, B, H, Q, KV, device="cpu", BLOCK_SIZE=16)
+    want = tfa.create_block_mask(causal_mask, B, H, Q, KV, device=DEVICE, BLOCK_SIZE=16)
     for name in FIELDS:  # not assert_same: sparsity() divides by zero here, in torch too
         a, t = getattr(got, name), getattr(want, name)
         assert a.shape == t.shape and a.dtype == t.dtype and torch.equal(a, t), name
@@ -248,13 +275,15 @@ def test_undecided_and_float_masks_match_torch(paths, name, block):
 
 
 # ---- captured tensors of any layout and dtype, integer arithmetic with torch's semantics -----------
+# drawn on the CPU (the same values on any machine), then moved; the views taken on DEVICE (a copy would
+# not keep a gap or a stride 0)
 _G = torch.Generator().manual_seed(0)
-TABLE_T = torch.randint(0, 3, (100, 2), generator=_G).t()  # strides (1, 2)
-IDS_STEP2 = (torch.arange(200) // 7)[::2]  # stride 2
-WRAP = torch.randint(0, 2, (100,), generator=_G)
-U8 = torch.randint(0, 255, (100,), generator=_G, dtype=torch.uint8)
-F16 = torch.randn(100, generator=_G).half()
-EXPANDED = torch.arange(10).expand(3, 10)  # stride (0, 1)
+TABLE_T = torch.randint(0, 3, (100, 2), generator=_G).to(DEVICE).t()  # strides (1, 2)
+IDS_STEP2 = (torch.arange(200) // 7).to(DEVICE)[::2]  # stride 2
+WRAP = torch.randint(0, 2, (100,), generator=_G).to(DEVICE)
+U8 = torch.randint(0, 255, (100,), generator=_G, dtype=torch.uint8).to(DEVICE)
+F16 = torch.randn(100, generator=_G).half().to(DEVICE)
+EXPANDED = torch.arange(10).to(DEVICE).expand(3, 10)  # stride (0, 1)
 
 CAPTURES = {
     "strided_views": lambda b, h, q_idx, kv_idx: TABLE_T[b, kv_idx] == IDS_STEP2[q_idx] % 3,
@@ -273,10 +302,29 @@ def test_captured_tensors_and_integer_semantics_match_torch(paths, name):
     paths.compare(CAPTURES[name], 2, None, 100, 100, name, BLOCK_SIZE=16)
 
 
+def test_every_capture_is_on_the_device():
+    """The masks compared with torch capture DEVICE tensors only (torch cannot index a CPU tensor with
+    CUDA indices), in the layouts the cases name."""
+    assert TABLE_T.stride() == (1, 2) and IDS_STEP2.stride() == (2,) and EXPANDED.stride() == (0, 1)
+    for name, mask in {**FACTORY_MASKS, **UNDECIDED, **CAPTURES}.items():
+        devices = {t.device for t in trace(mask, ModKind.MASK).buffers}
+        assert devices <= {torch.empty(0, device=DEVICE).device}, (name, devices)
+
+
 # ---- errors: out-of-range indexing and integer division by zero, as torch ---------------------
+# torch raises these on the CPU only: on CUDA its index kernel stops the process with a device-side assert,
+# and an integer division by zero gives no error. So torch's create_block_mask, flexcomp's create_mask and
+# flexcomp's torch evaluator (the same torch ops) run on the CPU on any machine, with these tables on the CPU;
+# the kernels run on DEVICE, reading DEVICE copies of the tables (tables_on), and raise as torch does on the
+# CPU (they run checked and read their error slots back).
 LENS = torch.arange(10)
 ZERO = torch.tensor([0])
 AT = torch.tensor([37])
+
+
+def _error_device(kernels: bool) -> str:
+    """Where flexcomp builds in the error tests: the kernels on DEVICE, the torch evaluator on the CPU."""
+    return DEVICE if kernels else "cpu"
 
 
 def reads_past_lens(b, h, q_idx, kv_idx):
@@ -300,10 +348,11 @@ def divides_by_zero_at_one_column(b, h, q_idx, kv_idx):
 def test_out_of_range_index_raises_index_error(paths, mask, kernels):
     with pytest.raises(IndexError):  # torch: IndexError ("index 10 is out of bounds ...")
         tfa.create_block_mask(mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    device = _error_device(kernels)
     paths.use(kernels)
     _REUSE.clear()
     with pytest.raises(IndexError, match="out of range"):
-        create_block_mask(mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+        create_block_mask(tables_on(mask, device), None, None, 64, 64, device=device, BLOCK_SIZE=16)
     assert [launch[0] for launch in paths.launches] == (["classify"] if kernels else [])
 
 
@@ -313,10 +362,11 @@ def test_out_of_range_index_raises_index_error(paths, mask, kernels):
 def test_integer_division_by_zero_raises_as_torch(paths, mask, kernels):
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):  # torch: RuntimeError('ZeroDivisionError')
         tfa.create_block_mask(mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    device = _error_device(kernels)
     paths.use(kernels)
     _REUSE.clear()
     with pytest.raises(RuntimeError, match="divides an integer by zero") as info:
-        create_block_mask(mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+        create_block_mask(tables_on(mask, device), None, None, 64, 64, device=device, BLOCK_SIZE=16)
     assert isinstance(info.value, ZeroDivisionError)
     assert [launch[0] for launch in paths.launches] == (["classify"] if kernels else [])
 
@@ -333,10 +383,11 @@ def test_division_by_zero_in_a_decided_block_raises_as_torch(paths, kernels):
         tfa.create_block_mask(mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
     with pytest.raises(ZeroDivisionError):  # flexcomp's own create_mask raises here
         create_mask(mask, 1, 1, 64, 64, device="cpu")
+    device = _error_device(kernels)
     paths.use(kernels)
     _REUSE.clear()
     with pytest.raises(ZeroDivisionError):
-        create_block_mask(mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+        create_block_mask(tables_on(mask, device), None, None, 64, 64, device=device, BLOCK_SIZE=16)
 
 
 # ---- broadcasting: a mask that ignores b / h is built once, returned as stride-0 views ------------
@@ -347,7 +398,7 @@ def head_only(b, h, q_idx, kv_idx):
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "evaluator"])
 def test_broadcast_never_multiplies_work(paths, kernels):
     bm = paths.build(kernels, causal_mask, 4, 8, 96, 96, BLOCK_SIZE=32)
-    want = tfa.create_block_mask(causal_mask, 4, 8, 96, 96, device="cpu", BLOCK_SIZE=32)
+    want = tfa.create_block_mask(causal_mask, 4, 8, 96, 96, device=DEVICE, BLOCK_SIZE=32)
     assert_same(bm, want, "causal B=4 H=8")
     for name in FIELDS:
         t = getattr(bm, name)
@@ -356,7 +407,7 @@ def test_broadcast_never_multiplies_work(paths, kernels):
         assert [launch[1][:2] for launch in paths.last] == [(1, 1), (1, 1)]
 
     bm = paths.build(kernels, head_only, 4, 8, 96, 96, BLOCK_SIZE=32)
-    assert_same(bm, tfa.create_block_mask(head_only, 4, 8, 96, 96, device="cpu", BLOCK_SIZE=32), "head_only")
+    assert_same(bm, tfa.create_block_mask(head_only, 4, 8, 96, 96, device=DEVICE, BLOCK_SIZE=32), "head_only")
     assert bm.kv_indices.stride()[0] == 0 and bm.kv_indices.stride()[1] != 0
     if kernels:
         assert [launch[1][:2] for launch in paths.last] == [(1, 8), (1, 8)]
@@ -372,22 +423,22 @@ def test_reuse_shares_lists_and_keeps_each_calls_mask_mod(paths, kernels):
     paths.use(kernels)
     _REUSE.clear()
     m1, m2 = sliding_window(37), sliding_window(37)  # two closures, one structure, the same scalar
-    a = create_block_mask(m1, 2, None, 200, 200, device="cpu", BLOCK_SIZE=32)
+    a = create_block_mask(m1, 2, None, 200, 200, device=DEVICE, BLOCK_SIZE=32)
     built = len(paths.launches)
-    b = create_block_mask(m1, 2, None, 200, 200, device="cpu", BLOCK_SIZE=32)
-    c = create_block_mask(m2, 2, None, 200, 200, device="cpu", BLOCK_SIZE=32)
+    b = create_block_mask(m1, 2, None, 200, 200, device=DEVICE, BLOCK_SIZE=32)
+    c = create_block_mask(m2, 2, None, 200, 200, device=DEVICE, BLOCK_SIZE=32)
     assert len(paths.launches) == built == (2 if kernels else 0)  # b and c launched nothing
     assert a.kv_indices.data_ptr() == b.kv_indices.data_ptr() == c.kv_indices.data_ptr()
     assert a.mask_mod is m1 and b.mask_mod is m1 and c.mask_mod is m2
-    assert_same(c, tfa.create_block_mask(m2, 2, None, 200, 200, device="cpu", BLOCK_SIZE=32), "reused")
+    assert_same(c, tfa.create_block_mask(m2, 2, None, 200, 200, device=DEVICE, BLOCK_SIZE=32), "reused")
     # another window is another mask, though the structure is the same
-    d = create_block_mask(sliding_window(5), 2, None, 200, 200, device="cpu", BLOCK_SIZE=32)
+    d = create_block_mask(sliding_window(5), 2, None, 200, 200, device=DEVICE, BLOCK_SIZE=32)
     assert d.kv_indices.data_ptr() != a.kv_indices.data_ptr()
-    assert_same(d, tfa.create_block_mask(sliding_window(5), 2, None, 200, 200, device="cpu", BLOCK_SIZE=32),
+    assert_same(d, tfa.create_block_mask(sliding_window(5), 2, None, 200, 200, device=DEVICE, BLOCK_SIZE=32),
                 "window 5")
     # other sizes are other masks
-    e = create_block_mask(m1, 2, None, 200, 160, device="cpu", BLOCK_SIZE=32)
-    assert_same(e, tfa.create_block_mask(m1, 2, None, 200, 160, device="cpu", BLOCK_SIZE=32), "KV 160")
+    e = create_block_mask(m1, 2, None, 200, 160, device=DEVICE, BLOCK_SIZE=32)
+    assert_same(e, tfa.create_block_mask(m1, 2, None, 200, 160, device=DEVICE, BLOCK_SIZE=32), "KV 160")
 
 
 def _update_lengths(lengths):
@@ -404,29 +455,29 @@ def test_reuse_sees_in_place_updates_of_captured_tensors(paths, kernels, which):
     paths.use(kernels)
     _REUSE.clear()
     if which == "padding_lengths":
-        captured = torch.tensor([120, 33], dtype=torch.int32)  # padding_mask keeps an int32 tensor as is
+        captured = torch.tensor([120, 33], dtype=torch.int32, device=DEVICE)  # padding_mask keeps it as is
         make, update = padding_mask, _update_lengths
     else:
         captured = DOC_IDS_2D.to(torch.int32)  # document_mask keeps int32 ids as is
         make, update = (lambda ids: document_mask(doc_ids=ids, inner=None)), _update_doc_ids
     mask = make(captured)
     B, H, Q, KV, kw = 2, None, S, S, {"BLOCK_SIZE": 32}
-    before = tfa.create_block_mask(mask, B, H, Q, KV, device="cpu", **kw)
-    a = create_block_mask(mask, B, H, Q, KV, device="cpu", **kw)
-    b = create_block_mask(mask, B, H, Q, KV, device="cpu", **kw)
+    before = tfa.create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)
+    a = create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)
+    b = create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)
     assert a.kv_indices.data_ptr() == b.kv_indices.data_ptr()
     assert_same(b, before, "before the update")
 
     update(captured)
-    c = create_block_mask(mask, B, H, Q, KV, device="cpu", **kw)
-    after = tfa.create_block_mask(mask, B, H, Q, KV, device="cpu", **kw)
+    c = create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)
+    after = tfa.create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)
     assert not _lists_equal(before, after)  # the update changed the mask
     assert_same(c, after, "after the update")
-    assert_same(c, build_block_mask(mask, B, H, Q, KV, device="cpu", BLOCK_SIZE=32), "fresh build")
+    assert_same(c, build_block_mask(mask, B, H, Q, KV, device=DEVICE, BLOCK_SIZE=32), "fresh build")
     assert_same(a, before, "the first mask is left as it was")
 
     # a new tensor object with equal values: the same (correct) lists
-    d = create_block_mask(make(captured.clone()), B, H, Q, KV, device="cpu", **kw)
+    d = create_block_mask(make(captured.clone()), B, H, Q, KV, device=DEVICE, **kw)
     assert_same(d, after, "a copy of the captured tensor")
 
 
@@ -435,9 +486,9 @@ def test_reuse_is_not_fooled_by_reused_ids(paths):
     paths.use(False)
     _REUSE.clear()
     for n in range(1, 25):
-        mask = padding_mask(torch.tensor([7 * n, 200 - 5 * n], dtype=torch.int32))
-        got = create_block_mask(mask, 2, None, 64, 200, device="cpu", BLOCK_SIZE=16)
-        assert_same(got, tfa.create_block_mask(mask, 2, None, 64, 200, device="cpu", BLOCK_SIZE=16), f"n={n}")
+        mask = padding_mask(torch.tensor([7 * n, 200 - 5 * n], dtype=torch.int32, device=DEVICE))
+        got = create_block_mask(mask, 2, None, 64, 200, device=DEVICE, BLOCK_SIZE=16)
+        assert_same(got, tfa.create_block_mask(mask, 2, None, 64, 200, device=DEVICE, BLOCK_SIZE=16), f"n={n}")
         del mask, got
 
 
@@ -446,15 +497,19 @@ def test_reuse_sees_writes_that_skip_the_version_counter(paths, how):
     paths.use(False)
     _REUSE.clear()
     buf = np.array([120, 33], dtype=np.int32)
-    lengths = torch.from_numpy(buf)  # a loader refilling its buffer each step
+    lengths = torch.from_numpy(buf)  # a loader refilling its (host) buffer each step: a CPU capture on any device
+    if how == "data":
+        lengths = lengths.to(DEVICE)  # written through .data where it lives (on the CPU: the numpy buffer itself)
     mask = padding_mask(lengths)
-    create_block_mask(mask, 2, None, 128, 128, device="cpu", BLOCK_SIZE=16)
+    create_block_mask(mask, 2, None, 128, 128, device=DEVICE, BLOCK_SIZE=16)
     if how == "numpy":
         buf[1] = 90
     else:
         lengths.data[1] = 90
-    got = create_block_mask(mask, 2, None, 128, 128, device="cpu", BLOCK_SIZE=16)
-    assert_same(got, tfa.create_block_mask(mask, 2, None, 128, 128, device="cpu", BLOCK_SIZE=16), how)
+    got = create_block_mask(mask, 2, None, 128, 128, device=DEVICE, BLOCK_SIZE=16)
+    # torch's reads the lengths on the mask's device (on the CPU: the same tensor)
+    want = tfa.create_block_mask(padding_mask(lengths.to(DEVICE)), 2, None, 128, 128, device=DEVICE, BLOCK_SIZE=16)
+    assert_same(got, want, how)
 
 
 # ---- 256k tokens: never an S x S tensor ------------------------------------------------------------
@@ -467,15 +522,19 @@ _CHILD = textwrap.dedent(r"""
     def rss():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
-    S, BLK = 262144, 128
+    S, BLK, DEVICE = 262144, 128, sys.argv[1]
     lengths = [13907, 15558, 8527, 15074, 18412, 12631, 12446, 459, 14481, 19599, 12813, 9416, 16732, 5298,
                7395, 12556, 7012, 8424, 11142, 18616, 21646]
     assert sum(lengths) == S
-    doc = document_mask(lengths)
+    doc = document_mask(lengths)  # CPU captures: the brute force below reads them; flexcomp moves them
+    if DEVICE == "cuda":
+        torch.zeros(1, device=DEVICE)  # the CUDA context first: the peak counts the build only
+        torch.cuda.reset_peak_memory_stats()
     out = {"rss_before": rss()}
-    causal = flexcomp.create_block_mask(causal_mask, 1, 1, S, S, device="cpu", BLOCK_SIZE=BLK)
-    documents = flexcomp.create_block_mask(doc, 1, 1, S, S, device="cpu", BLOCK_SIZE=BLK)
+    causal = flexcomp.create_block_mask(causal_mask, 1, 1, S, S, device=DEVICE, BLOCK_SIZE=BLK)
+    documents = flexcomp.create_block_mask(doc, 1, 1, S, S, device=DEVICE, BLOCK_SIZE=BLK)
     out["rss_after"] = rss()
+    out["device_peak"] = torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0
 
     def kinds_of_rows(mask_mod, rows):
         # brute force, one q-block row at a time: the dense [BLK, S] row of the mask, cut into kv blocks
@@ -490,9 +549,11 @@ _CHILD = textwrap.dedent(r"""
     def kinds_from_lists(bm, rows):
         n = S // BLK
         kind = torch.zeros(len(rows), n, dtype=torch.int64)
+        num, idx, full_num, full_idx = (getattr(bm, f).cpu() for f in ("kv_num_blocks", "kv_indices",
+                                                                       "full_kv_num_blocks", "full_kv_indices"))
         for i, r in enumerate(rows):
-            kind[i, bm.kv_indices[0, 0, r, :bm.kv_num_blocks[0, 0, r]].long()] = 1
-            kind[i, bm.full_kv_indices[0, 0, r, :bm.full_kv_num_blocks[0, 0, r]].long()] = 2
+            kind[i, idx[0, 0, r, :num[0, 0, r]].long()] = 1
+            kind[i, full_idx[0, 0, r, :full_num[0, 0, r]].long()] = 2
         return kind
 
     rows = [0, 1, 108, 777, 1024, 2047]
@@ -505,18 +566,25 @@ _CHILD = textwrap.dedent(r"""
 
 
 @pytest.mark.slow
-def test_256k_tokens_without_a_dense_mask():
+@pytest.mark.parametrize("device", sorted({"cpu", DEVICE}))
+def test_256k_tokens_without_a_dense_mask(device):
+    """On the CPU (any machine): the torch evaluator, the host's peak memory. On CUDA: the kernels, the
+    device's peak memory (the host's RSS there also holds the CUDA context and Triton's compiler)."""
     env = dict(os.environ, PYTHONSAFEPATH="1")
-    env.pop("FLEXCOMP_BACKEND", None)  # the torch evaluator, the CPU default
-    proc = subprocess.run([sys.executable, "-c", _CHILD], check=False, env=env, capture_output=True, text=True,
-                          timeout=120)
+    env.pop("FLEXCOMP_BACKEND", None)  # the default: the torch evaluator on the CPU, the kernels on CUDA
+    proc = subprocess.run([sys.executable, "-c", _CHILD, device], check=False, env=env, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     S = 262144
-    grown = out["rss_after"] - out["rss_before"]
     # S x S bools are 64 GiB; even one S x S / 64-byte tensor (1 GiB) would break the first bound
-    assert grown < S * S // 64, f"building grew the peak RSS by {grown / 2**20:.0f} MiB"
-    assert out["rss_after"] < 3 * 2**30, f"peak RSS {out['rss_after'] / 2**20:.0f} MiB"
+    if device == "cpu":
+        grown = out["rss_after"] - out["rss_before"]
+        assert grown < S * S // 64, f"building grew the peak RSS by {grown / 2**20:.0f} MiB"
+        assert out["rss_after"] < 3 * 2**30, f"peak RSS {out['rss_after'] / 2**20:.0f} MiB"
+    else:
+        peak = out["device_peak"]
+        assert 0 < peak < S * S // 64, f"building took {peak / 2**20:.0f} MiB of device memory at its peak"
     for name in ("causal", "document"):
         assert out[name]["shapes"] == [[1, 1, 2048, 2048]] * 4, (name, out[name]["shapes"])
         assert out[name]["rows_right"], name

@@ -63,8 +63,9 @@ def test_max_scores_match_the_reference_and_torchs_definition(dtype, score, mask
 
 
 def test_max_scores_need_no_gradient_and_leave_the_backward_alone():
-    q, k, v = _qkv(1, 2, 64, 64, 16, requires_grad=True)
-    bm = create_block_mask(causal_mask, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=32)
+    # 80 queries: the prefill kernels for both (row maxima run on them; 64 or fewer would run the decode ones)
+    q, k, v = _qkv(1, 2, 80, 80, 16, requires_grad=True)
+    bm = create_block_mask(causal_mask, None, None, 80, 80, device=DEVICE, BLOCK_SIZE=32)
     grads = []
     for aux in (BOTH, AuxRequest(lse=True)):
         out, a = flex_attention(q, k, v, score_mod=softcap(3.0), block_mask=bm, return_aux=aux, kernel_options=TRITON)
