@@ -25,7 +25,8 @@ Semantics, as flash-attn documents them:
 
 In the varlen functions each sequence is its own batch element for these rules (its own lengths,
 alignment and ALiBi row ``slopes[i]``). Their BlockMask is built from ``cu_seqlens`` on the device
-(no tensor of ``total_q x total_k``; a new packing reuses the traced mask).
+by arithmetic on each row's key range (:mod:`flexcomp.block_ranges`: no trace, no mask evaluation, no
+tensor of ``total_q x total_k``, no host read); a new packing reuses the traced mask_mod.
 
 ``dropout_p``: attention dropout, in the kernels (forward and backward; the keep pattern is a hash
 of a per-call seed drawn from torch's generator and the pair's coordinates, regenerated in the
@@ -41,6 +42,8 @@ import torch
 from torch import Tensor
 
 from .api import AuxRequest, attention
+from .block_ranges import RowEnds, lists_from_ranges, window_ranges
+from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from .blockmask_build import create_block_mask
 from .dropout import Dropout, keep_mask
 from .errors import FlexcompError, FlexcompTypeError
@@ -277,12 +280,29 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     slopes = _slopes(where, alibi_slopes, batch, H)
     score_mod = (_score_mod(float(softcap), slopes, shift, doc_q, pos_q, pos_k)
                  if (softcap or slopes is not None) else None)
-    block_mask = create_block_mask(mask_mod, 1, None, total_q, total_k, device=q.device)
+    block_mask = _varlen_block_mask(mask_mod, doc_q, pos_q, shift, cu_seqlens_k.to(q.device), len_k, total_q,
+                                    total_k, left, right)
     out, lse, probs = _attend(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                               v.transpose(0, 1).unsqueeze(0), scale, score_mod, mask_mod, block_mask, deterministic,
                               return_attn_probs, dropout_p)
     out = out[0].transpose(0, 1).contiguous()
     return (out, lse[0], probs) if return_attn_probs else out
+
+
+def _varlen_block_mask(mask_mod, doc_q: Tensor, pos_q: Tensor, shift: Tensor, cu_k: Tensor, len_k: Tensor,
+                       total_q: int, total_k: int, left: int, right: int) -> BlockMask:
+    """The packing's BlockMask from its per-row key ranges (:mod:`flexcomp.block_ranges`): a few device
+    ops, no trace, no evaluation of ``mask_mod`` (which decides inside the partial blocks)."""
+    bq = bk = _DEFAULT_SPARSE_BLOCK_SIZE
+    device = doc_q.device
+    first = torch.arange(0, total_q, bq, device=device)
+    last = torch.clamp(first + bq - 1, max=max(total_q - 1, 0))
+    starts = cu_k.to(torch.int64)[:-1]
+    da, db = doc_q[first], doc_q[last]
+    ends = RowEnds(starts[da], len_k[da], pos_q[first], shift[first], starts[db], len_k[db], pos_q[last], shift[last],
+                   da == db)
+    lists = lists_from_ranges(*window_ranges(ends, left, right), bk, -(-total_k // bk))
+    return BlockMask._build(*(t[None, None] for t in lists), (bq, bk), mask_mod, (total_q, total_k), True)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,

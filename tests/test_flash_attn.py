@@ -412,3 +412,55 @@ def test_the_gpu_kernels_drop_the_same_pairs_forward_and_backward(dtype):
     ours = torch.autograd.grad(got, (q, k, v), do.to("cuda", dtype))
     for a, b in zip(ours, torch.autograd.grad(want, (qd, kd, vd), do)):
         torch.testing.assert_close(a.double().cpu(), b, **tol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300)), min_size=1, max_size=6),
+       st.sampled_from([(-1, 0), (-1, -1), (50, 0), (0, 40), (130, 7), (-1, 3), (5, -1)]))
+def test_varlen_block_lists_bound_the_mask(lens, window):
+    """The packing's lists (built from row ranges) never miss a kept pair and never call a block full
+    that holds a dropped pair, for ragged q / kv packings and windows; outputs match the oracle."""
+    from flexcomp.blockmask_lists import ordered_to_dense
+    from flexcomp.flash_attn import _packing, _varlen_block_mask
+
+    lq, lk = [a for a, _ in lens], [b for _, b in lens]
+    tq, tk = sum(lq), sum(lk)
+    if tq == 0 or tk == 0:
+        return
+    cq, ck = cu(lq), cu(lk)
+    doc_q, pos_q, len_q = _packing(cq, tq, "q")
+    doc_k, pos_k, len_k = _packing(ck, tk, "k")
+    shift = (len_k - len_q)[doc_q]
+    d = pos_k.view(1, -1) - pos_q.view(-1, 1) - shift.view(-1, 1)
+    keep = doc_q.view(-1, 1) == doc_k.view(1, -1)
+    left, right = window
+    if right >= 0:
+        keep &= d <= right
+    if left >= 0:
+        keep &= d >= -left
+    bm = _varlen_block_mask(None, doc_q, pos_q, shift, ck, len_k, tq, tk, left, right)
+    nq, nk = -(-tq // 128), -(-tk // 128)
+    listed = ordered_to_dense(bm.kv_num_blocks, bm.kv_indices, nk)[0, 0].bool()
+    full = ordered_to_dense(bm.full_kv_num_blocks, bm.full_kv_indices, nk)[0, 0].bool()
+    padded = torch.zeros(nq * 128, nk * 128, dtype=torch.bool)
+    padded[:tq, :tk] = keep
+    blocks = padded.view(nq, 128, nk, 128)
+    assert not (listed & full).any()
+    assert ((listed | full) | ~blocks.any(3).any(1)).all()  # every block with a kept pair is listed
+    real = torch.zeros(nq * 128, nk * 128, dtype=torch.bool)
+    real[:tq, :tk] = True
+    truly_full = (blocks | ~real.view(nq, 128, nk, 128)).all(3).all(1)  # padding counts as kept
+    assert (~full | truly_full).all()
+
+
+@pytest.mark.parametrize("window,causal", [((-1, -1), True), ((90, 10), False), ((200, -1), False)])
+def test_varlen_across_many_blocks_against_the_oracle(window, causal):
+    lq, lk = [300, 1, 170, 240], [260, 40, 170, 400]
+    q, k, v = rand(sum(lq), 2, 8), rand(sum(lk), 1, 8), rand(sum(lk), 1, 8)
+    slopes = torch.rand(2)  # float32: flash-attn's slopes are float32
+    got = flash_attn_varlen_func(q, k, v, cu(lq), cu(lk), 300, 400, causal=causal, window_size=window,
+                                 alibi_slopes=slopes)
+    want, _ = varlen_oracle(q, k, v, lq, lk, causal=causal, window=window, slopes=slopes)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
