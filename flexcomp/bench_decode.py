@@ -11,7 +11,9 @@ loop slices it). ``paged``: the same cache in pages of ``PAGE`` tokens, shuffled
 median time of ``triton.testing.do_bench`` (launches queued from Python: host cost included) and of
 ``do_bench_cudagraph`` (the call captured in a CUDA graph, as servers run decode steps: kernels
 only); the relative difference of the outputs; and the per-step host cost of the mask update (a
-64k-token BlockMask sliced at the step's row, its mask_mod and lengths set), in microseconds.
+64k-token BlockMask sliced at the step's row, its mask_mod and lengths set; beside it a new
+``create_block_mask`` of the step's one row with the offset, as transformers builds one), in
+microseconds.
 Not a test: it prints numbers; docs/performance.md keeps them with date, device and command.
 """
 from __future__ import annotations
@@ -38,7 +40,8 @@ def _bench(fn, graph: bool) -> float | None:
             return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
         return triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median")
     except Exception as e:  # a call that cannot be captured: reported, not raised
-        print(f"  ({'graph' if graph else 'queued'} timing failed: {type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+        how = "graph" if graph else "queued"
+        print(f"  ({how} timing failed: {type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
         return None
 
 
@@ -134,7 +137,16 @@ def slice_cost() -> dict:
         m.mask_mod = lambda b, h, q, kv, offset=offset: causal(b, h, q + offset, kv)
         m.seq_lengths = (1, S)
     torch.cuda.synchronize()
-    row = {"case": "mask update per step, 64k", "us": (time.perf_counter() - t) / SLICE_STEPS * 1e6}
+    sliced = (time.perf_counter() - t) / SLICE_STEPS * 1e6
+    builds = SLICE_STEPS // 20  # transformers' way: a new create_block_mask of (1, S) with the offset each step
+    t = time.perf_counter()
+    for i in range(builds):
+        offset = positions[i]
+        flexcomp.create_block_mask(lambda b, h, q, kv, offset=offset: causal(b, h, q + offset, kv), 1, None, 1, S,
+                                   device="cuda")
+    torch.cuda.synchronize()
+    row = {"case": "mask update per step, 64k", "sliced_us": sliced,
+           "create_block_mask_us": (time.perf_counter() - t) / builds * 1e6}
     print(json.dumps(row), flush=True)
     return row
 

@@ -2,7 +2,7 @@
 
 Code written for ``flash_attn`` switches with one import line::
 
-    from flexcomp.flash_attn import flash_attn_func, flash_attn_varlen_func
+    from flexcomp.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 Layouts are flash-attn's: ``q [batch, seqlen_q, nheads, headdim]``, ``k`` / ``v [batch, seqlen_k,
 nheads_k, headdim]`` (``nheads`` a multiple of ``nheads_k``: GQA / MQA); the varlen functions take
@@ -326,3 +326,6 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs)
+
+
+from .flash_kvcache import flash_attn_with_kvcache  # noqa: E402, F401  (it reads this module's argument rules)

@@ -17,9 +17,17 @@ in-place updates of the tables (``reserve``, ``erase``) are read at run time.
 >>> import torch
 >>> from flexcomp import create_block_mask, flex_attention
 >>> paged = PagedAttention(n_pages=8, page_size=16, max_batch_size=2, device="cpu")
->>> paged.reserve(torch.tensor(0), torch.tensor(40))
->>> paged.page_table[0, :3].tolist()
-[0, 1, 2]
+>>> paged.reserve(torch.tensor([0]), torch.tensor(40))            # 3 pages for sequence 0
+>>> paged.page_table[0, :4].tolist(), paged.capacity.tolist()
+([2, 1, 0, -1], [48, 0])
+>>> k_cache, v_cache = torch.zeros(1, 2, 8 * 16, 8), torch.zeros(1, 2, 8 * 16, 8)
+>>> k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+>>> paged.assign(torch.tensor([0]), torch.arange(40).view(1, -1), k, v, k_cache, v_cache)
+>>> logical = create_block_mask(lambda b, h, q, kv: kv < 40, 1, 1, 1, 48, device="cpu", BLOCK_SIZE=16)
+>>> out = flex_attention(torch.randn(1, 2, 1, 8), k_cache, v_cache,
+...                      block_mask=paged.convert_logical_block_mask(logical))
+>>> out.shape
+torch.Size([1, 2, 1, 8])
 """
 from __future__ import annotations
 

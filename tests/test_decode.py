@@ -50,7 +50,8 @@ def _mods(name: str, L: int, S: int, H: int):
     if name == "sliding":
         return None, lambda b, h, q, kv: (q + off >= kv) & (q + off - kv < 70)
     if name == "document":
-        doc = torch.repeat_interleave(torch.arange(4, device=DEVICE), torch.tensor([S // 3, 5, S // 2, S], device=DEVICE))[:S]
+        lens = torch.tensor([S // 3, 5, S // 2, S], device=DEVICE)
+        doc = torch.repeat_interleave(torch.arange(4, device=DEVICE), lens)[:S]
         return None, lambda b, h, q, kv: (doc[q + off] == doc[kv]) & (q + off >= kv)
     if name == "alibi":
         slopes = torch.rand(H, device=DEVICE)
@@ -96,7 +97,8 @@ def test_every_variant_against_the_oracle_and_torch(variant, launches):
     out, lse = _check(q, k, v, score_mod, mask_mod, gqa=True)
     assert launches and launches[-1][0] > 1  # several splits: the merge ran
     if DEVICE == "cpu":  # torch's eager flex_attention (its compiled kernels need a GPU)
-        tbm = torch_flex.create_block_mask(mask_mod, 1, 1, L, S, device=DEVICE, BLOCK_SIZE=(64, 32)) if mask_mod else None
+        tbm = (torch_flex.create_block_mask(mask_mod, 1, 1, L, S, device=DEVICE, BLOCK_SIZE=(64, 32))
+               if mask_mod else None)
         with warnings.catch_warnings():  # torch: "called without torch.compile()", once
             warnings.simplefilter("ignore")
             want, want_aux = torch_flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=tbm, enable_gqa=True,

@@ -72,7 +72,8 @@ def test_same_results_as_torchs_paged_attention_flow():
     """The same calls through torch's PagedAttention and eager flex_attention give the same output."""
     page_size, lengths = 32, [100, 64]
     B, n_pages = 2, 12
-    ours, theirs = PagedAttention(n_pages, page_size, B, device=DEVICE), TorchPaged(n_pages, page_size, B, device=DEVICE)
+    ours = PagedAttention(n_pages, page_size, B, device=DEVICE)
+    theirs = TorchPaged(n_pages, page_size, B, device=DEVICE)
     k_cache, v_cache, _, _ = _fill(ours, lengths, page_size)
     theirs.empty_pages = list(range(n_pages - 1, -1, -1))
     random.Random(0).shuffle(theirs.empty_pages)
