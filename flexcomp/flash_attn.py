@@ -52,18 +52,20 @@ Window = tuple[int, int]
 
 
 # ---- the rules, as mask_mods and score_mods over (document, local position) --------------------
-def _window_mod(shift: Tensor, left: int, right: int, doc_q: Optional[Tensor] = None, doc_k: Optional[Tensor] = None,
-                pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None):
-    """Keep ``j - i - shift`` in ``[-left, right]`` (``-1``: unbounded), ``i`` / ``j`` positions in their
-    sequence; varlen (``doc_*``, ``pos_*``: each token's sequence and position in it, ``shift`` per
-    query token) also keeps only pairs of one sequence. Every capture is indexed by ``q_idx`` or
-    ``kv_idx`` itself, so the block analysis bounds them per block exactly."""
+def _window_mod(shift: Optional[Tensor], left: int, right: int, doc_q: Optional[Tensor] = None,
+                doc_k: Optional[Tensor] = None):
+    """Keep ``d = j - i - shift`` in ``[-left, right]`` (``-1``: unbounded), ``i`` / ``j`` the query's
+    and key's positions; batched: ``shift = [Lk - Lq]``. Varlen (``doc_*``: each token's sequence)
+    also keeps only pairs of one sequence, and ``i`` / ``j`` are global token indices: within sequence
+    ``s`` the local rule is ``j - i - shift[i]`` with ``shift[i] = cu_k[s + 1] - cu_q[s + 1]`` per query
+    token (None: one packing for queries and keys, ``shift = 0``). Every capture is indexed by
+    ``q_idx`` or ``kv_idx`` itself, so the block analysis bounds them per block exactly."""
     def window(b, h, q_idx, kv_idx):
         if doc_q is None:
             d = kv_idx - q_idx - shift[0]
             keep = d == d
         else:
-            d = pos_k[kv_idx] - pos_q[q_idx] - shift[q_idx]
+            d = kv_idx - q_idx if shift is None else kv_idx - q_idx - shift[q_idx]
             keep = doc_q[q_idx] == doc_k[kv_idx]
         if right >= 0:
             keep = keep & (d <= right)
@@ -74,9 +76,9 @@ def _window_mod(shift: Tensor, left: int, right: int, doc_q: Optional[Tensor] = 
     return window
 
 
-def _score_mod(softcap: float, slopes: Optional[Tensor], shift: Tensor, doc_q: Optional[Tensor] = None,
-               pos_q: Optional[Tensor] = None, pos_k: Optional[Tensor] = None):
-    """Soft-cap, then ALiBi ``-slopes[b, h] * |i + shift - j|`` (``b`` the sequence in varlen)."""
+def _score_mod(softcap: float, slopes: Optional[Tensor], shift: Optional[Tensor], doc_q: Optional[Tensor] = None):
+    """Soft-cap, then ALiBi ``-slopes[b, h] * |i + shift - j|`` (varlen: ``b`` the query's sequence,
+    positions and ``shift`` as in :func:`_window_mod`)."""
     def flash_score(score, b, h, q_idx, kv_idx):
         if softcap > 0:
             score = softcap * torch.tanh(score / softcap)
@@ -84,7 +86,7 @@ def _score_mod(softcap: float, slopes: Optional[Tensor], shift: Tensor, doc_q: O
             if doc_q is None:
                 score = score - slopes[b, h] * torch.abs(q_idx + shift[0] - kv_idx)
             else:
-                dist = torch.abs(pos_q[q_idx] + shift[q_idx] - pos_k[kv_idx])
+                dist = torch.abs(q_idx - kv_idx) if shift is None else torch.abs(q_idx + shift[q_idx] - kv_idx)
                 score = score - slopes[doc_q[q_idx], h] * dist
         return score
 
@@ -271,14 +273,17 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         raise FlexcompError(f"{where}: cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got "
                             f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
     doc_q, pos_q, len_q = _packing(cu_seqlens_q.to(q.device), total_q, "cu_seqlens_q")
-    doc_k, pos_k, len_k = _packing(cu_seqlens_k.to(q.device), total_k, "cu_seqlens_k")
+    doc_k, _, len_k = _packing(cu_seqlens_k.to(q.device), total_k, "cu_seqlens_k")
     batch = len_q.numel()
     shift = (len_k - len_q)[doc_q]  # per query token: its sequence's Lk - Lq
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     left, right = _window(causal, window_size)
-    mask_mod = _window_mod(shift, left, right, doc_q, doc_k, pos_q, pos_k)
+    # the mods' shift on global indices: none for one packing of queries and keys (the same tensor)
+    cu_q64, cu_k64 = cu_seqlens_q.to(q.device, torch.int64), cu_seqlens_k.to(q.device, torch.int64)
+    global_shift = None if cu_seqlens_q is cu_seqlens_k else (cu_k64[1:] - cu_q64[1:])[doc_q]
+    mask_mod = _window_mod(global_shift, left, right, doc_q, doc_k)
     slopes = _slopes(where, alibi_slopes, batch, H)
-    score_mod = (_score_mod(float(softcap), slopes, shift, doc_q, pos_q, pos_k)
+    score_mod = (_score_mod(float(softcap), slopes, global_shift, doc_q)
                  if (softcap or slopes is not None) else None)
     block_mask = _varlen_block_mask(mask_mod, doc_q, pos_q, shift, cu_seqlens_k.to(q.device), len_k, total_q,
                                     total_k, left, right)

@@ -464,3 +464,14 @@ def test_varlen_across_many_blocks_against_the_oracle(window, causal):
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
     for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_one_packing_for_queries_and_keys_with_window_and_alibi():
+    """The same cu_seqlens tensor for both: the mods compare global indices directly (no shift table)."""
+    lens = [300, 1, 170, 240]
+    c = cu(lens)
+    q, k, v = rand(sum(lens), 2, 8), rand(sum(lens), 2, 8), rand(sum(lens), 2, 8)
+    slopes = torch.rand(2)
+    got = flash_attn_varlen_func(q, k, v, c, c, 300, 300, window_size=(90, 10), alibi_slopes=slopes)
+    want, _ = varlen_oracle(q, k, v, lens, lens, window=(90, 10), slopes=slopes)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
