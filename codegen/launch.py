@@ -183,6 +183,17 @@ def _lists(num, idx, full_num, full_idx, B: int, H: int, n: int) -> BlockLists:
     return BlockLists(num, idx, fnum, fidx, has_full)
 
 
+def output_like(q: torch.Tensor, value_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty output ``[B, H, L, value_dim]`` in the memory order of ``q``'s dims (as torch's flex
+    allocates it): a ``[B, L, H, D]`` layout seen through a transpose (flash-attn's, transformers')
+    gets its output in that layout, so the caller's transpose back is free instead of a copy."""
+    B, H, L, _ = q.shape
+    order = sorted(range(3), key=lambda d: -q.stride(d))  # outer to inner among B, H, L
+    shape = (B, H, L)
+    out = torch.empty(*(shape[d] for d in order), value_dim, dtype=dtype, device=q.device)
+    return out.permute(*(order.index(d) for d in range(3)), 3)
+
+
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the LSE, max scores and the backward's delta: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -229,7 +240,7 @@ def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: t
     ft, sources = float_type(plan), problem.options.sources
     sa = mod_args(problem.score, plan.score, device, ft, plan.score_checked, sources)
     ma = mod_args(problem.mask, plan.mask, device, FloatType.F32, plan.mask_checked, sources)  # masks: float32
-    out = torch.empty(B, H, L, DV, dtype=problem.dtype, device=device)
+    out = output_like(q, DV, problem.dtype)
     lse = torch.empty(B, H, L, dtype=sd, device=device)
     mx = torch.empty(B, H, L, dtype=sd, device=device) if problem.want_max else None
     while True:

@@ -18,7 +18,7 @@ from flexcomp.tiles import DecodeLayout, decode_layout, pad_dim
 
 from .kernels.decode import decode_merge, flex_decode
 from .launch import (BlockLists, FloatType, ModArgs, block_lists, dot_precision, float_type, full_block_mask,
-                     kv_strides, mod_args, raise_if_out_of_range, stats_dtype)
+                     kv_strides, mod_args, output_like, raise_if_out_of_range, stats_dtype)
 
 INTERPRETER_MULTIPROCESSORS = 4  # under Triton's interpreter: a few splits, so that tests cover the merge
 
@@ -55,7 +55,7 @@ def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: t
     sources = problem.options.sources
     sa = mod_args(problem.score, plan.score, device, float_type(plan), plan.score_checked, sources)
     ma = mod_args(problem.mask, plan.mask, device, FloatType.F32, plan.mask_checked, sources)
-    out = torch.empty(B, H, L, DV, dtype=problem.dtype, device=device)
+    out = output_like(q, DV, problem.dtype)
     lse = torch.empty(B, H, L, dtype=stats_dtype(problem.dtype), device=device)
     layout = layout_of(problem, plan, lists)
     if layout.splits == 1:
