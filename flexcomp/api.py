@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from torch import Tensor
 
 from .blockmask import BlockMask, _sliced_mask_mod_error, is_noop_block_mask, noop_mask
+from .compile import eagerly, is_compiling
 from .dropout import Dropout
 from .errors import (FlexcompAttributeError, FlexcompError, FlexcompNotCallableError, FlexcompNotImplementedError,
                      FlexcompRuntimeError, FlexcompTypeError, FlexcompZeroDivisionError)
@@ -204,6 +205,9 @@ def flex_attention(
     >>> torch.allclose(aux.max_scores, s.amax(-1)), aux.max_scores.requires_grad
     (True, False)
     """
+    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
+        return eagerly(flex_attention, query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                       kernel_options, return_aux=return_aux)
     return attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
                      return_aux=return_aux)
 

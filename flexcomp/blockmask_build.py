@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from .compile import eagerly, is_compiling
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask, MaskMod, _block_size, _check_bh, _check_len
 from .blockmask_lists import compute_dq_write_order as _dq_write_order
 from .blockmask_lists import dense_to_ordered as _dense_to_ordered
@@ -126,6 +127,8 @@ def create_block_mask(
     ██████
     ████████
     """
+    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
+        return eagerly(create_block_mask, **locals())
     if not callable(mask_mod):
         raise FlexcompNotCallableError(f"create_block_mask: mask_mod must be callable, got {type(mask_mod).__name__}")
     B, H = _check_bh("create_block_mask: B", B), _check_bh("create_block_mask: H", H)

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .compile import eagerly, is_compiling
 from .api import AuxRequest, attention
 from .block_ranges import RowEnds, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
@@ -187,6 +188,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     >>> flash_attn_func(q, k, v, causal=True).shape
     torch.Size([1, 5, 2, 8])
     """
+    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
+        return eagerly(flash_attn_func, **locals())
     _check("flash_attn_func", q, k, v, dropout_p, window_size, softcap, dims=4)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -263,6 +266,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     >>> flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True).shape
     torch.Size([7, 2, 8])
     """
+    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
+        return eagerly(flash_attn_varlen_func, **locals())
     where = "flash_attn_varlen_func"
     _check(where, q, k, v, dropout_p, window_size, softcap, dims=3)
     if block_table is not None:

@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .compile import eagerly, is_compiling
 from .api import AuxRequest, attention
 from .block_ranges import RowEnds, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
@@ -115,6 +116,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     >>> out.shape, bool(kc[1, 7].eq(k[1, 0, :1]).all())
     (torch.Size([2, 1, 2, 8]), True)
     """
+    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
+        return eagerly(flash_attn_with_kvcache, **locals())
     from .flash_attn import _check, _slopes, _window  # the shared argument rules
 
     where = "flash_attn_with_kvcache"

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .compile import eagerly, is_compiling
 from .api import attention
 from .blockmask_build import create_block_mask
 from .dropout import Dropout
@@ -67,6 +68,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     >>> torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
     True
     """
+    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
+        return eagerly(scaled_dot_product_attention, **locals())
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise FlexcompTypeError(f"scaled_dot_product_attention: {name} must be a torch.Tensor, got "
