@@ -38,7 +38,7 @@ def _fill(paged, lengths, page_size, seed=0):
     return k_cache, v_cache, ks, vs
 
 
-@pytest.mark.parametrize("page_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("L", [1, 5, 80], ids=["decode1", "decode5", "prefill80"])
 def test_paged_attention_matches_each_sequence_alone(page_size, L):
     lengths = [300, 90, 213]
