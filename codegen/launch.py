@@ -188,6 +188,8 @@ def output_like(q: torch.Tensor, value_dim: int, dtype: torch.dtype) -> torch.Te
     allocates it): a ``[B, L, H, D]`` layout seen through a transpose (flash-attn's, transformers')
     gets its output in that layout, so the caller's transpose back is free instead of a copy."""
     B, H, L, _ = q.shape
+    if q.is_contiguous():
+        return torch.empty(B, H, L, value_dim, dtype=dtype, device=q.device)
     order = sorted(range(3), key=lambda d: -q.stride(d))  # outer to inner among B, H, L
     shape = (B, H, L)
     out = torch.empty(*(shape[d] for d in order), value_dim, dtype=dtype, device=q.device)
