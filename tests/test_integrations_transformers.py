@@ -191,3 +191,40 @@ def test_attention_function_sinks_dense_masks_and_position_bias_against_dense_so
     want = (torch.softmax(full, -1)[..., :S] @ vv).transpose(1, 2)
     assert weights is None and out.shape == (B, L, H, D)
     torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_unpadded_generation_takes_decode_steps_rows_from_one_mask(name, monkeypatch):
+    """Without padding, each decoding step's BlockMask is a row of the cache's mask (built once per
+    4096 tokens), not a new create_block_mask; the tokens are SDPA's."""
+    rows = []
+    real = fct._decode_row
+    monkeypatch.setattr(fct, "_decode_row", lambda *a: rows.append(real(*a)) or rows[-1])
+    model, ref = _model(name)
+    ids = torch.randint(0, 97, (2, 9))
+    out = {}
+    for impl in (ref, "flexcomp"):
+        model.set_attn_implementation(impl)
+        out[impl] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
+                                   do_sample=False, min_new_tokens=20, pad_token_id=0)
+    assert torch.equal(out["flexcomp"], out[ref])
+    assert any(r is not None for r in rows)  # the row path served steps
+
+
+def test_decode_row_masks_equal_a_fresh_mask():
+    """A step's row mask gives the attention of a mask built for that step (int and tensor offsets),
+    and declines mask functions that capture tensors."""
+    from flexcomp import create_block_mask, flex_attention
+
+    causal = transformers.masking_utils.causal_mask_function
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 300, 16), torch.randn(2, 4, 300, 16)
+    for off in (299, torch.tensor(150), 0):
+        kv_len = 300 if not isinstance(off, int) or off == 299 else 1
+        step = fct._decode_row(causal, 2, kv_len, off, "cpu")
+        assert step is not None and step.seq_lengths == (1, kv_len)
+        fresh = create_block_mask(transformers.masking_utils.add_offsets_to_mask_function(causal, off, 0), 2, None, 1,
+                                  kv_len, device="cpu")
+        kk, vv = k[:, :, :kv_len], v[:, :, :kv_len]
+        torch.testing.assert_close(flex_attention(q, kk, vv, block_mask=step), flex_attention(q, kk, vv, block_mask=fresh))
+    pad = transformers.masking_utils.padding_mask_function(torch.ones(2, 300, dtype=torch.bool))
+    assert fct._decode_row(transformers.masking_utils.and_masks(causal, pad), 2, 300, 299, "cpu") is None

@@ -71,8 +71,40 @@ def flexcomp_mask(
     if attention_mask is not None and not _mu.fast_all(attention_mask):
         padding = _mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
         mask_function = _mu.and_masks(mask_function, _mu.padding_mask_function(padding))
+    if q_length == 1 and isinstance(kv_offset, int) and kv_offset == 0:
+        step = _decode_row(mask_function, batch_size, kv_length, q_offset, device)
+        if step is not None:
+            return step
     mask_function = _mu.add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
     return create_block_mask(mask_function, batch_size, None, q_length, kv_length, device=device)
+
+
+DECODE_CAPACITY_STEP = 4096  # a decode step's row comes from the mask of the next multiple of this many tokens
+
+
+def _decode_row(mask_function: Callable, batch_size: int, kv_length: int, q_offset: Any, device: Any):
+    """A decoding step's BlockMask ``[B, 1, 1, kv_length]`` as the row ``q_offset`` of the mask built
+    for the whole cache (rounded up to :data:`DECODE_CAPACITY_STEP` tokens; ``create_block_mask``
+    returns it again while the mask function's structure stays), cropped to the keys, with the
+    mask function shifted by ``q_offset``: a few views and no analysis per step, instead of a new
+    ``create_block_mask``. Only for mask functions that capture no tensor (their tensors, a padding
+    mask say, are sized for this step, not for the cache); None otherwise."""
+    from flexcomp.ir import ModKind
+    from flexcomp.trace import trace
+
+    if trace(mask_function, ModKind.MASK).buffers:
+        return None
+    capacity = -(-max(kv_length, 1) // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP
+    full = create_block_mask(mask_function, batch_size, None, capacity, capacity, device=device)
+    q_block = full.BLOCK_SIZE[0]
+    if isinstance(q_offset, torch.Tensor):
+        row = torch.div(q_offset.reshape(1).to(device=full.kv_num_blocks.device, dtype=torch.int64), q_block,
+                        rounding_mode="floor")
+    else:
+        row = int(q_offset) // q_block
+    step = full[:, :, row]._adjust(1, kv_length)
+    step.mask_mod = _mu.add_offsets_to_mask_function(mask_function, q_offset, 0)
+    return step
 
 
 def flexcomp_attention(
