@@ -290,8 +290,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     slopes = _slopes(where, alibi_slopes, batch, H)
     score_mod = (_score_mod(float(softcap), slopes, global_shift, doc_q)
                  if (softcap or slopes is not None) else None)
-    block_mask = _varlen_block_mask(mask_mod, doc_q, pos_q, shift, cu_seqlens_k.to(q.device), len_k, total_q,
-                                    total_k, left, right)
+    block_mask = _varlen_block_mask(mask_mod, doc_q, pos_q, shift, cu_k64, len_k, total_q, total_k, left, right)
     out, lse, probs = _attend(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                               v.transpose(0, 1).unsqueeze(0), scale, score_mod, mask_mod, block_mask, deterministic,
                               return_attn_probs, dropout_p)
@@ -302,12 +301,13 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
 def _varlen_block_mask(mask_mod, doc_q: Tensor, pos_q: Tensor, shift: Tensor, cu_k: Tensor, len_k: Tensor,
                        total_q: int, total_k: int, left: int, right: int) -> BlockMask:
     """The packing's BlockMask from its per-row key ranges (:mod:`flexcomp.block_ranges`): a few device
-    ops, no trace, no evaluation of ``mask_mod`` (which decides inside the partial blocks)."""
+    ops, no trace, no evaluation of ``mask_mod`` (which decides inside the partial blocks). ``cu_k``:
+    int64 key offsets; ``pos_q`` / ``shift``: each query's position and its sequence's keys minus queries."""
     bq = bk = _DEFAULT_SPARSE_BLOCK_SIZE
     device = doc_q.device
     first = torch.arange(0, total_q, bq, device=device)
     last = torch.clamp(first + bq - 1, max=max(total_q - 1, 0))
-    starts = cu_k.to(torch.int64)[:-1]
+    starts = cu_k[:-1]
     da, db = doc_q[first], doc_q[last]
     ends = RowEnds(starts[da], len_k[da], pos_q[first], shift[first], starts[db], len_k[db], pos_q[last], shift[last],
                    da == db)

@@ -438,7 +438,7 @@ def test_varlen_block_lists_bound_the_mask(lens, window):
         keep &= d <= right
     if left >= 0:
         keep &= d >= -left
-    bm = _varlen_block_mask(None, doc_q, pos_q, shift, ck, len_k, tq, tk, left, right)
+    bm = _varlen_block_mask(None, doc_q, pos_q, shift, ck.long(), len_k, tq, tk, left, right)
     nq, nk = -(-tq // 128), -(-tk // 128)
     listed = ordered_to_dense(bm.kv_num_blocks, bm.kv_indices, nk)[0, 0].bool()
     full = ordered_to_dense(bm.full_kv_num_blocks, bm.full_kv_indices, nk)[0, 0].bool()
