@@ -138,6 +138,8 @@ class Plan:
                 lines += [f"# {title}:", str(g)]
         if self.forward is not None:
             lines.append(f"# forward tiles: {self.forward}")
+        if self.decode is not None:
+            lines.append(f"# decode tiles: {self.decode} (splits and packed heads chosen per call)")
         if self.backward is not None:
             lines.append(f"# backward tiles: {self.backward}")
             lines += [f"#   launch {i}: {launch}" for i, launch in enumerate(self.backward_launches)]
