@@ -47,3 +47,10 @@ def test_fullgraph_refuses_a_region_that_calls_flexcomp():
     q = torch.randn(1, 1, 32, 8)
     with pytest.raises(Exception, match="(?i)skip|disable"):
         torch.compile(lambda x: flexcomp.flex_attention(x, x, x), backend="eager", fullgraph=True)(q)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _reset_dynamo():
+    """Dynamo's caches cleared after these tests (its weakref callbacks otherwise complain at exit)."""
+    yield
+    torch._dynamo.reset()
