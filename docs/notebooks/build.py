@@ -220,9 +220,9 @@ MIGRATING = [
     (MD, """# Migrating to flexcomp
 
 The same causal attention written with PyTorch's SDPA, torch's own `flex_attention` and flexcomp:
-switching from torch's flex_attention is one import line. (flash-attn's functions take
-`[batch, seq, heads, dim]` tensors; flexcomp wrappers for them come with the issue "The APIs
-people migrate from" and will be added here.)"""),
+switching from torch's flex_attention is one import line; flash-attn's and SDPA's functions have
+flexcomp twins with the same arguments (`flexcomp.flash_attn`, `flexcomp.sdpa`), and decoding with
+a KV cache (flash-attn's `flash_attn_with_kvcache`, torch's `PagedAttention`) works the same way."""),
     (CODE, """%matplotlib inline
 import warnings
 
@@ -269,6 +269,59 @@ print(f"a 131,072-token causal BlockMask: {long_bm.kv_indices.shape[-1]}x{long_b
     (CODE, """from flexcomp.visualize import plot_block_mask
 
 plot_block_mask(long_bm)"""),
+    (MD, """## flash-attn's functions
+
+`[batch, seq, heads, dim]` tensors, flash-attn's argument names; `varlen` packs sequences along
+one axis with `cu_seqlens` (each its own causal attention: here checked against SDPA on each
+sequence alone)."""),
+    (CODE, """from flexcomp.flash_attn import flash_attn_func, flash_attn_varlen_func
+
+qf, kf, vf = (t.transpose(1, 2) for t in (q, k, v))  # [batch, seq, heads, dim]
+fa = flash_attn_func(qf, kf, vf, causal=True).transpose(1, 2)
+print("max |flash_attn_func - SDPA| =", (fa - sdpa).abs().max().item())
+
+lens = [100, 60, 96]
+cu = torch.tensor([0, 100, 160, 256], dtype=torch.int32)
+packed = flash_attn_varlen_func(qf[0], kf[0], vf[0], cu, cu, max(lens), max(lens), causal=True)
+alone = [F.scaled_dot_product_attention(*(t[:1, :, a:b] for t in (q, k, v)), is_causal=True)[0].transpose(0, 1)
+         for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+print("max |varlen - SDPA per sequence| =", (packed - torch.cat(alone)).abs().max().item())"""),
+    (MD, """## SDPA's signature, masks included"""),
+    (CODE, """from flexcomp.sdpa import scaled_dot_product_attention
+
+keep = torch.rand(S, S) > 0.3
+keep.fill_diagonal_(True)
+print("max |flexcomp sdpa - SDPA| =",
+      (scaled_dot_product_attention(q, k, v, attn_mask=keep) - F.scaled_dot_product_attention(q, k, v, attn_mask=keep))
+      .abs().max().item())"""),
+    (MD, """## Decoding with a KV cache
+
+One new token per step: `flash_attn_with_kvcache` writes its key and value into the cache in place
+and attends to everything cached (split-KV decode kernels on a GPU). torch's `PagedAttention`
+has a flexcomp twin whose kernels read K and V in their pages."""),
+    (CODE, """from flexcomp.flash_attn import flash_attn_with_kvcache
+
+k_cache, v_cache = torch.zeros(B, 512, H, D), torch.zeros(B, 512, H, D)
+k_cache[:, :S], v_cache[:, :S] = kf, vf  # the prompt's keys and values
+q_new, k_new, v_new = (torch.randn(B, 1, H, D) for _ in range(3))
+step = flash_attn_with_kvcache(q_new, k_cache, v_cache, k_new, v_new, cache_seqlens=S, causal=True)
+full_k, full_v = torch.cat([kf, k_new], 1), torch.cat([vf, v_new], 1)
+want = F.scaled_dot_product_attention(q_new.transpose(1, 2), full_k.transpose(1, 2), full_v.transpose(1, 2))
+print("max |decode step - SDPA over the cache| =", (step.transpose(1, 2) - want).abs().max().item())"""),
+    (CODE, """from flexcomp.paged import PagedAttention
+
+page = 32
+paged = PagedAttention(n_pages=32, page_size=page, max_batch_size=B, device="cpu")
+k_pages, v_pages = torch.zeros(1, H, 32 * page, D), torch.zeros(1, H, 32 * page, D)
+for b in range(B):
+    paged.reserve(torch.tensor([b]), torch.tensor(S))
+    paged.assign(torch.tensor([b]), torch.arange(S).view(1, -1), k[b:b + 1], v[b:b + 1], k_pages, v_pages)
+print("sequence 0's pages:", paged.page_table[0, :S // page].tolist())
+offset = torch.tensor(S - 1)
+logical = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx + offset >= kv_idx, B, None, 1, S, device="cpu",
+                            BLOCK_SIZE=(32, page))
+out_paged = flex_attention(q[:, :, -1:], k_pages, v_pages, block_mask=paged.convert_logical_block_mask(logical))
+print("max |paged - SDPA last row| =", (out_paged - sdpa[:, :, -1:]).abs().max().item())"""),
 ]
 
 NOTEBOOKS = {"tour": TOUR, "mask_gallery": GALLERY, "training_on_cpu": TRAINING, "migrating": MIGRATING}
