@@ -49,6 +49,16 @@ class RowEnds:
     same: Tensor
 
 
+def in_window(keep, d, left: int, right: int):
+    """The same window pair by pair, for the mods: ``keep`` where the key's offset ``d`` from the query's
+    aligned position lies in ``[-left, right]`` (``-1``: unbounded on that side)."""
+    if right >= 0:
+        keep = keep & (d <= right)
+    if left >= 0:
+        keep = keep & (d >= -left)
+    return keep
+
+
 def window_ranges(ends: RowEnds, left: int, right: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(lo, hi, flo, fhi)``: key index ranges (global, half-open) every row's queries may see and all
     of them see, under the window ``(left, right)`` (``-1``: unbounded) with bottom-right alignment."""

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .compile import eagerly, is_compiling
 from .api import AuxRequest, attention
-from .block_ranges import RowEnds, lists_from_ranges, window_ranges
+from .block_ranges import RowEnds, in_window, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from .blockmask_build import create_block_mask
 from .dropout import Dropout, keep_mask
@@ -68,11 +68,7 @@ def _window_mod(shift: Optional[Tensor], left: int, right: int, doc_q: Optional[
         else:
             d = kv_idx - q_idx if shift is None else kv_idx - q_idx - shift[q_idx]
             keep = doc_q[q_idx] == doc_k[kv_idx]
-        if right >= 0:
-            keep = keep & (d <= right)
-        if left >= 0:
-            keep = keep & (d >= -left)
-        return keep
+        return in_window(keep, d, left, right)
 
     return window
 

@@ -20,49 +20,52 @@ from torch import Tensor
 
 from .compile import eagerly, is_compiling
 from .api import AuxRequest, attention
-from .block_ranges import RowEnds, lists_from_ranges, window_ranges
+from .block_ranges import RowEnds, in_window, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from .errors import FlexcompError
+from .paged import _logical_index
 
 Window = tuple[int, int]
 
 
+def _key_position(start: Tensor, seqlen: Tensor, logical: Optional[Tensor], page: int):
+    """``(b, kv_idx) -> (pos, valid)``: the key's position in sequence ``b`` and whether it is one of its
+    cached keys (``0 <= pos < seqlen[b]``): ``kv_idx - start[b]`` in a contiguous cache, or through a paged
+    cache's ``logical`` table (``[batch, pages]``: each physical page's logical page in sequence ``b``,
+    -1 if not its own; :func:`flexcomp.paged._logical_index`)."""
+    if logical is not None:
+        return _logical_index(logical, page, seqlen)
+
+    def contiguous(b, kv_idx):
+        pos = kv_idx - start[b]
+        return pos, (pos >= 0) & (pos < seqlen[b])
+
+    return contiguous
+
+
 def _cache_mod(start: Tensor, seqlen: Tensor, leftpad: Tensor, q_len: int, left: int, right: int,
                logical: Optional[Tensor], page: int):
-    """Keep key ``j`` of query ``i`` (batch ``b``) where ``j`` is one of sequence ``b``'s keys
-    (``leftpad[b] <= pos < seqlen[b]``) inside the window around ``i + seqlen[b] - q_len``; ``pos``, the
-    key's position in its sequence: ``j - start[b]``, or through a paged cache's ``logical`` table
-    (``[batch, pages]``: each physical page's logical page in sequence ``b``, -1 if not its own)."""
+    """Keep key ``j`` of query ``i`` (batch ``b``) where ``j`` is one of sequence ``b``'s keys from
+    ``leftpad[b]`` on (:func:`_key_position`) inside the window around ``i + seqlen[b] - q_len``."""
+    position = _key_position(start, seqlen, logical, page)
+
     def kvcache_mask(b, h, q_idx, kv_idx):
-        if logical is None:
-            pos = kv_idx - start[b]
-            keep = pos >= leftpad[b]
-        else:
-            owner = logical[b, kv_idx // page]
-            pos = owner * page + kv_idx % page
-            keep = (owner >= 0) & (pos >= leftpad[b])
-        keep = keep & (pos < seqlen[b])
-        d = pos - q_idx - (seqlen[b] - q_len)
-        if right >= 0:
-            keep = keep & (d <= right)
-        if left >= 0:
-            keep = keep & (d >= -left)
-        return keep
+        pos, keep = position(b, kv_idx)
+        return in_window(keep & (pos >= leftpad[b]), pos - q_idx - (seqlen[b] - q_len), left, right)
 
     return kvcache_mask
 
 
 def _cache_score(softcap: float, slopes: Optional[Tensor], start: Tensor, seqlen: Tensor, q_len: int,
                  logical: Optional[Tensor], page: int):
-    """Soft-cap, then ALiBi ``-slopes[b, h] * |i + seqlen[b] - q_len - pos|`` (``pos`` as in :func:`_cache_mod`)."""
+    """Soft-cap, then ALiBi ``-slopes[b, h] * |i + seqlen[b] - q_len - pos|`` (``pos``: :func:`_key_position`)."""
+    position = _key_position(start, seqlen, logical, page)
+
     def kvcache_score(score, b, h, q_idx, kv_idx):
         if softcap > 0:
             score = softcap * torch.tanh(score / softcap)
         if slopes is not None:
-            if logical is None:
-                pos = kv_idx - start[b]
-            else:
-                pos = logical[b, kv_idx // page] * page + kv_idx % page
+            pos, _ = position(b, kv_idx)
             score = score - slopes[b, h] * torch.abs(q_idx + seqlen[b] - q_len - pos)
         return score
 
@@ -118,7 +121,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     """
     if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
         return eagerly(flash_attn_with_kvcache, **locals())
-    from .flash_attn import _check, _slopes, _window  # the shared argument rules
+    from .flash_attn import _check, _slopes, _window  # the shared argument rules (that module imports this one)
 
     where = "flash_attn_with_kvcache"
     _check(where, q, k_cache, v_cache, 0.0, window_size, softcap, dims=4)
