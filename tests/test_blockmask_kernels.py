@@ -191,9 +191,16 @@ def test_ragged_lengths_and_block_sizes(paths, block):
 @pytest.mark.parametrize("name,block", [("document_ids_per_batch", 32), ("sliding_tile", (32, 64)),
                                         ("per_head_window", 128)])
 def test_separate_full_blocks_false(paths, name, block):
-    if "separate_full_blocks" not in inspect.signature(tfa.create_block_mask).parameters:
-        pytest.skip("this torch's create_block_mask has no separate_full_blocks (torch 2.13 added it)")
-    bm = paths.compare(FACTORY_MASKS[name], 2, 3, S - 7, S, name, BLOCK_SIZE=block, separate_full_blocks=False)
+    mask = FACTORY_MASKS[name]
+    if "separate_full_blocks" in inspect.signature(tfa.create_block_mask).parameters:
+        bm = paths.compare(mask, 2, 3, S - 7, S, name, BLOCK_SIZE=block, separate_full_blocks=False)
+    else:  # torch < 2.13 has no separate_full_blocks: kernels == evaluator, and the dense map == torch's
+        bm = paths.build(True, mask, 2, 3, S - 7, S, BLOCK_SIZE=block, separate_full_blocks=False)
+        launches = paths.last
+        assert_same(bm, paths.build(False, mask, 2, 3, S - 7, S, BLOCK_SIZE=block, separate_full_blocks=False), name)
+        want = tfa.create_block_mask(mask, 2, 3, S - 7, S, device=DEVICE, BLOCK_SIZE=block)
+        assert torch.equal(bm.to_dense(), want.to_dense()), name
+        paths.last = launches
     assert bm.full_kv_num_blocks is None and bm.full_q_indices is None
     assert paths.last[-1][2] is False  # the lists kernel was asked for the partial lists only
 
