@@ -35,7 +35,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, Optional, Union
 
 from flexcomp.errors import FlexcompError
 from flexcomp.ir import Const, DType, Graph, ModKind, Node, Op
@@ -165,7 +165,9 @@ def _scalar(e: _Emit, n: Node, a: list[str]) -> str:
 
 def _render_load(e: _Emit, n: Node, a: list[str]) -> str:
     e.lines += _checks(e.g, e.lay, n, a)
-    return _load(e.lay, n, a)
+    direct = [not e.lay.checked and not isinstance(x, Const) and e.g.nodes[x].op is Op.INPUT
+              and e.g.nodes[x].attr in ModKind.MASK.input_names for x in n.args]
+    return _load(e.lay, n, a, direct)
 
 
 def _cast(e: _Emit, n: Node, a: list[str]) -> str:
@@ -266,15 +268,19 @@ def _returns(g: Graph, names: dict, ft: "FloatType" = FloatType.F32) -> str:
     return f"    return {', '.join(outs)}"
 
 
-def _load(lowered: "_Layout", n: Node, a: list[str]) -> str:
+def _load(lowered: "_Layout", n: Node, a: list[str], direct: list[bool]) -> str:
     """A masked gather: negative indices count from the end (as torch's indexing); indices still
     outside the tensor read 0 and are never dereferenced. The launcher runs such a function only
     where ``flexcomp.ranges`` proved every index in range; elsewhere the checked variant
-    (:func:`_checks`) reports them first."""
+    (:func:`_checks`) reports them first. ``direct`` dims are indexed by ``b`` / ``h`` / ``q_idx`` /
+    ``kv_idx`` themselves, which the kernels keep inside ``[0, length)``: in an unchecked mod (proven
+    in range) they need neither the wrap nor the mask (``doc[q_idx]`` is one plain load, as torch's)."""
     j = lowered.buffer_index[n.attr]
     if not a:
         return f"tl.load(BUFS[{j}]){lowered.load_cast[n.attr]}"
-    off, mask = _address(lowered, j, a, "STRIDES")
+    off, mask = _address(lowered, j, a, "STRIDES", direct)
+    if mask is None:
+        return f"tl.load(BUFS[{j}] + {off}){lowered.load_cast[n.attr]}"
     return f"tl.load(BUFS[{j}] + {off}, mask={mask}, other=0){lowered.load_cast[n.attr]}"
 
 
@@ -304,14 +310,17 @@ def _divisor_check(g: Graph, lowered: "_Layout", n: Node, divisor: str) -> list[
     return [f"    ops.check_divisor({divisor}, BUFS[{len(lowered.buffer_index)}], {slot})  # {n.op.value} divisor"]
 
 
-def _address(lowered: "_Layout", j: int, a: list[str], strides: str) -> tuple[str, str]:
-    """Element offset into buffer ``j`` at indices ``a`` (negatives wrapped) and the in-range mask;
-    ``strides`` names the flat stride tuple (the mod's ``STRIDES``, or the gradients' ``GSTRIDES``)."""
+def _address(lowered: "_Layout", j: int, a: list[str], strides: str,
+             direct: Optional[list[bool]] = None) -> tuple[str, Optional[str]]:
+    """Element offset into buffer ``j`` at indices ``a`` (negatives wrapped) and the in-range mask
+    (None: every dim ``direct``, known in range); ``strides`` names the flat stride tuple (the mod's
+    ``STRIDES``, or the gradients' ``GSTRIDES``)."""
     s = lowered.stride_offsets[j]
-    idx = [f"ops.wrap_index({x}, SIZES[{s + d}])" for d, x in enumerate(a)]
+    direct = direct or [False] * len(a)
+    idx = [x if sure else f"ops.wrap_index({x}, SIZES[{s + d}])" for d, (x, sure) in enumerate(zip(a, direct))]
     off = " + ".join(f"{x} * {strides}[{s + d}]" for d, x in enumerate(idx))
-    mask = " & ".join(f"ops.in_range({x}, SIZES[{s + d}])" for d, x in enumerate(a))
-    return off, mask
+    terms = [f"ops.in_range({x}, SIZES[{s + d}])" for d, (x, sure) in enumerate(zip(a, direct)) if not sure]
+    return off, " & ".join(terms) if terms else None
 
 
 @dataclass

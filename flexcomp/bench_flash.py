@@ -8,10 +8,12 @@ Cases:
 
 - ``varlen``: ``DOCS`` documents of ragged length (seeded) packed in ``TOKENS`` tokens, ``HEADS``
   heads of dim ``DIM``, causal. flexcomp: ``flexcomp.flash_attn.flash_attn_varlen_func`` as a
-  training step calls it (the BlockMask built from ``cu_seqlens`` inside, every call). torch:
+  training step calls it. torch:
   ``torch.compile(flex_attention)`` with a document-causal BlockMask built once, outside the timing
   (its kernel alone). Forward (no grad) and forward + backward, milliseconds, medians of
-  ``triton.testing.do_bench``.
+  ``triton.testing.do_bench``. flexcomp twice: with one ``cu_seqlens`` tensor throughout (a model's
+  layers share it: the packing is built once) and with a fresh tensor every call (``fresh_packing``:
+  the BlockMask built from ``cu_seqlens`` inside every call).
 - ``dropout``: ``flash_attn_func`` at ``DROP_SHAPE``, causal, ``dropout_p`` 0 and ``DROP_P``: the
   ratio of the two times, forward and forward + backward.
 
@@ -85,6 +87,14 @@ def varlen(dtype: torch.dtype) -> dict:
         row["torch_fwd_ms"] = _bench(theirs)
     row["flexcomp_fwdbwd_ms"] = _bench(lambda: torch.autograd.grad(ours(), (q, k, v), do))
     row["torch_fwdbwd_ms"] = _bench(lambda: torch.autograd.grad(theirs(), (q, k, v), do.transpose(0, 1)[None]))
+
+    def fresh():  # a new cu_seqlens tensor every call: the packing's BlockMask built inside the call
+        c = cu.clone()
+        return flash_attn_varlen_func(q, k, v, c, c, max(lens), max(lens), causal=True)
+
+    with torch.no_grad():
+        row["flexcomp_fresh_packing_fwd_ms"] = _bench(fresh)
+    row["flexcomp_fresh_packing_fwdbwd_ms"] = _bench(lambda: torch.autograd.grad(fresh(), (q, k, v), do))
     return row
 
 

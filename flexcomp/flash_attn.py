@@ -34,8 +34,11 @@ backward, never stored: :mod:`flexcomp.dropout`); ``torch.manual_seed`` repeats 
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import weakref
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -231,17 +234,66 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, soft
 
 
 # ---- varlen ------------------------------------------------------------------------------------------
-def _packing(cu: Tensor, total: int, name: str) -> tuple[Tensor, Tensor, Tensor]:
+def _packing(cu: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per token its sequence and its position in it, and per sequence its length, from ``cu``
     (``[batch + 1]`` cumulative lengths), with device ops only. int64: a new packing's tables then
     need no read of their range (an int32 capture's range is checked against its trace's widths)."""
-    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
-        raise FlexcompError(f"flash_attn_varlen_func: {name} must be an integer tensor [batch + 1] of cumulative "
-                            f"lengths starting at 0, got {cu if not isinstance(cu, Tensor) else tuple(cu.shape)}")
     cu = cu.to(torch.int64)
     tokens = torch.arange(total, device=cu.device, dtype=torch.int64)
     doc = torch.clamp(torch.searchsorted(cu[1:].contiguous(), tokens, right=True), max=cu.numel() - 2)
     return doc, tokens - cu[doc], (cu[1:] - cu[:-1]).contiguous()
+
+
+@dataclass(frozen=True)
+class Packing:
+    """What one packing (``cu_seqlens_q``, ``cu_seqlens_k``) and window give every call on it: per query
+    token its sequence (``doc_q``), per key token its sequence (``doc_k``), the mods' per-query shift on
+    global indices (``global_shift``, None for one packing of queries and keys), the mask_mod and the
+    BlockMask; ``batch`` sequences."""
+
+    batch: int
+    doc_q: Tensor
+    doc_k: Tensor
+    global_shift: Optional[Tensor]
+    mask_mod: object
+    block_mask: BlockMask
+
+
+_PACKINGS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_PACKINGS_KEPT = 8  # a model's layers share one packing per step; a few steps' worth is plenty
+
+
+def _packed(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, right: int,
+            device: torch.device) -> Packing:
+    """The :class:`Packing` of these ``cu_seqlens`` tensors, built once and reused while they are the
+    same objects, unmodified (identity and version counter: an in-place change rebuilds), as a model's
+    layers pass one ``cu_seqlens`` per step."""
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+            raise FlexcompError(f"flash_attn_varlen_func: {name} must be an integer tensor [batch + 1] of cumulative "
+                                f"lengths starting at 0, got {cu if not isinstance(cu, Tensor) else tuple(cu.shape)}")
+    key = (id(cu_q), cu_q._version, id(cu_k), cu_k._version, total_q, total_k, left, right, device)
+    hit = _PACKINGS.get(key)
+    if hit is not None and hit[0]() is cu_q and hit[1]() is cu_k:
+        _PACKINGS.move_to_end(key)
+        return hit[2]
+    packing = _build_packing(cu_q, cu_k, total_q, total_k, left, right, device)
+    _PACKINGS[key] = (weakref.ref(cu_q), weakref.ref(cu_k), packing)
+    while len(_PACKINGS) > _PACKINGS_KEPT:
+        _PACKINGS.popitem(last=False)
+    return packing
+
+
+def _build_packing(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, right: int,
+                   device: torch.device) -> Packing:
+    doc_q, pos_q, len_q = _packing(cu_q.to(device), total_q)
+    doc_k, _, len_k = _packing(cu_k.to(device), total_k)
+    shift = (len_k - len_q)[doc_q]  # per query token: its sequence's Lk - Lq
+    cu_q64, cu_k64 = cu_q.to(device, torch.int64), cu_k.to(device, torch.int64)
+    global_shift = None if cu_q is cu_k else (cu_k64[1:] - cu_q64[1:])[doc_q]
+    mask_mod = _window_mod(global_shift, left, right, doc_q, doc_k)
+    block_mask = _varlen_block_mask(mask_mod, doc_q, pos_q, shift, cu_k64, len_k, total_q, total_k, left, right)
+    return Packing(len_q.numel(), doc_q, doc_k, global_shift, mask_mod, block_mask)
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -273,23 +325,15 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise FlexcompError(f"{where}: cu_seqlens_q and cu_seqlens_k must both be [batch + 1], got "
                             f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
-    doc_q, pos_q, len_q = _packing(cu_seqlens_q.to(q.device), total_q, "cu_seqlens_q")
-    doc_k, _, len_k = _packing(cu_seqlens_k.to(q.device), total_k, "cu_seqlens_k")
-    batch = len_q.numel()
-    shift = (len_k - len_q)[doc_q]  # per query token: its sequence's Lk - Lq
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     left, right = _window(causal, window_size)
-    # the mods' shift on global indices: none for one packing of queries and keys (the same tensor)
-    cu_q64, cu_k64 = cu_seqlens_q.to(q.device, torch.int64), cu_seqlens_k.to(q.device, torch.int64)
-    global_shift = None if cu_seqlens_q is cu_seqlens_k else (cu_k64[1:] - cu_q64[1:])[doc_q]
-    mask_mod = _window_mod(global_shift, left, right, doc_q, doc_k)
-    slopes = _slopes(where, alibi_slopes, batch, H)
-    score_mod = (_score_mod(float(softcap), slopes, global_shift, doc_q)
+    pk = _packed(cu_seqlens_q, cu_seqlens_k, total_q, total_k, left, right, q.device)
+    slopes = _slopes(where, alibi_slopes, pk.batch, H)
+    score_mod = (_score_mod(float(softcap), slopes, pk.global_shift, pk.doc_q)
                  if (softcap or slopes is not None) else None)
-    block_mask = _varlen_block_mask(mask_mod, doc_q, pos_q, shift, cu_k64, len_k, total_q, total_k, left, right)
     out, lse, probs = _attend(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                              v.transpose(0, 1).unsqueeze(0), scale, score_mod, mask_mod, block_mask, deterministic,
-                              return_attn_probs, dropout_p)
+                              v.transpose(0, 1).unsqueeze(0), scale, score_mod, pk.mask_mod, pk.block_mask,
+                              deterministic, return_attn_probs, dropout_p)
     out = out[0].transpose(0, 1).contiguous()
     return (out, lse[0], probs) if return_attn_probs else out
 

@@ -226,6 +226,28 @@ def test_new_packings_reuse_the_traced_mask(monkeypatch):
         flash_attn_varlen_func(q, q, q, cu(lens), cu(lens), max(lens), max(lens), causal=True)
     assert first >= 1 and len(runs) == first
 
+def test_one_cu_seqlens_tensor_builds_its_packing_once_and_an_in_place_change_rebuilds():
+    """A model's layers pass one cu_seqlens tensor: its BlockMask is built once; writing into the tensor
+    (its version counter moves) or passing another tensor builds anew, never a stale mask."""
+    from flexcomp import flash_attn as fa
+
+    built = []
+    real = fa._build_packing
+    q, k, v = (rand(12, 2, 8) for _ in range(3))
+    c = cu([5, 7])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fa, "_build_packing", lambda *a: built.append(1) or real(*a))
+        first = fa._packed(c, c, 12, 12, -1, 0, c.device)
+        assert fa._packed(c, c, 12, 12, -1, 0, c.device) is first and len(built) == 1
+        assert fa._packed(c, c, 12, 12, 4, 0, c.device) is not first  # another window
+        c[1] = 9  # in place: lengths 9 and 3
+        got = flash_attn_varlen_func(q, k, v, c, c, 9, 9, causal=True)
+        assert len(built) == 3
+        assert fa._packed(c.clone(), c.clone(), 12, 12, -1, 0, c.device) is not first
+    want, _ = varlen_oracle(q, k, v, [9, 3], [9, 3], causal=True)
+    torch.testing.assert_close(got, want.to(got.dtype), atol=1e-10, rtol=1e-8)
+
+
 
 def test_errors_name_the_argument():
     q = rand(1, 4, 2, 8, grad=False)
@@ -321,6 +343,13 @@ def _keep(seed, p, B, H, L, S):
                      ar(S).view(1, 1, 1, -1))
 
 
+def _used(p):
+    """The probability the kernels drop with: ``p`` rounded to 1/256 (flexcomp.dropout)."""
+    from flexcomp.dropout import Dropout
+
+    return Dropout(p, 0).p_used
+
+
 def _seed_of_next_call():
     """The seed flexcomp draws for the next call (torch's generator state restored)."""
     state = torch.random.get_rng_state()
@@ -333,12 +362,12 @@ def _seed_of_next_call():
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRETER_ONLY)])
 def test_dropout_output_and_gradients_follow_the_keep_pattern(backend, softcap, monkeypatch):
     monkeypatch.setenv("FLEXCOMP_BACKEND", backend)
-    B, L, S, H, D, p = 2, 9, 13, 2, 16, 0.3
+    B, L, S, H, D, p = 2, 37, 45, 2, 16, 0.3  # q and kv past 16: every byte of the hash
     dt = F64 if backend == "reference" else torch.float32
     q, k, v = (torch.randn(B, n, H, D, dtype=dt, requires_grad=True) for n in (L, S, S))
     keep = _keep(_seed_of_next_call(), p, B, H, L, S)
     got = flash_attn_func(q, k, v, dropout_p=p, causal=True, softcap=softcap)
-    want, _ = oracle(q.double(), k.double(), v.double(), causal=True, softcap=softcap, drop=(keep, p))
+    want, _ = oracle(q.double(), k.double(), v.double(), causal=True, softcap=softcap, drop=(keep, _used(p)))
     tol = dict(atol=1e-10, rtol=1e-8) if dt == F64 else dict(atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got.double(), want, **tol)
     do = torch.randn_like(want)
@@ -346,14 +375,33 @@ def test_dropout_output_and_gradients_follow_the_keep_pattern(backend, softcap, 
         torch.testing.assert_close(a.double(), b.double(), **tol)
 
 
+def test_dropout_probability_is_rounded_to_256ths_and_weighted_exactly():
+    from flexcomp.dropout import Dropout
+
+    assert [Dropout(p, 0).threshold for p in (0.0, 0.001, 0.1, 0.25, 0.5, 0.999)] == [0, 1, 26, 64, 128, 255]
+    d = Dropout(0.1, 0)
+    assert d.p_used == 26 / 256 and d.scale == 1 / (1 - 26 / 256)
+
+
 def test_dropout_keep_rate_and_determinism():
     p = 0.1
     keep = _keep(1234, p, 4, 8, 256, 256)
     rate = keep.double().mean().item()
-    assert abs(rate - (1 - p)) < 0.005  # 2M pairs: the standard error is 0.0002
+    assert abs(rate - (1 - _used(p))) < 0.002  # 2M pairs: the standard error is 0.0002
     per_row = keep.double().mean(-1)
     assert per_row.min() > 0.75 and per_row.max() < 1.0  # no row or column structure
     assert abs(keep[..., :128].double().mean().item() - keep[..., 128:].double().mean().item()) < 0.01
+    # pairs sharing a hash ({q, q + 8} x {kv, kv + 8}) and neighbours are independent: at p = 0.5
+    # every joint keep rate is 1/4 (2M pairs: standard errors ~0.0003)
+    k = _keep(99, 0.5, 4, 8, 256, 256).double()
+    assert abs(k.mean().item() - 0.5) < 0.002
+    for dq, dk in ((0, 1), (0, 8), (1, 0), (8, 0), (8, 8), (1, 1), (0, 16), (16, 0)):
+        both = (k[..., :256 - dq, :256 - dk] * k[..., dq:, dk:]).mean().item()
+        assert abs(both - 0.25) < 0.003, (dq, dk, both)
+    for sq in (0, 8):  # each byte of the hash keeps at the same rate
+        for sk in (0, 8):
+            sel = k.view(4, 8, 16, 16, 16, 16)[:, :, :, sq // 8 * 8:sq // 8 * 8 + 8, :, sk:sk + 8]
+            assert abs(sel.mean().item() - 0.5) < 0.004
     q = rand(1, 16, 2, 8, grad=False)
     torch.manual_seed(5)
     a = flash_attn_func(q, q, q, dropout_p=0.5)
@@ -374,7 +422,7 @@ def test_dropout_in_varlen_sdpa_and_attn_probs():
     mask = (same.view(-1, 1) == same.view(1, -1)) & causal
     s = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(8)
     pr = torch.softmax(s.masked_fill(~mask, float("-inf")), -1)
-    want = torch.einsum("hij,jhd->ihd", torch.where(keep, pr / 0.6, 0.0), v)
+    want = torch.einsum("hij,jhd->ihd", torch.where(keep, pr / (1 - _used(0.4)), 0.0), v)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
     assert bool((probs[0][~keep & mask] < 0).all()) and bool((probs[0][keep & mask] > 0).all())  # S_dmask's sign
     qb, kb, vb = rand(1, 2, 6, 8), rand(1, 2, 6, 8), rand(1, 2, 6, 8)
@@ -383,7 +431,7 @@ def test_dropout_in_varlen_sdpa_and_attn_probs():
     keep = _keep(seed, 0.25, 1, 2, 6, 6)
     pr = torch.softmax((qb @ kb.transpose(-1, -2) / math.sqrt(8)).masked_fill(~torch.ones(6, 6).tril().bool(),
                                                                             float("-inf")), -1)
-    torch.testing.assert_close(got, torch.where(keep, pr / 0.75, 0.0) @ vb, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(got, torch.where(keep, pr / (1 - _used(0.25)), 0.0) @ vb, atol=1e-10, rtol=1e-8)
 
 
 @pytest.mark.gpu
@@ -402,7 +450,7 @@ def test_the_gpu_kernels_drop_the_same_pairs_forward_and_backward(dtype):
     for a, b in zip(lq, lk):
         kp = keep[:, c_q:c_q + a, c_k:c_k + b].unsqueeze(0)
         o, _ = oracle(qd[c_q:c_q + a][None], kd[c_k:c_k + b][None], vd[c_k:c_k + b][None], causal=True,
-                      drop=(kp, p))
+                      drop=(kp, _used(p)))
         outs.append(o[0])
         c_q, c_k = c_q + a, c_k + b
     want = torch.cat(outs)
@@ -428,8 +476,8 @@ def test_varlen_block_lists_bound_the_mask(lens, window):
     if tq == 0 or tk == 0:
         return
     cq, ck = cu(lq), cu(lk)
-    doc_q, pos_q, len_q = _packing(cq, tq, "q")
-    doc_k, pos_k, len_k = _packing(ck, tk, "k")
+    doc_q, pos_q, len_q = _packing(cq, tq)
+    doc_k, pos_k, len_k = _packing(ck, tk)
     shift = (len_k - len_q)[doc_q]
     d = pos_k.view(1, -1) - pos_q.view(-1, 1) - shift.view(-1, 1)
     keep = doc_q.view(-1, 1) == doc_k.view(1, -1)

@@ -41,7 +41,7 @@ dtypes compile exactly as without the switch.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dropout_base, dropout_keep, head_base, load_rows, store_rows, tile_ptrs, variant_name
+from .common import LOG2E, dropout_base, dropout_keep, dropout_rows, head_base, load_rows, store_rows, tile_ptrs, variant_name
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def _dq_tile(
     p = tl.exp2(post - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # the forward's pattern, regenerated: d(out) reaches kept pairs only, weighted 1 / (1 - p)
-        dp = tl.where(dropout_keep(drop_base, q_idx, kv_idx, DROP[1]), dp * DROP[2], 0.0)
+        dp = tl.where(dropout_keep(drop_base, start_n, BLOCK_N, DROP[1], True), dp * DROP[2], 0.0)
     dsp = p * (dp - delta[:, None])
     if SCATTER_MODE == 1:  # deterministic mode, first pass: the largest contribution
         SCATTER(s, dsp, keep & in_q[:, None], off_b, off_h, q_idx, kv_idx, SCORE_BUFS, GRADS,
@@ -176,7 +176,7 @@ def _dq_program(
     row = (pid_m * BLOCK_M) // SPARSE_Q
     num_off = head_base(0, SN, off_b, off_h) + row * SN[2]
     idx_off = head_base(0, SI, off_b, off_h) + row * SI[2]
-    drop_base = dropout_base(DROP[0], off_b, off_h) if DROPOUT else 0
+    drop_base = dropout_rows(dropout_base(DROP[0], off_b, off_h), pid_m * BLOCK_M, BLOCK_M) if DROPOUT else 0
     if HAS_FULL:
         dq = _dq_blocks(
             dq, q, do, lse2, delta, K_base, V_base, SK, SV, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), SI[3],
@@ -193,7 +193,8 @@ def _dq_program(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL, start_m, kv_idx, in_kv, off_b, off_h, Q_LEN,
+    dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL, start_m, kv_idx, in_kv, kv_start, off_b, off_h,
+    Q_LEN,
     sm_scale, SCORE_GRAD: tl.constexpr, SCORE_BUFS, MASK_MOD: tl.constexpr, MASK_BUFS, SCATTER: tl.constexpr, GRADS,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
@@ -222,9 +223,9 @@ def _dkdv_tile(
     pT = tl.exp2(post - lse2[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     if DROPOUT:  # the forward's pattern, regenerated (keys down, queries across)
-        kept = dropout_keep(drop_base, q_idx, kv_idx, DROP[1])
-        dv = tl.dot(tl.where(kept, pT * DROP[2], 0.0).to(do.dtype), do, dv, input_precision=PRECISION,
-                    out_dtype=dv.dtype)
+        kept = dropout_keep(dropout_rows(drop_base, start_m, BLOCK_M), kv_start, k.shape[0], DROP[1], False)
+        dv = tl.dot(tl.where(kept, pT, 0.0).to(do.dtype), do, dv, input_precision=PRECISION,
+                    out_dtype=dv.dtype)  # 1 / (1 - p) when dV is stored
         dpT = tl.where(kept, dpT * DROP[2], 0.0)
     else:
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=dv.dtype)
@@ -242,7 +243,7 @@ def _dkdv_tile(
 @triton.jit
 def _dkdv_blocks(
     dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL, IDX, n_blocks, stride_in, kv_idx, in_kv,
-    off_b, off_h, Q_LEN, sm_scale, SCORE_GRAD: tl.constexpr, SCORE_BUFS, MASK_MOD: tl.constexpr, MASK_BUFS,
+    kv_start, off_b, off_h, Q_LEN, sm_scale, SCORE_GRAD: tl.constexpr, SCORE_BUFS, MASK_MOD: tl.constexpr, MASK_BUFS,
     SCATTER: tl.constexpr, GRADS, HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, SPARSE_Q: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -254,7 +255,7 @@ def _dkdv_blocks(
         q_block = tl.minimum(tl.maximum(tl.load(IDX + (t // MULT) * stride_in), 0), NUM_Q_BLOCKS - 1)
         dk, dv = _dkdv_tile(
             dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL,
-            q_block * SPARSE_Q + (t % MULT) * BLOCK_M, kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale,
+            q_block * SPARSE_Q + (t % MULT) * BLOCK_M, kv_idx, in_kv, kv_start, off_b, off_h, Q_LEN, sm_scale,
             SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS, HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK,
             SCATTER_MODE, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, DROPOUT, DROP, drop_base)
     return dk, dv
@@ -297,17 +298,19 @@ def _dkdv_program(
         if HAS_FULL:
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL, FULL_IDX + idx_off,
-                tl.load(FULL_NUM + num_off), SI[3], kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale,
+                tl.load(FULL_NUM + num_off), SI[3], kv_idx, in_kv, pid_n * BLOCK_N, off_b, off_h, Q_LEN, sm_scale,
                 SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS, HAS_SCORE_MOD, HAS_MASK_MOD, False,
                 SCATTER_MODE, SPARSE_Q, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, NUM_Q_BLOCKS,
                 DROPOUT, DROP, drop_base)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, SQ, SDO, SL, Q_IDX + idx_off,
-            tl.load(Q_NUM + num_off), SI[3], kv_idx, in_kv, off_b, off_h, Q_LEN, sm_scale,
+            tl.load(Q_NUM + num_off), SI[3], kv_idx, in_kv, pid_n * BLOCK_N, off_b, off_h, Q_LEN, sm_scale,
             SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS, HAS_SCORE_MOD, HAS_MASK_MOD, True,
             SCATTER_MODE, SPARSE_Q, BLOCK_M, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_Q, NUM_Q_BLOCKS,
                 DROPOUT, DROP, drop_base)
     store_rows(tile_ptrs(head_base(GRAD_K, SDK, off_b, off_hkv), offs_n, offs_d, SDK), dk * sm_scale, in_kv, offs_d, D)
+    if DROPOUT:
+        dv = dv * DROP[2]  # the kept pairs' weight
     store_rows(tile_ptrs(head_base(GRAD_V, SDV, off_b, off_hkv), offs_n, offs_dv, SDV), dv, in_kv, offs_dv, DV)
 
 

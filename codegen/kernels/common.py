@@ -89,8 +89,40 @@ def dropout_base(seed, b, h):
 
 
 @triton.jit
-def dropout_keep(base, q_idx, kv_idx, threshold):
-    """Where the pairs ``(q_idx, kv_idx)`` (broadcast tiles) are kept: hash >= ``threshold``."""
-    x = _mix32(base ^ (q_idx.to(tl.uint32) * tl.full([], Q_MUL, tl.uint32)))
-    x = _mix32(x ^ kv_idx.to(tl.uint32))
-    return x >= tl.cast(threshold, tl.uint32)
+def _groups(start, N: tl.constexpr):
+    """``[N // 16, 8]`` hash groups ``(i // 16) * 8 + i % 8`` of indices ``start + 16 a + c`` (``start``
+    a multiple of 16): the first halves of the pairs ``(i, i + 8)`` that share a hash."""
+    return (start // 2 + (tl.arange(0, N // 16) * 8)[:, None] + tl.arange(0, 8)[None, :]).to(tl.uint32)
+
+
+@triton.jit
+def dropout_rows(base, q_start, BQ: tl.constexpr):
+    """``[BQ // 16, 8]`` row hashes of the query groups of rows ``q_start .. q_start + BQ``."""
+    return _mix32(base ^ (_groups(q_start, BQ) * tl.full([], Q_MUL, tl.uint32)))
+
+
+@triton.jit
+def dropout_keep(rows, kv_start, BK: tl.constexpr, threshold, Q_ROWS: tl.constexpr):
+    """Where the pairs of a tile are kept: ``[BQ, BK]`` (``Q_ROWS``: queries down, as the forward and
+    dQ tiles) or ``[BK, BQ]`` (keys down, as the dK/dV tiles), for query rows hashed by
+    :func:`dropout_rows` and keys ``kv_start .. kv_start + BK``. One hash gives the four pairs
+    ``{q, q + 8} x {kv, kv + 8}`` a byte each (:mod:`flexcomp.dropout`); ``threshold`` is the
+    8-bit threshold. The join / permute / reshape only relabel registers: in Hopper's tensor-core
+    accumulator one thread holds rows ``r, r + 8`` and columns ``c, c + 8``."""
+    BQ: tl.constexpr = rows.shape[0] * 16
+    kg = _groups(kv_start, BK)
+    if Q_ROWS:
+        x = rows[:, :, None, None] ^ kg[None, None, :, :]
+    else:
+        x = kg[:, :, None, None] ^ rows[None, None, :, :]
+    x = x * tl.full([], MIX_1, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], MIX_2, tl.uint32)
+    x = x ^ (x >> 16)
+    # the pair's byte on top: shifted by 8 * (kv // 8 % 2) + 16 * (q // 8 % 2)
+    z = tl.join(tl.join(x, x << 8), tl.join(x << 16, x << 24))  # [row group, c, col group, c, sk, sq]
+    if Q_ROWS:
+        y = tl.reshape(tl.permute(z, (0, 5, 1, 2, 4, 3)), [BQ, BK])
+    else:
+        y = tl.reshape(tl.permute(z, (0, 4, 1, 2, 5, 3)), [BK, BQ])
+    return y >= (tl.cast(threshold, tl.uint32) << 24)

@@ -19,7 +19,7 @@ named after its mods (:func:`.common.variant_name`).
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dropout_base, dropout_keep, head_base, load_rows, store_rows, tile_ptrs, variant_name
+from .common import LN2, LOG2E, dropout_base, dropout_keep, dropout_rows, head_base, load_rows, store_rows, tile_ptrs, variant_name
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def _fwd_tile(
     SCORE_MOD: tl.constexpr, SCORE_BUFS, MASK_MOD: tl.constexpr, MASK_BUFS,
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, DROPOUT: tl.constexpr, DROP, drop_base,
+    PRECISION: tl.constexpr, EVEN_KV: tl.constexpr, DROPOUT: tl.constexpr, DROP, drop_rows,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -58,8 +58,8 @@ def _fwd_tile(
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = load_rows(tile_ptrs(V_base, offs_n, offs_dv, SV), in_kv, offs_dv, DV, DV_PAD, not EVEN_KV)
-    if DROPOUT:  # the LSE is the softmax's; only the output sees dropped pairs (weight 0, others 1 / (1 - p))
-        p = tl.where(dropout_keep(drop_base, q_idx, kv_idx, DROP[1]), p * DROP[2], 0.0)
+    if DROPOUT:  # the LSE is the softmax's; only the output sees dropped pairs (weight 0, 1 / (1 - p) at the end)
+        p = tl.where(dropout_keep(drop_rows, start_n, BLOCK_N, DROP[1], True), p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=acc.dtype)
     return acc, l_i, m_new
 
@@ -71,7 +71,7 @@ def _fwd_blocks(
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
-    STATIC_SUB: tl.constexpr, NUM_KV_BLOCKS, DROPOUT: tl.constexpr, DROP, drop_base,
+    STATIC_SUB: tl.constexpr, NUM_KV_BLOCKS, DROPOUT: tl.constexpr, DROP, drop_rows,
 ):
     """Every kv block listed in ``IDX[0:n_blocks]``, in BLOCK_N-wide tiles.
 
@@ -88,13 +88,13 @@ def _fwd_blocks(
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, K_base, V_base, SK, SV, start + j * BLOCK_N, q_idx, off_b, off_h, KV_LEN,
                     qk_scale, sm_scale, SCORE_MOD, SCORE_BUFS, MASK_MOD, MASK_BUFS, HAS_SCORE_MOD, HAS_MASK_MOD,
-                    APPLY_MASK, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV, DROPOUT, DROP, drop_base)
+                    APPLY_MASK, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV, DROPOUT, DROP, drop_rows)
         else:
             for j in range(SUB):
                 acc, l_i, m_i = _fwd_tile(
                     acc, l_i, m_i, q, K_base, V_base, SK, SV, start + j * BLOCK_N, q_idx, off_b, off_h, KV_LEN,
                     qk_scale, sm_scale, SCORE_MOD, SCORE_BUFS, MASK_MOD, MASK_BUFS, HAS_SCORE_MOD, HAS_MASK_MOD,
-                    APPLY_MASK, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV, DROPOUT, DROP, drop_base)
+                    APPLY_MASK, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV, DROPOUT, DROP, drop_rows)
     return acc, l_i, m_i
 
 
@@ -139,21 +139,23 @@ def flex_fwd(
     row = (pid_m * BLOCK_M) // SPARSE_Q
     num_off = head_base(0, SN, off_b, off_h) + row * SN[2]
     idx_off = head_base(0, SI, off_b, off_h) + row * SI[2]
-    drop_base = dropout_base(DROP[0], off_b, off_h) if DROPOUT else 0
+    drop_rows = dropout_rows(dropout_base(DROP[0], off_b, off_h), pid_m * BLOCK_M, BLOCK_M) if DROPOUT else 0
     if HAS_FULL:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_base, V_base, SK, SV, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), SI[3],
             q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, SCORE_MOD, SCORE_BUFS, MASK_MOD, MASK_BUFS,
             HAS_SCORE_MOD, HAS_MASK_MOD, False, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV,
-            STATIC_SUB, NUM_KV_BLOCKS, DROPOUT, DROP, drop_base)
+            STATIC_SUB, NUM_KV_BLOCKS, DROPOUT, DROP, drop_rows)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K_base, V_base, SK, SV, KV_IDX + idx_off, tl.load(KV_NUM + num_off), SI[3],
         q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, SCORE_MOD, SCORE_BUFS, MASK_MOD, MASK_BUFS,
         HAS_SCORE_MOD, HAS_MASK_MOD, True, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV,
-        STATIC_SUB, NUM_KV_BLOCKS, DROPOUT, DROP, drop_base)
+        STATIC_SUB, NUM_KV_BLOCKS, DROPOUT, DROP, drop_rows)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * DROP[2]  # the kept pairs' weight 1 / (1 - p)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     lse = tl.where(m_i == float("inf"), float("inf"), lse)  # inf - inf made l_i NaN; torch's logsumexp: +inf
     store_rows(tile_ptrs(head_base(O, SO, off_b, off_h), offs_m, offs_dv, SO), out, in_q, offs_dv, DV)
