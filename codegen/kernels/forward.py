@@ -140,17 +140,18 @@ def flex_fwd(
     num_off = head_base(0, SN, off_b, off_h) + row * SN[2]
     idx_off = head_base(0, SI, off_b, off_h) + row * SI[2]
     drop_rows = dropout_rows(dropout_base(DROP[0], off_b, off_h), pid_m * BLOCK_M, BLOCK_M) if DROPOUT else 0
+    # partial blocks first, then full ones (as torch): 2-3.5% faster on the H200 (docs/performance.md)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K_base, V_base, SK, SV, KV_IDX + idx_off, tl.load(KV_NUM + num_off), SI[3],
+        q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, SCORE_MOD, SCORE_BUFS, MASK_MOD, MASK_BUFS,
+        HAS_SCORE_MOD, HAS_MASK_MOD, True, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV,
+        STATIC_SUB, NUM_KV_BLOCKS, DROPOUT, DROP, drop_rows)
     if HAS_FULL:
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_base, V_base, SK, SV, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), SI[3],
             q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, SCORE_MOD, SCORE_BUFS, MASK_MOD, MASK_BUFS,
             HAS_SCORE_MOD, HAS_MASK_MOD, False, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV,
             STATIC_SUB, NUM_KV_BLOCKS, DROPOUT, DROP, drop_rows)
-    acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K_base, V_base, SK, SV, KV_IDX + idx_off, tl.load(KV_NUM + num_off), SI[3],
-        q_idx, off_b, off_h, KV_LEN, qk_scale, sm_scale, SCORE_MOD, SCORE_BUFS, MASK_MOD, MASK_BUFS,
-        HAS_SCORE_MOD, HAS_MASK_MOD, True, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV,
-        STATIC_SUB, NUM_KV_BLOCKS, DROPOUT, DROP, drop_rows)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
