@@ -68,10 +68,22 @@ def _window_mod(shift: Optional[Tensor], left: int, right: int, doc_q: Optional[
         if doc_q is None:
             d = kv_idx - q_idx - shift[0]
             keep = d == d
+        elif shift is None:  # one packing: compare the indices themselves (below)
+            return near(doc_q[q_idx] == doc_k[kv_idx], q_idx, kv_idx)
         else:
-            d = kv_idx - q_idx if shift is None else kv_idx - q_idx - shift[q_idx]
+            d = kv_idx - q_idx - shift[q_idx]
             keep = doc_q[q_idx] == doc_k[kv_idx]
         return in_window(keep, d, left, right)
+
+    def near(keep, q_idx, kv_idx):
+        """``in_window`` on ``kv_idx - q_idx`` written as comparisons of the indices: ``kv_idx <= q_idx``
+        compiles to one predicate per pair, where the difference's compare, combined with the
+        documents' 64-bit one, cost the H200 ~10% of a forward (bit-packed predicates)."""
+        if right >= 0:
+            keep = keep & (kv_idx <= q_idx + right if right else kv_idx <= q_idx)
+        if left >= 0:
+            keep = keep & (kv_idx >= q_idx - left if left else kv_idx >= q_idx)
+        return keep
 
     return window
 
@@ -286,6 +298,8 @@ def _packed(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, r
 
 def _build_packing(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, right: int,
                    device: torch.device) -> Packing:
+    reach = total_q + total_k  # |kv - q - shift| stays below this: a wider window is an unlimited one
+    left, right = min(left, reach), min(right, reach)  # (and the mods' q_idx + right stays in int32)
     doc_q, pos_q, len_q = _packing(cu_q.to(device), total_q)
     doc_k, _, len_k = _packing(cu_k.to(device), total_k)
     shift = (len_k - len_q)[doc_q]  # per query token: its sequence's Lk - Lq
