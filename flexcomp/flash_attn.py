@@ -30,7 +30,9 @@ tensor of ``total_q x total_k``, no host read); a new packing reuses the traced 
 
 ``dropout_p``: attention dropout, in the kernels (forward and backward; the keep pattern is a hash
 of a per-call seed drawn from torch's generator and the pair's coordinates, regenerated in the
-backward, never stored: :mod:`flexcomp.dropout`); ``torch.manual_seed`` repeats it.
+backward, never stored: :mod:`flexcomp.dropout`); ``torch.manual_seed`` repeats it. As flash-attn,
+each pair is decided with 8 random bits: ``dropout_p`` is rounded to a multiple of 1/256 (at least
+1/256 when positive) and the kept pairs are weighted ``1 / (1 - rounded p)``.
 """
 from __future__ import annotations
 
