@@ -234,11 +234,12 @@ def context_parallel_attention(
 
     Returns ``out [B, Hq, L, Ev]`` (and the LSE): this rank's rows of the whole attention,
     differentiable in q, k, v and the score_mod's captured tensors. Every rank of the group must
-    call it (and its backward) together.
+    call it (and its backward) together. In each process of an initialised group (a runnable
+    version that spawns the processes: ``python -m flexcomp.bench_context_parallel --backend gloo
+    --world 2 --seq 1024 --heads 2 --dim 32 --dtype float32``)::
 
-    >>> # in each of 2 processes of a gloo group:  # doctest: +SKIP
-    >>> cp = ContextParallel(seq_len=1024)
-    >>> out = context_parallel_attention(shard(q, cp), shard(k, cp), shard(v, cp), cp, mask_mod=causal_mask)
+        cp = ContextParallel(seq_len=1024)
+        out = context_parallel_attention(shard(q, cp), shard(k, cp), shard(v, cp), cp, mask_mod=causal_mask)
     """
     cp.check()
     where = "context_parallel_attention"

@@ -92,9 +92,14 @@ def _check_case(cp, name, mask_mod, score_mod, gqa):
     whole, aux = flex_attention(*leaves[:3], score_mod=sm, block_mask=bm, enable_gqa=gqa,
                                 return_aux=AuxRequest(lse=True))
     want_grads = torch.autograd.grad(whole, leaves, do)
-    ref, ref_lse = _oracle(q, k, v, mask_mod, sm if bias is None else (lambda s_, b_, h_, i_, j_: s_ + bias[h_, j_]))
+    oq, ok, ov = (t.clone().requires_grad_() for t in (q, k, v))
+    obias = bias.clone().requires_grad_() if bias is not None else None
+    ref, ref_lse = _oracle(oq, ok, ov, mask_mod, sm if bias is None else (lambda s_, b_, h_, i_, j_: s_ + obias[h_, j_]))
     torch.testing.assert_close(whole, ref, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(aux.lse, ref_lse, atol=1e-10, rtol=1e-8)
+    oracle_grads = torch.autograd.grad(ref, [oq, ok, ov] + ([obias] if bias is not None else []), do)
+    for a, b in zip(want_grads, oracle_grads):  # single-process flexcomp's gradients against the oracle's
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
     # context parallel: this rank's shards as leaves
     cq, ck, cv = (shard(t, cp).requires_grad_() for t in (q, k, v))
     cbias = bias.clone().requires_grad_() if bias is not None else None
