@@ -29,6 +29,7 @@ from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
 from .dropout import Dropout, keep_mask
 from .problem import Grads, Outputs
+from .reference_tiles import fused_applies, fused_forward, fused_grads, row_plans, tile_forward, tile_grads
 from .sparsity import BlockKind
 from .trace import TracedMod
 
@@ -169,9 +170,36 @@ def _chunk_len(plan: ReferencePlan, q: Tensor, k: Tensor) -> int:
     return max(1, plan.chunk_elements // max(1, per_row))
 
 
-def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor,
-                    score_buffers: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    """Output, LSE and row max for every query, a chunk at a time (no autograd)."""
+def _tiles(plan: ReferencePlan, q: Tensor, k: Tensor) -> Optional[list]:
+    """The block-row tiles (:mod:`flexcomp.reference_tiles`) when they apply: a block map shared by
+    every batch element and head, on the CPU, over more than one q-block row; else None."""
+    bm = plan.blocks
+    if (bm is None or q.device.type != "cpu" or tuple(bm.kind.shape[:2]) != (1, 1)
+            or q.shape[2] <= bm.q_block or k.shape[2] == 0):
+        return None
+    per_row = q.shape[0] * q.shape[1]
+    return row_plans(bm, q.shape[2], k.shape[2], lambda span: plan.chunk_elements // max(1, per_row * span))
+
+
+def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, score_buffers: tuple,
+                    want_max: bool = True) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Output, LSE and (``want_max``) row max for every query, a chunk (or block-row tile) at a time
+    (no autograd). Tiles without a score_mod or dropout run on torch's fused CPU flash kernel
+    unless the row max is asked for (that kernel does not give it)."""
+    tiles = _tiles(plan, q, k)
+    if tiles is not None:
+        B, H, L, _ = q.shape
+        wd = _working_dtype(q.dtype)
+        out = q.new_empty(B, H, L, v.shape[-1])
+        lse, mx = (torch.empty(B, H, L, dtype=wd, device=q.device) for _ in range(2))
+        fused = not want_max and fused_applies(plan, q, v)
+        for t in tiles:
+            rows = slice(t.q0, t.q1)
+            if fused:
+                out[:, :, rows], lse[:, :, rows] = fused_forward(plan, q, k, v, t)
+            else:
+                out[:, :, rows], lse[:, :, rows], mx[:, :, rows] = tile_forward(plan, q, k, v, score_buffers, t)
+        return out, lse, None if fused else mx
     step = _chunk_len(plan, q, k)
     if 0 < q.shape[2] <= step:  # one chunk (a decoding step, short sequences): no concatenation
         return _chunk_forward(plan, q, 0, k, v, score_buffers)
@@ -235,7 +263,16 @@ def _explicit_backward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, out
     dk = torch.zeros(k.shape, dtype=wd, device=k.device)
     dv = torch.zeros(v.shape, dtype=wd, device=v.device)
     d_out = torch.zeros_like(out) if d_out is None else d_out
-    for s in range(0, q.shape[2], step):
+    tiles = _tiles(plan, q, k)
+    fused = d_lse is None and fused_applies(plan, q, v)
+    for t in tiles or ():
+        sl = slice(t.q0, t.q1)
+        if fused:
+            dq[:, :, sl] = fused_grads(plan, q, k, v, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl], t, dk, dv)
+        else:
+            dq[:, :, sl] = tile_grads(plan, q, k, v, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl],
+                                      None if d_lse is None else d_lse[:, :, sl], t, dk, dv)
+    for s in range(0, q.shape[2] if tiles is None else 0, step):
         sl = slice(s, s + step)
         g_q, g_k, g_v, lo, hi = _chunk_grads(plan, q[:, :, sl], s, k, v, out[:, :, sl], lse[:, :, sl],
                                              d_out[:, :, sl], None if d_lse is None else d_lse[:, :, sl])
@@ -364,8 +401,9 @@ class ReferenceBackend:
 
     def forward(self, problem, plan, q: Tensor, k: Tensor, v: Tensor):
         """Chunked attention; captured tensors are moved to q's device for the call."""
-        out, lse, max_scores = chunked_forward(self._plan(problem, q.device), q, k, v, self._score_buffers(problem))
-        return Outputs(out, lse, max_scores)
+        out, lse, max_scores = chunked_forward(self._plan(problem, q.device), q, k, v, self._score_buffers(problem),
+                                               problem.want_max)
+        return Outputs(out, lse, max_scores if problem.want_max else None)
 
     def backward(self, problem, plan, saved, d_out, d_lse, wanted):
         """Each chunk recomputed under autograd; gradients of captured tensors on their own devices."""

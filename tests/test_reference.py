@@ -233,3 +233,119 @@ def test_float64_inputs_mask_like_torch():
         warnings.simplefilter("ignore")
         ref = tf.flex_attention(q, k, v, block_mask=tf.create_block_mask(float_band, 1, 1, 256, 256, "cpu"))
     torch.testing.assert_close(out, ref)
+
+
+def _tiles_or_chunks(monkeypatch, tiled, fn):
+    """``fn()`` with the reference's block-row tiles on (as chosen) or off (query chunks)."""
+    import flexcomp.reference as ref
+
+    if tiled:
+        return fn()
+    with monkeypatch.context() as m:
+        m.setattr(ref, "_tiles", lambda *a: None)
+        return fn()
+
+
+@pytest.mark.parametrize("case", ["causal ragged", "documents with gaps", "dilated", "softcap causal",
+                                  "gqa window", "dropout"])
+def test_block_row_tiles_match_query_chunks_and_the_oracle(case, monkeypatch):
+    """The CPU training path (block-row tiles, mask_mod only inside partial blocks, empty blocks inside
+    a row's span filled) gives the query-chunk path's results and the oracle's, outputs and grads."""
+    import flexcomp.reference as ref
+    from flexcomp.api import attention
+    from flexcomp.dropout import Dropout
+
+    doc = torch.tensor([0] * 40 + [1] * 90 + [2] * 30 + [3] * 140)  # 300 tokens, ragged
+
+    def documents_with_gaps(b, h, q, kv):  # every other document sees only itself: empty blocks inside spans
+        return (doc[q] == doc[kv]) & ((doc[q] % 2 == 0) | (q >= kv))
+
+    def dilated(b, h, q, kv):
+        return ((q - kv) % 3 == 0) & (q >= kv)
+
+    def window(b, h, q, kv):
+        return (q - kv <= 50) & (kv - q <= 10)
+
+    L, S, H, Hkv, mask_mod, score_mod, drop = {
+        "causal ragged": (300, 290, 2, 2, causal_mask, None, None),
+        "documents with gaps": (300, 300, 2, 2, documents_with_gaps, None, None),
+        "dilated": (260, 260, 2, 2, dilated, None, None),
+        "softcap causal": (300, 300, 2, 2, causal_mask, softcap(3.0), None),
+        "gqa window": (280, 280, 4, 2, window, alibi(4), None),
+        "dropout": (300, 300, 2, 2, causal_mask, None, Dropout(0.3, 11)),
+    }[case]
+    q, k, v = rand_qkv(2, H, L, S, 16, Hkv=Hkv)
+    bm = create_block_mask(mask_mod, None, None, L, S, device="cpu", BLOCK_SIZE=32)
+    used = []
+    real = ref.row_plans
+    monkeypatch.setattr(ref, "row_plans", lambda *a: used.append(1) or real(*a))
+    results = []
+    for tiled in (True, False):
+        def run():
+            out, aux = attention(q, k, v, score_mod=score_mod, block_mask=bm, enable_gqa=Hkv != H, kernel_options=REF,
+                                 return_aux=flexcomp_aux(), dropout=drop)
+            return (out, aux.lse, *grads((out, aux.lse), (q, k, v)))
+        results.append(_tiles_or_chunks(monkeypatch, tiled, run))
+    assert used, "the block-row tiles were not used"
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    if drop is None:
+        ro, rl = dense_attention(q, k, v, score_mod, mask_mod, enable_gqa=Hkv != H)
+        torch.testing.assert_close(results[0][0].double(), ro, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(results[0][1].double(), rl, atol=1e-9, rtol=1e-9)
+        for g, w in zip(results[0][2:], grads((ro, rl), (q, k, v))):
+            torch.testing.assert_close(g.double(), w.double(), atol=1e-8, rtol=1e-8)
+
+
+def flexcomp_aux():
+    from flexcomp.api import AuxRequest
+
+    return AuxRequest(lse=True)
+
+
+@pytest.mark.parametrize("case", ["causal ragged", "documents with gaps", "rows with nothing kept", "gqa",
+                                  "mask reads h"])
+def test_fused_cpu_tiles_match_the_oracle(case, monkeypatch):
+    """Tiles without a score_mod or dropout run on torch's fused CPU flash kernels (forward, and the
+    backward when no gradient reaches the LSE): output, LSE and every gradient against the oracle."""
+    import flexcomp.reference as ref
+
+    doc = torch.tensor([0] * 40 + [1] * 90 + [2] * 30 + [3] * 140)
+
+    def documents_with_gaps(b, h, q, kv):
+        return (doc[q] == doc[kv]) & ((doc[q] % 2 == 0) | (q >= kv))
+
+    def nothing_for_some_rows(b, h, q, kv):  # rows 64 .. 95 keep nothing: output 0, LSE -inf, no NaN
+        return ((q < 64) | (q >= 96)) & (q >= kv)
+
+    def by_head(b, h, q, kv):  # head 1 drops more pairs, inside the diagonal (partial) blocks only
+        return (q >= kv) & ((h == 0) | (q // 32 != kv // 32) | ((q + kv) % 3 != 0))
+
+    L, S, H, Hkv, mask_mod = {
+        "causal ragged": (300, 290, 2, 2, causal_mask),
+        "documents with gaps": (300, 300, 2, 2, documents_with_gaps),
+        "rows with nothing kept": (200, 200, 2, 2, nothing_for_some_rows),
+        "gqa": (260, 260, 4, 2, causal_mask),
+        "mask reads h": (256, 256, 2, 2, by_head),
+    }[case]
+    q, k, v = rand_qkv(2, H, L, S, 16, Hkv=Hkv)
+    bm = create_block_mask(mask_mod, None, None, L, S, device="cpu", BLOCK_SIZE=32)
+    calls = []
+    for name in ("fused_forward", "fused_grads"):
+        real = getattr(ref, name)
+        monkeypatch.setattr(ref, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    out = flex_attention(q, k, v, block_mask=bm, enable_gqa=Hkv != H, kernel_options=REF)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    assert {"fused_forward", "fused_grads"} <= set(calls)
+    _, aux = flex_attention(q, k, v, block_mask=bm, enable_gqa=Hkv != H, kernel_options=REF,
+                            return_aux=flexcomp_aux())
+    lse = aux.lse
+    ro, rl = dense_attention(q, k, v, None, mask_mod, enable_gqa=Hkv != H)
+    torch.testing.assert_close(out, ro, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(lse.double(), rl, atol=1e-10, rtol=1e-9)
+    for g, w in zip(got, torch.autograd.grad(ro, (q, k, v), do)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-8)
+    if case == "rows with nothing kept":
+        assert (out[:, :, 64:96] == 0).all() and torch.isneginf(lse[:, :, 64:96]).all()

@@ -1,0 +1,272 @@
+"""The reference backend's block-row tiles: the forward and FlashAttention's backward one q-block row
+of the BlockMask at a time, on the kv span of that row's non-empty blocks, with ``mask_mod``
+evaluated only inside its partial blocks (full blocks skip it; empty blocks inside the span are
+filled with ``-inf``).
+
+This is the CPU training path (:mod:`flexcomp.reference` picks it when the block map is shared by
+every batch element and head, as a BlockMask made with ``B = H = None`` is, and the inputs are on
+the CPU): a causal mask then computes the lower triangle at block granularity instead of whole
+chunk spans, the score tiles stay small enough for the caches, and the mask's elementwise work
+shrinks to the diagonal blocks. Memory stays bounded by ``chunk_elements`` (a block row is split
+into fewer query rows when ``B * H * rows * span`` would exceed it).
+
+>>> import torch
+>>> from flexcomp.reference import BlockMap
+>>> kind = torch.tensor([[[[1, 0, 0], [2, 1, 0], [2, 2, 1]]]], dtype=torch.int8)
+>>> [(r.q0, r.q1, r.lo, r.hi, [(u.kind.name, u.start, u.stop) for u in r.runs])
+...  for r in row_plans(BlockMap(kind, 4, 4), 12, 12, rows_per_tile=lambda span: 4)][1:]
+[(4, 8, 0, 8, [('PARTIAL', 4, 8)]), (8, 12, 0, 12, [('PARTIAL', 8, 12)])]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .dropout import keep_mask
+from .errors import zero_division_names
+from .evaluate import evaluate
+from .sparsity import BlockKind
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive blocks of one kind inside a row's span: key columns ``start .. stop`` (relative to
+    the span's ``lo``), ``PARTIAL`` (mask_mod decides) or ``EMPTY`` (every pair masked)."""
+
+    kind: BlockKind
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One tile: query rows ``q0 .. q1``, the key span ``lo .. hi`` of their non-empty blocks (empty:
+    ``lo == hi``, nothing kept) and the span's non-full runs."""
+
+    q0: int
+    q1: int
+    lo: int
+    hi: int
+    runs: tuple[Run, ...]
+
+
+def row_plans(bm, q_len: int, kv_len: int, rows_per_tile: Callable[[int], int]) -> list[RowPlan]:
+    """The tiles of a block map shared by every batch element and head (``kind [1, 1, nq, nk]``);
+    ``rows_per_tile(span)``: how many query rows one tile of that key span may hold (memory)."""
+    kind = bm.kind[0, 0].cpu()
+    plans = []
+    for r in range(kind.shape[0]):
+        q0, q1 = r * bm.q_block, min(q_len, (r + 1) * bm.q_block)
+        if q0 >= q1:
+            break
+        nz = torch.nonzero(kind[r]).flatten()
+        if nz.numel() == 0:
+            plans.append(RowPlan(q0, q1, 0, 0, ()))
+            continue
+        b0, b1 = int(nz[0]), int(nz[-1]) + 1
+        lo, hi = b0 * bm.kv_block, min(kv_len, b1 * bm.kv_block)
+        runs: list[Run] = []
+        for j, k in enumerate(kind[r, b0:b1].tolist(), start=b0):
+            if k == BlockKind.FULL:
+                continue
+            start, stop = j * bm.kv_block - lo, min(kv_len, (j + 1) * bm.kv_block) - lo
+            if start >= stop:
+                continue
+            what = BlockKind.PARTIAL if k == BlockKind.PARTIAL else BlockKind.EMPTY
+            if runs and runs[-1].kind is what and runs[-1].stop == start:
+                runs[-1] = Run(what, runs[-1].start, stop)
+            else:
+                runs.append(Run(what, start, stop))
+        step = max(1, rows_per_tile(hi - lo))
+        for a in range(q0, q1, step):
+            plans.append(RowPlan(a, min(q1, a + step), lo, hi, tuple(runs)))
+    return plans
+
+
+def _indices(B: int, H: int, t: RowPlan, dev) -> dict[str, Tensor]:
+    def ar(a: int, b: int) -> Tensor:
+        return torch.arange(a, b, device=dev, dtype=torch.int32)
+
+    return {"b": ar(0, B).view(-1, 1, 1, 1), "h": ar(0, H).view(1, -1, 1, 1),
+            "q_idx": ar(t.q0, t.q1).view(1, 1, -1, 1), "kv_idx": ar(t.lo, t.hi).view(1, 1, 1, -1)}
+
+
+def _scores(plan, q: Tensor, k: Tensor, t: RowPlan, score_buffers, idx: Optional[dict]) -> tuple:
+    """``(qg, kc, s)``: the tile's queries times the scale with a GQA group's rows stacked, its keys,
+    and its modified, masked scores ``[B, Hq, rows, span]`` (working dtype, writable)."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    c = t.q1 - t.q0
+    wd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kc = k[:, :, t.lo:t.hi].to(wd)
+    # the scale on the queries (rows x D) rather than on the scores (rows x span): one pass fewer
+    qg = (q[:, :, t.q0:t.q1].to(wd) * plan.scale).reshape(B, Hkv, (Hq // Hkv) * c, D)
+    s = (qg @ kc.transpose(-1, -2)).view(B, Hq, c, t.hi - t.lo)
+    if plan.score is not None:
+        with zero_division_names(plan.score.graph, plan.score.fn):
+            s = evaluate(plan.score.graph, {"score": s, **idx}, score_buffers, plan.score.scalars, wd)
+        s = torch.broadcast_to(s, (B, Hq, c, t.hi - t.lo)).contiguous()
+    for run in t.runs:
+        part = s[..., run.start:run.stop]
+        if run.kind is BlockKind.EMPTY or plan.mask is None:
+            if run.kind is BlockKind.EMPTY:
+                part.fill_(-torch.inf)
+            continue
+        sub = {**idx, "kv_idx": idx["kv_idx"][..., run.start:run.stop]}
+        # masks are evaluated in float32 whatever the inputs, as torch and create_block_mask do
+        with zero_division_names(plan.mask.graph, plan.mask.fn):
+            keep = evaluate(plan.mask.graph, sub, plan.mask_buffers, plan.mask.scalars, torch.float32)
+        part.masked_fill_(~torch.broadcast_to(keep, part.shape), -torch.inf)
+    return qg, kc, s
+
+
+def tile_forward(plan, q: Tensor, k: Tensor, v: Tensor, score_buffers, t: RowPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """Output ``[B, Hq, rows, Dv]`` (input dtype), LSE and row max ``[B, Hq, rows]`` of one tile."""
+    B, Hq, _, _ = q.shape
+    Hkv = k.shape[1]
+    G, c, KV = Hq // Hkv, t.q1 - t.q0, t.hi - t.lo
+    wd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if KV == 0:
+        return (q.new_zeros(B, Hq, c, v.shape[-1]), torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device),
+                torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device))
+    idx = _indices(B, Hq, t, q.device)
+    _, _, s = _scores(plan, q, k, t, score_buffers, idx)
+    row_max = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isneginf(row_max), 0.0, row_max)
+    p = s.sub_(m).exp_()
+    l = p.sum(dim=-1, keepdim=True)
+    empty = l == 0
+    l_safe = torch.where(empty, 1.0, l)
+    if plan.dropout is not None:
+        p = torch.where(keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"]),
+                        p * plan.dropout.scale, 0.0)
+    o = (p.reshape(B, Hkv, G * c, KV) @ v[:, :, t.lo:t.hi].to(wd)).reshape(B, Hq, c, v.shape[-1]).div_(l_safe)
+    lse = torch.where(empty, -torch.inf, m + torch.log(l_safe))
+    lse = torch.where(torch.isposinf(row_max), torch.inf, lse).squeeze(-1)  # as torch's logsumexp
+    return o.to(q.dtype), lse, row_max.squeeze(-1)
+
+
+def tile_grads(plan, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor],
+               t: RowPlan, dk: Tensor, dv: Tensor) -> Tensor:
+    """FlashAttention's backward of one tile without a score_mod (as ``reference._chunk_grads``):
+    returns ``dq [B, Hq, rows, D]`` and adds the tile's contributions into ``dk`` / ``dv``
+    (``[B, Hkv, S, *]``, contiguous, working dtype) in place."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    G, c, KV = Hq // Hkv, t.q1 - t.q0, t.hi - t.lo
+    wd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if KV == 0:
+        return torch.zeros(B, Hq, c, D, dtype=wd, device=q.device)
+    idx = _indices(B, Hq, t, q.device)
+    qg, kc, s = _scores(plan, q, k, t, (), idx)
+    p = s.sub_(torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)).exp_()
+    dog = do.to(wd).reshape(B, Hkv, G * c, do.shape[-1])
+    dp = (dog @ v[:, :, t.lo:t.hi].to(wd).transpose(-1, -2)).view(B, Hq, c, KV)
+    delta = (do.to(wd) * o.to(wd)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(wd)
+    pd = p
+    if plan.dropout is not None:
+        kept = keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"])
+        pd = torch.where(kept, p * plan.dropout.scale, 0.0)
+        dp = torch.where(kept, dp * plan.dropout.scale, 0.0)
+    S = dk.shape[2]
+    dv_span = dv.view(B * Hkv, S, dv.shape[-1])[:, t.lo:t.hi]
+    dv_span.baddbmm_(pd.reshape(B * Hkv, G * c, KV).transpose(-1, -2), dog.reshape(B * Hkv, G * c, -1))
+    ds = p.mul_(dp.sub_(delta.unsqueeze(-1))).view(B, Hkv, G * c, KV)
+    dq = (ds @ kc).mul_(plan.scale).view(B, Hq, c, D)
+    dk_span = dk.view(B * Hkv, S, D)[:, t.lo:t.hi]
+    dk_span.baddbmm_(ds.reshape(B * Hkv, G * c, KV).transpose(-1, -2), qg.reshape(B * Hkv, G * c, D))  # qg: scaled
+    return dq
+
+
+# torch's fused CPU flash-attention kernels (what F.scaled_dot_product_attention runs on the CPU):
+# for tiles without a score_mod or dropout they do a tile's softmax and matmuls in cache-sized blocks
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def fused_applies(plan, q: Tensor, v: Tensor) -> bool:
+    """Whether :func:`fused_forward` / :func:`fused_grads` can run this problem's tiles: no score_mod,
+    no dropout, one head dim for q, k and v, a dtype torch's CPU flash kernel takes."""
+    return (_FLASH is not None and _FLASH_BACKWARD is not None and plan.score is None and plan.dropout is None
+            and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and v.shape[-1] == q.shape[-1])
+
+
+def _additive_mask(plan, t: RowPlan, B: int, H: int, dtype, dev) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(mask, dead)``: the tile's additive mask (0 kept, -inf dropped; broadcastable to
+    ``[B, H, rows, span]``; None when every pair is kept) and its rows with nothing kept (None: none;
+    a row with a full block in its span always keeps something). Only the runs' columns are written."""
+    if not t.runs:
+        return None, None
+    c, KV = t.q1 - t.q0, t.hi - t.lo
+    idx = _indices(B, H, t, dev)
+    keeps = []
+    for run in t.runs:
+        if run.kind is BlockKind.EMPTY or plan.mask is None:
+            keeps.append(run.kind is not BlockKind.EMPTY)
+            continue
+        sub = {**idx, "kv_idx": idx["kv_idx"][..., run.start:run.stop]}
+        with zero_division_names(plan.mask.graph, plan.mask.fn):
+            keeps.append(evaluate(plan.mask.graph, sub, plan.mask_buffers, plan.mask.scalars, torch.float32))
+    lead = torch.broadcast_shapes((1, 1), *(tuple(k.shape[:-2]) for k in keeps
+                                             if isinstance(k, Tensor) and k.dim() == 4))
+    mask = torch.zeros(*lead, c, KV, dtype=dtype, device=dev)
+    for run, keep in zip(t.runs, keeps):
+        part = mask[..., run.start:run.stop]
+        if keep is False:
+            part.fill_(-torch.inf)
+        elif keep is not True:
+            part.masked_fill_(~torch.broadcast_to(keep, part.shape), -torch.inf)
+    dead = None
+    if sum(run.stop - run.start for run in t.runs) == KV:  # no full block: a row may keep nothing
+        dead = torch.isneginf(mask).all(-1)
+        dead = dead if bool(dead.any()) else None
+    return mask, dead
+
+
+def _group_keys(x: Tensor, G: int) -> Tensor:
+    return x if G == 1 else x.repeat_interleave(G, dim=1)
+
+
+def fused_forward(plan, q: Tensor, k: Tensor, v: Tensor, t: RowPlan) -> tuple[Tensor, Tensor]:
+    """Output ``[B, Hq, rows, D]`` and LSE ``[B, Hq, rows]`` of one tile by torch's CPU flash kernel."""
+    B, Hq, _, _ = q.shape
+    G, c = Hq // k.shape[1], t.q1 - t.q0
+    wd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if t.hi == t.lo:
+        return q.new_zeros(B, Hq, c, v.shape[-1]), torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device)
+    mask, dead = _additive_mask(plan, t, B, Hq, q.dtype, q.device)
+    out, lse = _FLASH(q[:, :, t.q0:t.q1], _group_keys(k[:, :, t.lo:t.hi], G), _group_keys(v[:, :, t.lo:t.hi], G),
+                      0.0, False, attn_mask=mask, scale=plan.scale)[:2]
+    lse = lse.to(wd)
+    if dead is not None:  # rows with nothing kept: output 0 and LSE -inf (the kernel gives LSE 0)
+        out = out.masked_fill(dead.unsqueeze(-1), 0.0)
+        lse = lse.masked_fill(dead, -torch.inf)
+    return out, lse
+
+
+def fused_grads(plan, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, t: RowPlan,
+                dk: Tensor, dv: Tensor) -> Tensor:
+    """:func:`tile_grads` by torch's CPU flash backward kernel (no gradient into the LSE): returns
+    ``dq`` of the tile's rows and adds into ``dk`` / ``dv`` in place."""
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    G, c = Hq // Hkv, t.q1 - t.q0
+    if t.hi == t.lo:
+        return torch.zeros(B, Hq, c, D, dtype=dk.dtype, device=q.device)
+    mask, _ = _additive_mask(plan, t, B, Hq, q.dtype, q.device)
+    lse_k = torch.where(torch.isneginf(lse), 0.0, lse).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    dq, dk_t, dv_t = _FLASH_BACKWARD(do, q[:, :, t.q0:t.q1], _group_keys(k[:, :, t.lo:t.hi], G),
+                                     _group_keys(v[:, :, t.lo:t.hi], G), o, lse_k.contiguous(), 0.0,
+                                     False, attn_mask=mask, scale=plan.scale)
+    if G > 1:
+        dk_t = dk_t.view(B, Hkv, G, *dk_t.shape[2:]).sum(2)
+        dv_t = dv_t.view(B, Hkv, G, *dv_t.shape[2:]).sum(2)
+    dk[:, :, t.lo:t.hi] += dk_t
+    dv[:, :, t.lo:t.hi] += dv_t
+    return dq
