@@ -5,7 +5,10 @@ torch's own flex_attention cannot do on CPU) and the oracle for the Triton kerne
 
 Memory stays ``O(B * H * chunk * KV_LEN)``: the forward keeps only the output and the LSE; the
 backward recomputes each chunk under autograd and accumulates dK, dV and the gradients of captured
-tensors. No ``S x S`` tensor exists at any time.
+tensors. No ``S x S`` tensor exists at any time. On the CPU, a BlockMask shared by every batch
+element and head is run one block row at a time instead (:mod:`flexcomp.reference_tiles`: only the
+row's non-empty blocks, mask_mod only inside partial ones, and torch's fused CPU flash kernels for
+tiles without a score_mod or dropout): the CPU training path.
 
 Semantics, as torch's flex_attention: ``s = (q @ k^T) * scale``, then ``score_mod``, then pairs in
 empty blocks and, inside partial blocks, pairs where ``mask_mod`` is False get ``-inf``; full
