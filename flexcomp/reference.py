@@ -195,7 +195,7 @@ def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, score_
         wd = _working_dtype(q.dtype)
         out = q.new_empty(B, H, L, v.shape[-1])
         lse, mx = (torch.empty(B, H, L, dtype=wd, device=q.device) for _ in range(2))
-        fused = not want_max and fused_applies(plan, q, v)
+        fused = not want_max and fused_applies(plan, q, k, v)
         for t in tiles:
             rows = slice(t.q0, t.q1)
             if fused:
@@ -267,7 +267,7 @@ def _explicit_backward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, out
     dv = torch.zeros(v.shape, dtype=wd, device=v.device)
     d_out = torch.zeros_like(out) if d_out is None else d_out
     tiles = _tiles(plan, q, k)
-    fused = d_lse is None and fused_applies(plan, q, v)
+    fused = d_lse is None and tiles is not None and fused_applies(plan, q, k, v)
     for t in tiles or ():
         sl = slice(t.q0, t.q1)
         if fused:

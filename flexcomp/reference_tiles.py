@@ -190,11 +190,13 @@ _FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_f
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def fused_applies(plan, q: Tensor, v: Tensor) -> bool:
+def fused_applies(plan, q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`fused_forward` / :func:`fused_grads` can run this problem's tiles: no score_mod,
-    no dropout, one head dim for q, k and v, a dtype torch's CPU flash kernel takes."""
+    no dropout, one head dim for q, k and v, a dtype torch's CPU flash kernel takes, and finite inputs
+    (an ``inf`` or NaN follows torch's eager semantics on the torch-op tiles instead)."""
     return (_FLASH is not None and _FLASH_BACKWARD is not None and plan.score is None and plan.dropout is None
-            and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and v.shape[-1] == q.shape[-1])
+            and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and v.shape[-1] == q.shape[-1]
+            and all(bool(torch.isfinite(t).all()) for t in (q, k, v)))
 
 
 def _additive_mask(plan, t: RowPlan, B: int, H: int, dtype, dev) -> tuple[Optional[Tensor], Optional[Tensor]]:

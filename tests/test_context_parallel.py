@@ -83,7 +83,8 @@ def _check_case(cp, name, mask_mod, score_mod, gqa):
         def score_mod(score, b, h, qi, kv, bias=bias):
             return score + bias[h, kv]
     # single process flexcomp on the whole sequence, and the oracle
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([bias.clone().requires_grad_()] if bias is not None else [])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    leaves += [bias.clone().requires_grad_()] if bias is not None else []
     sm = score_mod
     if bias is not None:
         def sm(score, b, h, qi, kv, bias=leaves[3]):
@@ -94,7 +95,8 @@ def _check_case(cp, name, mask_mod, score_mod, gqa):
     want_grads = torch.autograd.grad(whole, leaves, do)
     oq, ok, ov = (t.clone().requires_grad_() for t in (q, k, v))
     obias = bias.clone().requires_grad_() if bias is not None else None
-    ref, ref_lse = _oracle(oq, ok, ov, mask_mod, sm if bias is None else (lambda s_, b_, h_, i_, j_: s_ + obias[h_, j_]))
+    oracle_score = sm if bias is None else (lambda s_, b_, h_, i_, j_: s_ + obias[h_, j_])
+    ref, ref_lse = _oracle(oq, ok, ov, mask_mod, oracle_score)
     torch.testing.assert_close(whole, ref, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(aux.lse, ref_lse, atol=1e-10, rtol=1e-8)
     oracle_grads = torch.autograd.grad(ref, [oq, ok, ov] + ([obias] if bias is not None else []), do)

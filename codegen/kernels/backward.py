@@ -41,7 +41,8 @@ dtypes compile exactly as without the switch.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dropout_base, dropout_keep, dropout_rows, head_base, load_rows, store_rows, tile_ptrs, variant_name
+from .common import (LOG2E, dropout_base, dropout_keep, dropout_rows, head_base, load_rows, store_rows, tile_ptrs,
+                     variant_name)
 
 
 @triton.jit
@@ -94,7 +95,7 @@ def _dq_tile(
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr, EVEN_KV: tl.constexpr,
-    DROPOUT: tl.constexpr, DROP, drop_base,
+    DROPOUT: tl.constexpr, DROP, drop_rows,
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     in_kv = offs_n < KV_LEN
@@ -112,7 +113,7 @@ def _dq_tile(
     p = tl.exp2(post - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:  # the forward's pattern, regenerated: d(out) reaches kept pairs only, weighted 1 / (1 - p)
-        dp = tl.where(dropout_keep(drop_base, start_n, BLOCK_N, DROP[1], True), dp * DROP[2], 0.0)
+        dp = tl.where(dropout_keep(drop_rows, start_n, BLOCK_N, DROP[1], True), dp * DROP[2], 0.0)
     dsp = p * (dp - delta[:, None])
     if SCATTER_MODE == 1:  # deterministic mode, first pass: the largest contribution
         SCATTER(s, dsp, keep & in_q[:, None], off_b, off_h, q_idx, kv_idx, SCORE_BUFS, GRADS,
@@ -130,7 +131,7 @@ def _dq_blocks(
     HAS_SCORE_MOD: tl.constexpr, HAS_MASK_MOD: tl.constexpr, APPLY_MASK: tl.constexpr,
     SCATTER_MODE: tl.constexpr, SPARSE_KV: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_KV: tl.constexpr, NUM_KV_BLOCKS, DROPOUT: tl.constexpr, DROP, drop_base,
+    EVEN_KV: tl.constexpr, NUM_KV_BLOCKS, DROPOUT: tl.constexpr, DROP, drop_rows,
 ):
     """The kv blocks listed in ``IDX[0:n_blocks]``, in BLOCK_N-wide tiles, as one flat loop
     (one software pipeline over every tile); block numbers are clamped to the sequence."""
@@ -141,7 +142,7 @@ def _dq_blocks(
             dq, q, do, lse2, delta, K_base, V_base, SK, SV, kv_block * SPARSE_KV + (t % MULT) * BLOCK_N, q_idx, in_q,
             off_b, off_h, KV_LEN, sm_scale, SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS,
             HAS_SCORE_MOD, HAS_MASK_MOD, APPLY_MASK, SCATTER_MODE, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION, EVEN_KV,
-            DROPOUT, DROP, drop_base)
+            DROPOUT, DROP, drop_rows)
     return dq
 
 
@@ -176,18 +177,18 @@ def _dq_program(
     row = (pid_m * BLOCK_M) // SPARSE_Q
     num_off = head_base(0, SN, off_b, off_h) + row * SN[2]
     idx_off = head_base(0, SI, off_b, off_h) + row * SI[2]
-    drop_base = dropout_rows(dropout_base(DROP[0], off_b, off_h), pid_m * BLOCK_M, BLOCK_M) if DROPOUT else 0
+    drop_rows = dropout_rows(dropout_base(DROP[0], off_b, off_h), pid_m * BLOCK_M, BLOCK_M) if DROPOUT else 0
     if HAS_FULL:
         dq = _dq_blocks(
             dq, q, do, lse2, delta, K_base, V_base, SK, SV, FULL_IDX + idx_off, tl.load(FULL_NUM + num_off), SI[3],
             q_idx, in_q, off_b, off_h, KV_LEN, sm_scale, SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS,
             HAS_SCORE_MOD, HAS_MASK_MOD, False, SCATTER_MODE, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION,
-            EVEN_KV, NUM_KV_BLOCKS, DROPOUT, DROP, drop_base)
+            EVEN_KV, NUM_KV_BLOCKS, DROPOUT, DROP, drop_rows)
     dq = _dq_blocks(
         dq, q, do, lse2, delta, K_base, V_base, SK, SV, KV_IDX + idx_off, tl.load(KV_NUM + num_off), SI[3],
         q_idx, in_q, off_b, off_h, KV_LEN, sm_scale, SCORE_GRAD, SCORE_BUFS, MASK_MOD, MASK_BUFS, SCATTER, GRADS,
         HAS_SCORE_MOD, HAS_MASK_MOD, True, SCATTER_MODE, SPARSE_KV, BLOCK_N, D, D_PAD, DV, DV_PAD, PRECISION,
-        EVEN_KV, NUM_KV_BLOCKS, DROPOUT, DROP, drop_base)
+        EVEN_KV, NUM_KV_BLOCKS, DROPOUT, DROP, drop_rows)
     store_rows(tile_ptrs(head_base(GRAD_Q, SDQ, off_b, off_h), offs_m, offs_d, SDQ), dq * sm_scale, in_q, offs_d, D)
 
 

@@ -19,7 +19,8 @@ named after its mods (:func:`.common.variant_name`).
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, dropout_base, dropout_keep, dropout_rows, head_base, load_rows, store_rows, tile_ptrs, variant_name
+from .common import (LN2, LOG2E, dropout_base, dropout_keep, dropout_rows, head_base, load_rows, store_rows,
+                     tile_ptrs, variant_name)
 
 
 @triton.jit
