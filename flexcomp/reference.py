@@ -32,7 +32,8 @@ from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
 from .dropout import Dropout, keep_mask
 from .problem import Grads, Outputs
-from .reference_tiles import fused_applies, fused_forward, fused_grads, row_plans, tile_forward, tile_grads
+from .reference_tiles import (fused_applies, fused_forward, fused_grads, row_plans, softmax_grads, tile_forward,
+                              tile_grads)
 from .sparsity import BlockKind
 from .trace import TracedMod
 
@@ -238,17 +239,7 @@ def _chunk_grads(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor, 
     keep = _keep(plan, idx, q0, c, lo, KV, dev)
     if keep is not None:
         s.masked_fill_(~torch.broadcast_to(keep, s.shape), -torch.inf)
-    p = s.sub_(torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)).exp_()  # rows with nothing kept: 0
-    dog = do.to(wd).reshape(B, Hkv, G * c, do.shape[-1])
-    dp = (dog @ vc.transpose(-1, -2)).view(B, Hq, c, KV)
-    delta = (do.to(wd) * o.to(wd)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(wd)
-    pd = p
-    if plan.dropout is not None:
-        kept = keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"])
-        pd = torch.where(kept, p * plan.dropout.scale, 0.0)
-        dp = torch.where(kept, dp * plan.dropout.scale, 0.0)
+    p, pd, dp, delta, dog = softmax_grads(plan, s, lse, o, do, dlse, vc, idx, Hkv)
     dv = pd.reshape(B, Hkv, G * c, KV).transpose(-1, -2) @ dog
     ds = p.mul_(dp.sub_(delta.unsqueeze(-1))).view(B, Hkv, G * c, KV)  # p is not needed after this
     dq = (ds @ kc).mul_(plan.scale).view(B, Hq, c, D)

@@ -149,6 +149,29 @@ def tile_forward(plan, q: Tensor, k: Tensor, v: Tensor, score_buffers, t: RowPla
     return o.to(q.dtype), lse, row_max.squeeze(-1)
 
 
+def softmax_grads(plan, s: Tensor, lse: Tensor, o: Tensor, do: Tensor, dlse: Optional[Tensor], vc: Tensor,
+                  idx: dict, Hkv: int) -> tuple:
+    """FlashAttention's backward from the masked scores ``s [B, Hq, c, KV]`` (overwritten) up to ``dP``:
+    ``(p, p_d, dP_d, delta, dO)`` with ``p = exp(s - lse)`` (rows with nothing kept: 0), ``_d`` the
+    dropout's pattern applied, ``delta = rowsum(dO * O) - dLSE`` and ``dO`` with a GQA group's rows
+    stacked ``[B, Hkv, G * c, Dv]``. ``p`` and ``p_d`` may be one tensor: use ``p_d`` before
+    overwriting ``p``."""
+    B, Hq, c, KV = s.shape
+    wd = s.dtype
+    p = s.sub_(torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)).exp_()
+    dog = do.to(wd).reshape(B, Hkv, (Hq // Hkv) * c, do.shape[-1])
+    dp = (dog @ vc.transpose(-1, -2)).view(B, Hq, c, KV)
+    delta = (do.to(wd) * o.to(wd)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(wd)
+    pd = p
+    if plan.dropout is not None:
+        kept = keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"])
+        pd = torch.where(kept, p * plan.dropout.scale, 0.0)
+        dp = torch.where(kept, dp * plan.dropout.scale, 0.0)
+    return p, pd, dp, delta, dog
+
+
 def tile_grads(plan, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, dlse: Optional[Tensor],
                t: RowPlan, dk: Tensor, dv: Tensor) -> Tensor:
     """FlashAttention's backward of one tile without a score_mod (as ``reference._chunk_grads``):
@@ -162,17 +185,7 @@ def tile_grads(plan, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do
         return torch.zeros(B, Hq, c, D, dtype=wd, device=q.device)
     idx = _indices(B, Hq, t, q.device)
     qg, kc, s = _scores(plan, q, k, t, (), idx)
-    p = s.sub_(torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1)).exp_()
-    dog = do.to(wd).reshape(B, Hkv, G * c, do.shape[-1])
-    dp = (dog @ v[:, :, t.lo:t.hi].to(wd).transpose(-1, -2)).view(B, Hq, c, KV)
-    delta = (do.to(wd) * o.to(wd)).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.to(wd)
-    pd = p
-    if plan.dropout is not None:
-        kept = keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"])
-        pd = torch.where(kept, p * plan.dropout.scale, 0.0)
-        dp = torch.where(kept, dp * plan.dropout.scale, 0.0)
+    p, pd, dp, delta, dog = softmax_grads(plan, s, lse, o, do, dlse, v[:, :, t.lo:t.hi].to(wd), idx, Hkv)
     S = dk.shape[2]
     dv_span = dv.view(B * Hkv, S, dv.shape[-1])[:, t.lo:t.hi]
     dv_span.baddbmm_(pd.reshape(B * Hkv, G * c, KV).transpose(-1, -2), dog.reshape(B * Hkv, G * c, -1))
