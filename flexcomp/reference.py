@@ -30,10 +30,10 @@ from .blockmask import _ordered_to_dense
 from .errors import zero_division_names
 from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
-from .dropout import Dropout, keep_mask
+from .dropout import Dropout
 from .problem import Grads, Outputs
-from .reference_tiles import (fused_applies, fused_forward, fused_grads, row_plans, softmax_grads, tile_forward,
-                              tile_grads)
+from .reference_tiles import (fused_applies, fused_forward, fused_grads, row_plans, softmax_forward, softmax_grads,
+                              tile_forward, tile_grads)
 from .sparsity import BlockKind
 from .trace import TracedMod
 
@@ -136,7 +136,6 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     """
     B, Hq, c, D = q.shape
     Hkv = k.shape[1]
-    G = Hq // Hkv
     wd = _working_dtype(q.dtype)
     dev = q.device
     lo, hi, qg, _, s = _grouped_scores(plan, q, q0, k)
@@ -153,20 +152,8 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
                                             plan.score.scalars, wd, grad_keep=keep), s.shape)
     if keep is not None:
         s = torch.where(keep, s, -torch.inf)
-    row_max = s.detach().amax(dim=-1, keepdim=True) if KV else s.new_full((B, Hq, c, 1), -torch.inf)
-    m = torch.where(torch.isneginf(row_max), 0.0, row_max)
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
-    empty = l == 0
-    l_safe = torch.where(empty, 1.0, l)
-    if plan.dropout is not None:  # the output sees the dropped, rescaled softmax; the LSE is the softmax's
-        p = torch.where(keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"]),
-                        p * plan.dropout.scale, 0.0)
-    o = (p.reshape(B, Hkv, G * c, KV) @ v.to(wd)).reshape(B, Hq, c, v.shape[-1]) / l_safe
-    lse = torch.where(empty, -torch.inf, m + torch.log(l_safe))
-    # as torch's logsumexp: a +inf score gives +inf (exp(s - inf) would make it NaN); NaN stays NaN
-    lse = torch.where(torch.isposinf(row_max), torch.inf, lse).squeeze(-1)
-    return o.to(q.dtype), lse, row_max.squeeze(-1)
+    o, lse, row_max = softmax_forward(plan, s, v.to(wd), idx, Hkv)
+    return o.to(q.dtype), lse, row_max
 
 
 def _chunk_len(plan: ReferencePlan, q: Tensor, k: Tensor) -> int:

@@ -123,30 +123,41 @@ def _scores(plan, q: Tensor, k: Tensor, t: RowPlan, score_buffers, idx: Optional
     return qg, kc, s
 
 
+def softmax_forward(plan, s: Tensor, vc: Tensor, idx: dict, Hkv: int) -> tuple[Tensor, Tensor, Tensor]:
+    """From the modified, masked scores ``s [B, Hq, c, KV]`` (overwritten when contiguous and not needing a
+    gradient):
+    ``(out [B, Hq, c, Dv], lse, row_max [B, Hq, c])`` in the working dtype, the dropout's pattern
+    applied to the output only; rows with nothing kept give 0 and -inf, and a ``+inf`` score gives
+    LSE ``+inf`` as torch's logsumexp (NaN stays NaN)."""
+    B, Hq, c, KV = s.shape
+    row_max = s.detach().amax(dim=-1, keepdim=True) if KV else s.new_full((B, Hq, c, 1), -torch.inf)
+    m = torch.where(torch.isneginf(row_max), 0.0, row_max)
+    p = torch.exp(s - m) if s.requires_grad or not s.is_contiguous() else s.sub_(m).exp_()
+    l = p.sum(dim=-1, keepdim=True)
+    empty = l == 0
+    l_safe = torch.where(empty, 1.0, l)
+    if plan.dropout is not None:  # the output sees the dropped, rescaled softmax; the LSE is the softmax's
+        p = torch.where(keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"]),
+                        p * plan.dropout.scale, 0.0)
+    o = (p.reshape(B, Hkv, (Hq // Hkv) * c, KV) @ vc).reshape(B, Hq, c, vc.shape[-1]) / l_safe
+    lse = torch.where(empty, -torch.inf, m + torch.log(l_safe))
+    lse = torch.where(torch.isposinf(row_max), torch.inf, lse).squeeze(-1)
+    return o, lse, row_max.squeeze(-1)
+
+
 def tile_forward(plan, q: Tensor, k: Tensor, v: Tensor, score_buffers, t: RowPlan) -> tuple[Tensor, Tensor, Tensor]:
     """Output ``[B, Hq, rows, Dv]`` (input dtype), LSE and row max ``[B, Hq, rows]`` of one tile."""
     B, Hq, _, _ = q.shape
     Hkv = k.shape[1]
-    G, c, KV = Hq // Hkv, t.q1 - t.q0, t.hi - t.lo
+    c, KV = t.q1 - t.q0, t.hi - t.lo
     wd = torch.float64 if q.dtype == torch.float64 else torch.float32
     if KV == 0:
         return (q.new_zeros(B, Hq, c, v.shape[-1]), torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device),
                 torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device))
     idx = _indices(B, Hq, t, q.device)
     _, _, s = _scores(plan, q, k, t, score_buffers, idx)
-    row_max = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isneginf(row_max), 0.0, row_max)
-    p = s.sub_(m).exp_()
-    l = p.sum(dim=-1, keepdim=True)
-    empty = l == 0
-    l_safe = torch.where(empty, 1.0, l)
-    if plan.dropout is not None:
-        p = torch.where(keep_mask(plan.dropout, idx["b"], idx["h"], idx["q_idx"], idx["kv_idx"]),
-                        p * plan.dropout.scale, 0.0)
-    o = (p.reshape(B, Hkv, G * c, KV) @ v[:, :, t.lo:t.hi].to(wd)).reshape(B, Hq, c, v.shape[-1]).div_(l_safe)
-    lse = torch.where(empty, -torch.inf, m + torch.log(l_safe))
-    lse = torch.where(torch.isposinf(row_max), torch.inf, lse).squeeze(-1)  # as torch's logsumexp
-    return o.to(q.dtype), lse, row_max.squeeze(-1)
+    o, lse, row_max = softmax_forward(plan, s, v[:, :, t.lo:t.hi].to(wd), idx, Hkv)
+    return o.to(q.dtype), lse, row_max
 
 
 def softmax_grads(plan, s: Tensor, lse: Tensor, o: Tensor, do: Tensor, dlse: Optional[Tensor], vc: Tensor,
