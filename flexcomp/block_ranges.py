@@ -59,6 +59,18 @@ def in_window(keep, d, left: int, right: int):
     return keep
 
 
+def in_index_window(keep, q_idx, kv_idx, left: int, right: int):
+    """:func:`in_window` with ``d = kv_idx - q_idx``, written as comparisons of the indices themselves:
+    ``kv_idx <= q_idx`` compiles to one predicate per pair, where the difference's compare, and-ed
+    with a 64-bit one (a document mask's), became bit-packed predicates costing the H200 ~10% of a
+    forward (docs/performance.md, 2026-12-02). ``left`` / ``right`` must keep ``q_idx +- them`` in int32."""
+    if right >= 0:
+        keep = keep & (kv_idx <= q_idx + right if right else kv_idx <= q_idx)
+    if left >= 0:
+        keep = keep & (kv_idx >= q_idx - left if left else kv_idx >= q_idx)
+    return keep
+
+
 def window_ranges(ends: RowEnds, left: int, right: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(lo, hi, flo, fhi)``: key index ranges (global, half-open) every row's queries may see and all
     of them see, under the window ``(left, right)`` (``-1``: unbounded) with bottom-right alignment."""

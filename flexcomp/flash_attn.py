@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .compile import eagerly, is_compiling
 from .api import AuxRequest, attention
-from .block_ranges import RowEnds, in_window, lists_from_ranges, window_ranges
+from .block_ranges import RowEnds, in_index_window, in_window, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from .blockmask_build import create_block_mask
 from .dropout import Dropout, keep_mask
@@ -70,22 +70,12 @@ def _window_mod(shift: Optional[Tensor], left: int, right: int, doc_q: Optional[
         if doc_q is None:
             d = kv_idx - q_idx - shift[0]
             keep = d == d
-        elif shift is None:  # one packing: compare the indices themselves (below)
-            return near(doc_q[q_idx] == doc_k[kv_idx], q_idx, kv_idx)
+        elif shift is None:  # one packing: compare the indices themselves
+            return in_index_window(doc_q[q_idx] == doc_k[kv_idx], q_idx, kv_idx, left, right)
         else:
             d = kv_idx - q_idx - shift[q_idx]
             keep = doc_q[q_idx] == doc_k[kv_idx]
         return in_window(keep, d, left, right)
-
-    def near(keep, q_idx, kv_idx):
-        """``in_window`` on ``kv_idx - q_idx`` written as comparisons of the indices: ``kv_idx <= q_idx``
-        compiles to one predicate per pair, where the difference's compare, combined with the
-        documents' 64-bit one, cost the H200 ~10% of a forward (bit-packed predicates)."""
-        if right >= 0:
-            keep = keep & (kv_idx <= q_idx + right if right else kv_idx <= q_idx)
-        if left >= 0:
-            keep = keep & (kv_idx >= q_idx - left if left else kv_idx >= q_idx)
-        return keep
 
     return window
 
