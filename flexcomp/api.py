@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
 from torch import Tensor
 
 from .blockmask import BlockMask, _sliced_mask_mod_error, is_noop_block_mask, noop_mask
-from .compile import eagerly, is_compiling
+from .compile import eager_twin, eagerly, is_compiling
+from .custom_ops import graph_flex_attention
 from .dropout import Dropout
 from .errors import (FlexcompAttributeError, FlexcompError, FlexcompNotCallableError, FlexcompNotImplementedError,
                      FlexcompRuntimeError, FlexcompTypeError, FlexcompZeroDivisionError)
@@ -22,7 +24,7 @@ from .ir import ModKind
 from .ranges import Domain, check_runnable
 from .options import Options
 from .runtime import run_attention
-from .trace import trace
+from .trace import TracedMod, trace
 
 
 class AuxRequest(NamedTuple):
@@ -150,6 +152,7 @@ def _validate_block_mask(block_mask: Any, query: Tensor, Lk: int) -> None:
                                    f"{query.device}; move it with block_mask.to(query.device)")
 
 
+@eager_twin
 def flex_attention(
     query: Tensor,
     key: Tensor,
@@ -205,21 +208,34 @@ def flex_attention(
     >>> torch.allclose(aux.max_scores, s.amax(-1)), aux.max_scores.requires_grad
     (True, False)
     """
-    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
+    if is_compiling():  # under torch.compile: the custom op, else one graph break (flexcomp.compile)
+        res = compiled_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
+                                      kernel_options, return_aux=return_aux)
+        if res is not None:
+            return res
         return eagerly(flex_attention, query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse,
                        kernel_options, return_aux=return_aux)
     return attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
                      return_aux=return_aux)
 
 
-def attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable] = None,
-              block_mask: Optional[BlockMask] = None, scale: Optional[float] = None, enable_gqa: bool = False,
-              return_lse: bool = False, kernel_options: Optional[dict] = None, *,
-              return_aux: Optional[AuxRequest] = None, dropout: Optional[Dropout] = None):
-    """:func:`flex_attention` with flexcomp's extension: attention ``dropout`` (a
-    :class:`flexcomp.dropout.Dropout`: probability and seed; the output is ``(P * keep / (1 - p)) @ V``,
-    the LSE the softmax's). torch's ``flex_attention`` has no dropout, so :func:`flex_attention` keeps
-    torch's signature and ``flexcomp.flash_attn`` / ``flexcomp.sdpa`` reach dropout through here."""
+@dataclass(frozen=True)
+class Resolved:
+    """A checked call's pieces for the runtime: the traced mods, the BlockMask (None: every pair),
+    the scale and the parsed options."""
+
+    score: Optional[TracedMod]
+    mask: Optional[TracedMod]
+    block_mask: Optional[BlockMask]
+    scale: float
+    options: Options
+
+
+def resolve(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable], block_mask: Optional[BlockMask],
+            scale: Optional[float], enable_gqa: bool, return_lse: bool = False, kernel_options: Optional[dict] = None,
+            return_aux: Optional[AuxRequest] = None) -> Resolved:
+    """Check a call as :func:`flex_attention` does (each error names the argument and is torch's
+    type) and trace its mods (the trace cache makes a repeated call cheap)."""
     _validate(query, key, value, block_mask, enable_gqa)
     if score_mod is not None and not callable(score_mod):
         raise FlexcompNotCallableError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
@@ -230,7 +246,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Cal
         raise FlexcompError("Cannot specify both return_lse and return_aux. return_lse is deprecated, please use "
                             "return_aux=AuxRequest(lse=True) instead (give either, not both)")
     if return_lse:
-        _warn_once("deprecated_return_lse", _RETURN_LSE_WARNING, FutureWarning, stacklevel=4)  # flex_attention's caller
+        _warn_once("deprecated_return_lse", _RETURN_LSE_WARNING, FutureWarning, stacklevel=5)  # flex_attention's caller
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -247,10 +263,48 @@ def attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Cal
     for tm in (score, mask):
         if tm is not None:
             check_runnable(tm, query.device, Domain(query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+    return Resolved(score, mask, block_mask, float(scale), options)
+
+
+def compiled_flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable] = None,
+                            block_mask: Optional[BlockMask] = None, scale: Optional[float] = None,
+                            enable_gqa: bool = False, return_lse: bool = False, kernel_options: Optional[dict] = None,
+                            *, return_aux: Optional[AuxRequest] = None):
+    """:func:`flex_attention` as Dynamo traces it: the ``flexcomp::flex_attention`` custom op
+    (:mod:`flexcomp.custom_ops`) where the mods can be templates, else None (the caller runs it
+    eagerly behind one graph break, :func:`flexcomp.compile.eagerly`)."""
+    res = None
+    plain = not return_lse and (return_aux is None or isinstance(return_aux, AuxRequest))
+    if plain and isinstance(query, Tensor) and (block_mask is None or isinstance(block_mask, BlockMask)):
+        if block_mask is not None and is_noop_block_mask(block_mask):
+            block_mask = None
+        want_max = return_aux is not None and bool(return_aux.max_scores)
+        res = graph_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options,
+                                   want_max)
+    if res is None:
+        return None
+    out, lse, max_scores = res
+    if return_aux is None:
+        return out
+    empty = query.shape[0] * query.shape[1] * query.shape[2] == 0  # as torch: an empty LSE / max is None
+    return out, AuxOutput(lse=lse if return_aux.lse and not empty else None,
+                          max_scores=max_scores if return_aux.max_scores and not empty else None)
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Optional[Callable] = None,
+              block_mask: Optional[BlockMask] = None, scale: Optional[float] = None, enable_gqa: bool = False,
+              return_lse: bool = False, kernel_options: Optional[dict] = None, *,
+              return_aux: Optional[AuxRequest] = None, dropout: Optional[Dropout] = None):
+    """:func:`flex_attention` with flexcomp's extension: attention ``dropout`` (a
+    :class:`flexcomp.dropout.Dropout`: probability and seed; the output is ``(P * keep / (1 - p)) @ V``,
+    the LSE the softmax's). torch's ``flex_attention`` has no dropout, so :func:`flex_attention` keeps
+    torch's signature and ``flexcomp.flash_attn`` / ``flexcomp.sdpa`` reach dropout through here."""
+    call = resolve(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options,
+                   return_aux)
     want_lse = return_lse or (return_aux is not None and bool(return_aux.lse))
     want_max = return_aux is not None and bool(return_aux.max_scores)
-    out, lse, max_scores = run_attention(query, key, value, score, mask, block_mask, float(scale), options, want_max,
-                                         dropout)
+    out, lse, max_scores = run_attention(query, key, value, call.score, call.mask, call.block_mask, call.scale,
+                                         call.options, want_max, dropout)
     # as torch: an empty LSE / max (no query, or no batch) is returned as None
     lse = lse if want_lse and lse.numel() > 0 else None
     max_scores = max_scores if want_max and max_scores.numel() > 0 else None

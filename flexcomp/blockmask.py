@@ -287,6 +287,12 @@ class BlockMask:
         """``(*batch_dims, Q_LEN, KV_LEN)``."""
         return tuple(self.kv_indices.shape[:-2]) + tuple(self.seq_lengths)
 
+    @property
+    def ndim(self) -> int:
+        """``len(shape)``, as a tensor's: code that checks a mask's rank (transformers' ``attention_mask.ndim``)
+        sees a prepared 4-D mask."""
+        return len(self.shape)
+
     def numel(self) -> int:
         return math.prod(self.shape)
 

@@ -18,7 +18,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .compile import eagerly, is_compiling
+from .compile import eager_twin, eagerly, is_compiling
+from .custom_ops import graph_create_block_mask
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask, MaskMod, _block_size, _check_bh, _check_len
 from .blockmask_lists import compute_dq_write_order as _dq_write_order
 from .blockmask_lists import dense_to_ordered as _dense_to_ordered
@@ -82,6 +83,7 @@ _COMPILE_WARNING = (
     "torch.compile(create_block_mask). This still works for now, but will be removed in the future.")
 
 
+@eager_twin
 def create_block_mask(
     mask_mod: MaskMod,
     B: Optional[int],
@@ -127,8 +129,14 @@ def create_block_mask(
     ██████
     ████████
     """
-    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
-        return eagerly(create_block_mask, **locals())
+    if is_compiling():  # under torch.compile: the custom op, else one graph break (flexcomp.compile)
+        args = dict(locals())
+        if separate_full_blocks and not compute_dq_write_order and not _compile and callable(mask_mod):
+            graphed = graph_create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device if device is not None else
+                                              _default_device(), BLOCK_SIZE)
+            if graphed is not None:
+                return graphed
+        return eagerly(create_block_mask, **args)
     if not callable(mask_mod):
         raise FlexcompNotCallableError(f"create_block_mask: mask_mod must be callable, got {type(mask_mod).__name__}")
     B, H = _check_bh("create_block_mask: B", B), _check_bh("create_block_mask: H", H)

@@ -1,21 +1,27 @@
-"""flexcomp inside ``torch.compile``: the public entry points run outside the compiled graph.
+"""flexcomp inside ``torch.compile``: custom ops in the graph where possible, else one graph break.
 
 flexcomp traces your mods with its own tracer, plans and launches Triton kernels from Python; none
-of that can be captured by Dynamo. Each public entry point (``flex_attention``,
-``create_block_mask``, the flash-attn and SDPA functions) therefore asks
-``torch.compiler.is_compiling()`` first and, under Dynamo, calls itself through
-``torch.compiler.disable``: the compiled function gets one clean graph break at the call and runs
-it eagerly (correct results and gradients, no Dynamo recursion into the tracer, a compile of
-seconds rather than tracing flexcomp's internals). ``torch.compile(..., fullgraph=True)`` therefore
-refuses a region that calls flexcomp (torch's error names the skipped function): the custom-op route
-that would put flexcomp's kernels inside a full graph is not built yet.
+of that can be captured by Dynamo, and it never is. Each public entry point asks
+``torch.compiler.is_compiling()`` first; under Dynamo:
 
-For example (tests/test_compile.py runs it, gradients included)::
+- ``flex_attention`` and ``create_block_mask`` become the custom ops of :mod:`flexcomp.custom_ops`
+  when their mods can be templates (:mod:`flexcomp.graph_mods`: functions defined outside the
+  compiled region, closures included, and ``functools.partial`` objects made anywhere). The mods are
+  traced once, when Dynamo meets the call, outside the graph; their captured tensors and numbers are
+  the ops' inputs. ``torch.compile(..., fullgraph=True)`` works, with any backend, and gradients flow
+  through the registered backward.
+- Otherwise (a closure made inside the compiled region, whose cells Dynamo hides; a score_mod whose
+  captured tensors require grad; the flash-attn, SDPA and context-parallel functions) the call runs
+  eagerly through ``torch.compiler.disable``: one graph break, correct results and gradients.
+  ``fullgraph=True`` then refuses the region (torch's error names the skipped function).
 
+For example (tests/test_compile.py runs these, gradients included)::
+
+    bm = create_block_mask(causal_mask, 1, 1, S, S)           # or inside the compiled function
+
+    @torch.compile(fullgraph=True)
     def f(q, k, v):
-        return flex_attention(q, k, v, block_mask=bm).sin()   # one graph break at flex_attention
-
-    torch.compile(f)(q, k, v)                                 # == f(q, k, v)
+        return flex_attention(q, k, v, score_mod=alibi, block_mask=bm).sin()   # alibi: a module function
 """
 from __future__ import annotations
 
@@ -29,6 +35,13 @@ _EAGER: dict[Callable, Callable] = {}
 def is_compiling() -> bool:
     """Whether Dynamo is tracing this call (then call :func:`eagerly` instead)."""
     return torch.compiler.is_compiling()
+
+
+def eager_twin(fn: Callable) -> Callable:
+    """Decorator of a public entry point: make its ``torch.compiler.disable`` twin now, at import, so
+    that :func:`eagerly` only calls it (made under Dynamo, it would cost a second graph break)."""
+    _EAGER[fn] = torch.compiler.disable(fn, recursive=True)
+    return fn
 
 
 def eagerly(fn: Callable, *args, **kwargs):

@@ -36,7 +36,7 @@ from torch import Tensor
 from .api import AuxRequest, flex_attention
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE
 from .blockmask_build import create_block_mask
-from .compile import eagerly, is_compiling
+from .compile import eager_twin, eagerly, is_compiling
 from .errors import FlexcompError
 
 
@@ -214,6 +214,7 @@ class _KeysValues(torch.autograd.Function):
         return None, None, total
 
 
+@eager_twin
 def context_parallel_attention(
     query: Tensor, key: Tensor, value: Tensor, cp: ContextParallel,
     score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] = None, scale: Optional[float] = None,

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .compile import eagerly, is_compiling
+from .compile import eager_twin, eagerly, is_compiling
 from .api import AuxRequest, attention
 from .block_ranges import RowEnds, in_window, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
@@ -89,6 +89,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
     return torch.cat([out.to(x.dtype), rest], -1)
 
 
+@eager_twin
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
                             v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
                             rotary_sin: Optional[Tensor] = None, cache_seqlens: Union[int, Tensor, None] = None,

@@ -25,7 +25,8 @@ from .problem import Grads, Outputs, Problem, Saved, make_problem
 from .reference import REFERENCE_BACKEND
 from .trace import TracedMod
 
-__all__ = ["AttentionBackend", "Outputs", "Saved", "Grads", "backend_for", "run_attention", "Options"]
+__all__ = ["AttentionBackend", "Outputs", "Saved", "Grads", "backend_for", "run_attention", "run_forward",
+           "run_backward", "Options"]
 
 
 class AttentionBackend(Protocol):
@@ -106,10 +107,35 @@ def run_attention(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], m
     >>> out.shape, lse.shape, torch.allclose(mx, (q @ k.transpose(-1, -2) * 0.5).amax(-1))
     (torch.Size([1, 2, 16, 8]), torch.Size([1, 2, 16]), True)
     """
+    impl, problem, plan = _prepare(q, k, v, score, mask, block_mask, scale, options, want_max, dropout)
+    out, lse, max_scores = _Attention.apply(impl, problem, plan, q, k, v, *(score.buffers if score else ()))
+    return out, lse, max_scores if want_max else None
+
+
+def _prepare(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], mask: Optional[TracedMod], block_mask,
+             scale: float, options: Options, want_max: bool = False, dropout=None):
+    """The backend, the problem record and its plan for one call."""
     problem = make_problem(q, k, v, score, mask, block_mask, scale, options, want_max, dropout)
     backend = choose_backend(options, q.device)
     impl = backend_for(backend)
     impl.check(problem)
-    plan = plan_for(problem, backend)
-    out, lse, max_scores = _Attention.apply(impl, problem, plan, q, k, v, *(score.buffers if score else ()))
-    return out, lse, max_scores if want_max else None
+    return impl, problem, plan_for(problem, backend)
+
+
+def run_forward(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], mask: Optional[TracedMod], block_mask,
+                scale: float, options: Options, want_max: bool = False) -> Outputs:
+    """The forward alone, outside autograd (:mod:`flexcomp.custom_ops` registers its own gradient):
+    ``Outputs(out, lse, max_scores)`` as :func:`run_attention` computes them."""
+    impl, problem, plan = _prepare(q, k, v, score, mask, block_mask, scale, options, want_max)
+    return impl.forward(problem, plan, q, k, v)
+
+
+def run_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Optional[Tensor],
+                 d_lse: Optional[Tensor], score: Optional[TracedMod], mask: Optional[TracedMod], block_mask,
+                 scale: float, options: Options) -> Grads:
+    """The gradients of q, k and v for a forward of :func:`run_forward` (its ``out`` and ``lse``), given
+    the gradients of the output and of the LSE (either may be None); none into captured tensors."""
+    impl, problem, plan = _prepare(q, k, v, score, mask, block_mask, scale, options)
+    saved = Saved(q, k, v, out, lse, tuple(score.buffers) if score else ())
+    wanted = (True, True, True) + (False,) * len(saved.score_buffers)
+    return impl.backward(problem, plan, saved, d_out, d_lse, wanted)

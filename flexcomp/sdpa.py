@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .compile import eagerly, is_compiling
+from .compile import eager_twin, eagerly, is_compiling
 from .api import attention
 from .blockmask_build import create_block_mask
 from .dropout import Dropout
@@ -49,6 +49,7 @@ def _additive(bias: Tensor):
     return sdpa_float_mask
 
 
+@eager_twin
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:

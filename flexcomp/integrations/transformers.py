@@ -27,6 +27,7 @@ True
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -37,10 +38,11 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("flexcomp.integrations.transformers needs HF transformers: pip install transformers") from e
 
-from flexcomp.api import AuxRequest, attention
+from flexcomp.api import AuxRequest, attention, flex_attention
 from flexcomp.blockmask import BlockMask
 from flexcomp.blockmask_build import create_block_mask
 from flexcomp.dropout import Dropout
+from flexcomp.errors import FlexcompError
 
 NAME = "flexcomp"
 
@@ -68,6 +70,15 @@ def flexcomp_mask(
     Returns a BlockMask ``[batch_size, 1, q_length, kv_length]`` (shared by the heads), built without
     a ``Q x KV`` tensor.
     """
+    if isinstance(attention_mask, BlockMask):
+        return attention_mask  # prepared before the forward (generate's static cache: create_masks_for_generate)
+    # a static cache's offset is a tensor that its update advances in place during the forward: the
+    # mask must keep this step's value (the mods read captured tensors when they run)
+    q_offset = q_offset.clone() if isinstance(q_offset, torch.Tensor) else q_offset
+    kv_offset = kv_offset.clone() if isinstance(kv_offset, torch.Tensor) else kv_offset
+    if torch.compiler.is_compiling():
+        return _graph_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                           device, kwargs)
     if attention_mask is not None and not _mu.fast_all(attention_mask):
         padding = _mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
         mask_function = _mu.and_masks(mask_function, _mu.padding_mask_function(padding))
@@ -77,6 +88,68 @@ def flexcomp_mask(
             return step
     mask_function = _mu.add_offsets_to_mask_function(mask_function, q_offset, kv_offset)
     return create_block_mask(mask_function, batch_size, None, q_length, kv_length, device=device)
+
+
+def _hf_mask(b, h, q_idx, kv_idx, segments=None, padding=None, window=None, q_offset=0, kv_offset=0):
+    """transformers' masks (causal; a sliding ``window``; packed sequences and chunks as ``segments``,
+    ``[B, positions]`` ids of each absolute position's segment; ``padding`` ``[B, KV]`` keys kept) on
+    absolute positions (``q_offset`` / ``kv_offset``: an int, or a 1-element tensor)."""
+    q_abs = q_idx + (q_offset[0] if isinstance(q_offset, torch.Tensor) else q_offset)
+    kv_abs = kv_idx + (kv_offset[0] if isinstance(kv_offset, torch.Tensor) else kv_offset)
+    keep = kv_abs <= q_abs
+    if window is not None:
+        keep = keep & (q_abs - kv_abs < window)
+    if segments is not None:
+        keep = keep & (segments[b, q_abs] == segments[b, kv_abs])
+    if padding is not None:
+        keep = keep & padding[b, kv_idx]
+    return keep
+
+
+def _graph_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any, kv_offset: Any,
+                mask_function: Callable, attention_mask: Optional[torch.Tensor], device: Any, kwargs: dict):
+    """:func:`flexcomp_mask` under ``torch.compile``: transformers made ``mask_function`` inside the
+    compiled region, where Dynamo hides its cells from flexcomp, so the mask is rebuilt as
+    ``functools.partial(_hf_mask, ...)``, which goes into the graph (:mod:`flexcomp.graph_mods`).
+
+    Its pieces: causal; the sliding window (``local_size``, the window of a sliding layer; a chunked
+    layer's ``local_size`` is ``config.attention_chunk_size``); padding from ``attention_mask``; and
+    every boundary where ``mask_function`` drops a token's predecessor (``(p, p - 1)``, evaluated
+    for every absolute position ``p``: O(positions)), which are exactly the starts of packed
+    sequences and of chunks. That is transformers' mask whenever it is causal, windowed, chunked
+    and packed in any combination; a model that adds its own mask functions (``use_vmap``: an
+    ``or_mask_function`` / ``and_mask_function``) runs its mask creation eagerly (one graph break)."""
+    if kwargs.get("use_vmap", False) or kwargs.get("allow_is_bidirectional_skip") is not None:
+        from flexcomp.compile import eagerly
+
+        return eagerly(_eager_mask, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                       attention_mask, device)
+    config = kwargs.get("config")
+    local = kwargs.get("local_size")
+    window = None
+    if local is not None and getattr(config, "attention_chunk_size", None) != local:
+        window = int(local)
+    positions = kv_length + (kv_offset if isinstance(kv_offset, int) else 0)
+    if not isinstance(kv_offset, int):
+        raise FlexcompError("flexcomp's transformers mask under torch.compile: kv_offset must be an int, got a "
+                            f"{type(kv_offset).__name__}")
+    p = torch.arange(1, positions, device=device)
+    b = torch.arange(batch_size, device=device)[:, None]
+    starts = ~mask_function(b, 0, p[None, :], p[None, :] - 1).expand(batch_size, positions - 1)
+    segments = torch.cat([torch.zeros(batch_size, 1, dtype=torch.int64, device=device),
+                          starts.cumsum(-1)], dim=1)
+    padding = None
+    if attention_mask is not None:
+        padding = _mu.prepare_padding_mask(attention_mask, kv_length, kv_offset).to(device)
+    q_off = q_offset.reshape(1).to(device) if isinstance(q_offset, torch.Tensor) else int(q_offset)  # a copy
+    mod = functools.partial(_hf_mask, segments=segments, padding=padding, window=window, q_offset=q_off,
+                            kv_offset=kv_offset)
+    return create_block_mask(mod, batch_size, None, q_length, kv_length, device=device)
+
+
+def _eager_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device):
+    return flexcomp_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                         device)
 
 
 DECODE_CAPACITY_STEP = 4096  # a decode step's row comes from the mask of the next multiple of this many tokens
@@ -138,12 +211,14 @@ def flexcomp_attention(
             dense = torch.where(dense, 0.0, float("-inf")).to(query.dtype)
     score_mod = _score_mod(softcap, dense, position_bias)
     gqa = query.shape[1] != key.shape[1]
+    # under torch.compile without dropout: the public entry point (the custom op in the graph)
+    run = flex_attention if drop is None and torch.compiler.is_compiling() else functools.partial(attention,
+                                                                                                  dropout=drop)
     if s_aux is None:
-        out = attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                        enable_gqa=gqa, dropout=drop)
+        out = run(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
     else:
-        out, aux = attention(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
-                             enable_gqa=gqa, return_aux=AuxRequest(lse=True), dropout=drop)
+        out, aux = run(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                       enable_gqa=gqa, return_aux=AuxRequest(lse=True))
         lse = aux.lse
         # sinks: one more logit per head in every row's softmax, renormalised with the LSE
         sinks = s_aux.to(lse.dtype).view(1, -1, 1)
@@ -157,17 +232,20 @@ def _score_mod(softcap: Optional[float], dense: Optional[torch.Tensor],
     """The layer's score_mod, or None when it has nothing to add (the common case)."""
     if softcap is None and dense is None and position_bias is None:
         return None
+    # a partial of a module-level function, not a closure: it can go into a compiled graph
+    return functools.partial(_hf_score, softcap=softcap, dense=dense, position_bias=position_bias)
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        if softcap is not None:
-            score = softcap * torch.tanh(score / softcap)
-        if dense is not None:
-            score = score + dense[b, 0, q_idx, kv_idx]
-        if position_bias is not None:
-            score = score + position_bias[b, h, q_idx, kv_idx]
-        return score
 
-    return score_mod
+def _hf_score(score, b, h, q_idx, kv_idx, softcap=None, dense=None, position_bias=None):
+    """A layer's score_mod: Gemma-2's logit ``softcap``, an additive ``dense`` mask ``[B, 1, L, S]``,
+    a ``position_bias`` ``[B, H, L, S]``."""
+    if softcap is not None:
+        score = softcap * torch.tanh(score / softcap)
+    if dense is not None:
+        score = score + dense[b, 0, q_idx, kv_idx]
+    if position_bias is not None:
+        score = score + position_bias[b, h, q_idx, kv_idx]
+    return score
 
 
 def register(name: str = NAME) -> None:
