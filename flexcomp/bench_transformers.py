@@ -4,8 +4,9 @@ transformers' own ``flex_attention`` path, in one run (random-init weights, noth
     python -m flexcomp.bench_transformers            # 4-layer Llama, hidden 2048, batch 4 x 4096, bf16
 
 For each implementation: the logits' relative difference to SDPA's, the median time of a model
-forward + backward (``loss.backward()`` on the LM loss), and 20 greedy tokens generated with a KV
-cache from a 256-token prompt (how many equal SDPA's). transformers' flex path needs a working
+forward + backward (``loss.backward()`` on the LM loss), with ``--compile`` also under
+``torch.compile(model, fullgraph=True)``, and 20 greedy tokens generated with a KV cache from a
+256-token prompt (how many equal SDPA's). transformers' flex path needs a working
 ``torch.compile``; a step that raises is reported, the others still run.
 Not a test: it prints numbers; docs/performance.md keeps them with date, device and command.
 """
@@ -40,7 +41,7 @@ def _time(fn) -> float:
     return triton.testing.do_bench(fn, warmup=3, rep=30, return_mode="median")
 
 
-def run(dtype: torch.dtype) -> list[dict]:
+def run(dtype: torch.dtype, compiled: bool = False) -> list[dict]:
     model = _model(dtype)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
     prompt = ids[:, :PROMPT]
@@ -66,6 +67,15 @@ def run(dtype: torch.dtype) -> list[dict]:
                 model(input_ids=ids, labels=ids).loss.backward()
 
             row["fwd_bwd_ms"] = _time(step)
+            if compiled:  # the same step with the model under torch.compile(fullgraph=True), default backend
+                torch._dynamo.reset()
+                fast = torch.compile(model, fullgraph=True)
+
+                def compiled_step():
+                    model.zero_grad(set_to_none=True)
+                    fast(input_ids=ids, labels=ids).loss.backward()
+
+                row["compiled_fwd_bwd_ms"] = _time(compiled_step)
         except Exception as e:  # reported, the other implementations still run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         rows.append(row)
@@ -77,10 +87,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--compile", action="store_true",
+                   help="also time forward + backward under torch.compile(model, fullgraph=True)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("flexcomp.bench_transformers needs a CUDA GPU (torch.cuda.is_available() is False)")
-    rows = run(getattr(torch, a.dtype))
+    rows = run(getattr(torch, a.dtype), a.compile)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1)
