@@ -130,7 +130,9 @@ def create_block_mask(
     ████████
     """
     if is_compiling():  # under torch.compile: the custom op, else one graph break (flexcomp.compile)
-        args = dict(locals())
+        args = dict(mask_mod=mask_mod, B=B, H=H, Q_LEN=Q_LEN, KV_LEN=KV_LEN, device=device, BLOCK_SIZE=BLOCK_SIZE,
+                    _compile=_compile, separate_full_blocks=separate_full_blocks,
+                    compute_dq_write_order=compute_dq_write_order, dq_kv_order=dq_kv_order)
         if separate_full_blocks and not compute_dq_write_order and not _compile and callable(mask_mod):
             graphed = graph_create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device if device is not None else
                                               _default_device(), BLOCK_SIZE)

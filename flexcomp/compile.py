@@ -25,6 +25,7 @@ For example (tests/test_compile.py runs these, gradients included)::
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -42,6 +43,20 @@ def eager_twin(fn: Callable) -> Callable:
     that :func:`eagerly` only calls it (made under Dynamo, it would cost a second graph break)."""
     _EAGER[fn] = torch.compiler.disable(fn, recursive=True)
     return fn
+
+
+def eager_under_compile(fn: Callable) -> Callable:
+    """Decorator of an entry point with no custom op: under Dynamo it runs through its
+    ``torch.compiler.disable`` twin (one graph break), otherwise as itself."""
+    twin = torch.compiler.disable(fn, recursive=True)
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return twin(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return entry
 
 
 def eagerly(fn: Callable, *args, **kwargs):

@@ -36,7 +36,7 @@ from torch import Tensor
 from .api import AuxRequest, flex_attention
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE
 from .blockmask_build import create_block_mask
-from .compile import eager_twin, eagerly, is_compiling
+from .compile import eager_under_compile
 from .errors import FlexcompError
 
 
@@ -214,7 +214,7 @@ class _KeysValues(torch.autograd.Function):
         return None, None, total
 
 
-@eager_twin
+@eager_under_compile
 def context_parallel_attention(
     query: Tensor, key: Tensor, value: Tensor, cp: ContextParallel,
     score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] = None, scale: Optional[float] = None,
@@ -243,8 +243,6 @@ def context_parallel_attention(
         cp = ContextParallel(seq_len=1024)
         out = context_parallel_attention(shard(q, cp), shard(k, cp), shard(v, cp), cp, mask_mod=causal_mask)
     """
-    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
-        return eagerly(context_parallel_attention, **locals())
     cp.check()
     where = "context_parallel_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):

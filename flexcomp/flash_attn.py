@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .compile import eager_twin, eagerly, is_compiling
+from .compile import eager_under_compile
 from .api import AuxRequest, attention
 from .block_ranges import RowEnds, in_index_window, in_window, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
@@ -178,7 +178,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, score_mod, mask_mod, 
 
 
 # ---- batched ---------------------------------------------------------------------------------------
-@eager_twin
+@eager_under_compile
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                     causal: bool = False, window_size: Window = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
@@ -192,8 +192,6 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     >>> flash_attn_func(q, k, v, causal=True).shape
     torch.Size([1, 5, 2, 8])
     """
-    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
-        return eagerly(flash_attn_func, **locals())
     _check("flash_attn_func", q, k, v, dropout_p, window_size, softcap, dims=4)
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -303,7 +301,7 @@ def _build_packing(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left:
     return Packing(len_q.numel(), doc_q, doc_k, global_shift, mask_mod, block_mask)
 
 
-@eager_twin
+@eager_under_compile
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                            softmax_scale: Optional[float] = None, causal: bool = False,
@@ -322,8 +320,6 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     >>> flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True).shape
     torch.Size([7, 2, 8])
     """
-    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
-        return eagerly(flash_attn_varlen_func, **locals())
     where = "flash_attn_varlen_func"
     _check(where, q, k, v, dropout_p, window_size, softcap, dims=3)
     if block_table is not None:

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .compile import eager_twin, eagerly, is_compiling
+from .compile import eager_under_compile
 from .api import AuxRequest, attention
 from .block_ranges import RowEnds, in_window, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
@@ -89,7 +89,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved:
     return torch.cat([out.to(x.dtype), rest], -1)
 
 
-@eager_twin
+@eager_under_compile
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
                             v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
                             rotary_sin: Optional[Tensor] = None, cache_seqlens: Union[int, Tensor, None] = None,
@@ -120,8 +120,6 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     >>> out.shape, bool(kc[1, 7].eq(k[1, 0, :1]).all())
     (torch.Size([2, 1, 2, 8]), True)
     """
-    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
-        return eagerly(flash_attn_with_kvcache, **locals())
     from .flash_attn import _check, _slopes, _window  # the shared argument rules (that module imports this one)
 
     where = "flash_attn_with_kvcache"

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .compile import eager_twin, eagerly, is_compiling
+from .compile import eager_under_compile
 from .api import attention
 from .blockmask_build import create_block_mask
 from .dropout import Dropout
@@ -49,7 +49,7 @@ def _additive(bias: Tensor):
     return sdpa_float_mask
 
 
-@eager_twin
+@eager_under_compile
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -69,8 +69,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     >>> torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
     True
     """
-    if is_compiling():  # under torch.compile: one graph break, run eagerly (flexcomp.compile)
-        return eagerly(scaled_dot_product_attention, **locals())
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise FlexcompTypeError(f"scaled_dot_product_attention: {name} must be a torch.Tensor, got "
