@@ -133,11 +133,13 @@ def _graph_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any, k
     if not isinstance(kv_offset, int):
         raise FlexcompError("flexcomp's transformers mask under torch.compile: kv_offset must be an int, got a "
                             f"{type(kv_offset).__name__}")
-    p = torch.arange(1, positions, device=device)
-    b = torch.arange(batch_size, device=device)[:, None]
-    starts = ~mask_function(b, 0, p[None, :], p[None, :] - 1).expand(batch_size, positions - 1)
-    segments = torch.cat([torch.zeros(batch_size, 1, dtype=torch.int64, device=device),
-                          starts.cumsum(-1)], dim=1)
+    segments = None
+    if mask_function is not _mu.causal_mask_function:  # (the plain causal mask has no boundaries)
+        p = torch.arange(1, positions, device=device)
+        b = torch.arange(batch_size, device=device)[:, None]
+        starts = ~mask_function(b, 0, p[None, :], p[None, :] - 1).expand(batch_size, positions - 1)
+        segments = torch.cat([torch.zeros(batch_size, 1, dtype=torch.int64, device=device),
+                              starts.cumsum(-1)], dim=1)
     padding = None
     if attention_mask is not None:
         padding = _mu.prepare_padding_mask(attention_mask, kv_length, kv_offset).to(device)
