@@ -41,12 +41,12 @@ def _time(fn) -> float:
     return triton.testing.do_bench(fn, warmup=3, rep=30, return_mode="median")
 
 
-def run(dtype: torch.dtype, compiled: bool = False) -> list[dict]:
+def run(dtype: torch.dtype, compiled: bool = False, implementations=IMPLEMENTATIONS) -> list[dict]:
     model = _model(dtype)
     ids = torch.randint(0, VOCAB, (BATCH, SEQ), device="cuda")
     prompt = ids[:, :PROMPT]
     rows, want_logits, want_tokens = [], None, None
-    for impl in IMPLEMENTATIONS:
+    for impl in implementations:
         row = {"implementation": impl}
         try:
             model.set_attn_implementation(impl)
@@ -76,6 +76,11 @@ def run(dtype: torch.dtype, compiled: bool = False) -> list[dict]:
                     fast(input_ids=ids, labels=ids).loss.backward()
 
                 row["compiled_fwd_bwd_ms"] = _time(compiled_step)
+                model.eval()
+                with torch.no_grad():
+                    got = fast(input_ids=ids[:1, :1024]).logits.float()
+                row["compiled_logits_rel_diff_vs_sdpa"] = float((got - want_logits).norm() / want_logits.norm())
+                model.train()
         except Exception as e:  # reported, the other implementations still run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         rows.append(row)
@@ -89,10 +94,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the rows to this file")
     p.add_argument("--compile", action="store_true",
                    help="also time forward + backward under torch.compile(model, fullgraph=True)")
+    p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
+                   help="comma-separated, from " + ", ".join(IMPLEMENTATIONS) + " (sdpa first: the others compare to "
+                        "it)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("flexcomp.bench_transformers needs a CUDA GPU (torch.cuda.is_available() is False)")
-    rows = run(getattr(torch, a.dtype), a.compile)
+    rows = run(getattr(torch, a.dtype), a.compile, tuple(a.implementations.split(",")))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1)
