@@ -1,6 +1,6 @@
 """attn_implementation="flexcomp" under ``torch.compile(model, fullgraph=True)``: small random-init
 models in float32 on the CPU against transformers' own attention (SDPA, eager for Gemma-2) run
-without compile: logits (plain, left-padded, packed from ``position_ids``), a training step's loss
+without compile: logits (plain, left- and right-padded, packed from ``position_ids``), a training step's loss
 and every parameter's gradient, and 20 greedy tokens with a static and a dynamic KV cache.
 
 No graph break is allowed (``fullgraph=True``): the mask is built by ``flexcomp::create_block_mask``
@@ -34,9 +34,11 @@ def _model(name: str):
 def _inputs(kind: str) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 97, (2, 40), generator=g)
-    if kind == "padded":
+    if kind in ("left-padded", "right-padded"):
         mask = torch.ones(2, 40, dtype=torch.long)
         mask[1, :9] = 0
+        if kind == "right-padded":
+            mask[1] = mask[1].flip(0)
         return dict(input_ids=ids, attention_mask=mask)
     if kind == "packed":
         packed = torch.cat([torch.arange(11), torch.arange(17), torch.arange(12)])
@@ -60,7 +62,7 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("kind", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("kind", ["plain", "left-padded", "right-padded", "packed"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fullgraph_logits_loss_and_gradients_match_transformers(name, kind):
     model, ref = _model(name)
@@ -80,7 +82,7 @@ def test_fullgraph_logits_loss_and_gradients_match_transformers(name, kind):
 
 def test_fullgraph_under_inductor():
     model, ref = _model("llama")
-    inputs = _inputs("padded")
+    inputs = _inputs("left-padded")
     model.set_attn_implementation(ref)
     want_logits, want_loss, want_grads = _step(model, inputs)
     model.set_attn_implementation("flexcomp")
