@@ -15,8 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from torch import Tensor
 
 from .blockmask import BlockMask, _sliced_mask_mod_error, is_noop_block_mask, noop_mask
-from .compile import eager_twin, eagerly, is_compiling
-from .custom_ops import graph_flex_attention
+from .compile import eagerly, is_compiling
 from .dropout import Dropout
 from .errors import (FlexcompAttributeError, FlexcompError, FlexcompNotCallableError, FlexcompNotImplementedError,
                      FlexcompRuntimeError, FlexcompTypeError, FlexcompZeroDivisionError)
@@ -152,7 +151,6 @@ def _validate_block_mask(block_mask: Any, query: Tensor, Lk: int) -> None:
                                    f"{query.device}; move it with block_mask.to(query.device)")
 
 
-@eager_twin
 def flex_attention(
     query: Tensor,
     key: Tensor,
@@ -273,6 +271,8 @@ def compiled_flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod
     """:func:`flex_attention` as Dynamo traces it: the ``flexcomp::flex_attention`` custom op
     (:mod:`flexcomp.custom_ops`) where the mods can be templates, else None (the caller runs it
     eagerly behind one graph break, :func:`flexcomp.compile.eagerly`)."""
+    from .custom_ops import graph_flex_attention  # here: it imports torch._dynamo (see flexcomp.compile)
+
     res = None
     plain = not return_lse and (return_aux is None or isinstance(return_aux, AuxRequest))
     if plain and isinstance(query, Tensor) and (block_mask is None or isinstance(block_mask, BlockMask)):

@@ -18,8 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .compile import eager_twin, eagerly, is_compiling
-from .custom_ops import graph_create_block_mask
+from .compile import eagerly, is_compiling
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask, MaskMod, _block_size, _check_bh, _check_len
 from .blockmask_lists import compute_dq_write_order as _dq_write_order
 from .blockmask_lists import dense_to_ordered as _dense_to_ordered
@@ -83,7 +82,6 @@ _COMPILE_WARNING = (
     "torch.compile(create_block_mask). This still works for now, but will be removed in the future.")
 
 
-@eager_twin
 def create_block_mask(
     mask_mod: MaskMod,
     B: Optional[int],
@@ -134,6 +132,8 @@ def create_block_mask(
                     _compile=_compile, separate_full_blocks=separate_full_blocks,
                     compute_dq_write_order=compute_dq_write_order, dq_kv_order=dq_kv_order)
         if separate_full_blocks and not compute_dq_write_order and not _compile and callable(mask_mod):
+            from .custom_ops import graph_create_block_mask  # here: it imports torch._dynamo
+
             graphed = graph_create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device if device is not None else
                                               _default_device(), BLOCK_SIZE)
             if graphed is not None:

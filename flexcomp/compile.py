@@ -38,22 +38,16 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def eager_twin(fn: Callable) -> Callable:
-    """Decorator of a public entry point: make its ``torch.compiler.disable`` twin now, at import, so
-    that :func:`eagerly` only calls it (made under Dynamo, it would cost a second graph break)."""
-    _EAGER[fn] = torch.compiler.disable(fn, recursive=True)
-    return fn
-
-
 def eager_under_compile(fn: Callable) -> Callable:
     """Decorator of an entry point with no custom op: under Dynamo it runs through its
-    ``torch.compiler.disable`` twin (one graph break), otherwise as itself."""
-    twin = torch.compiler.disable(fn, recursive=True)
+    ``torch.compiler.disable`` twin (a graph break), otherwise as itself. The twin is made when
+    first needed: importing ``torch._dynamo`` at flexcomp's import would fix Triton's interpreter
+    switch (``TRITON_INTERPRET``) before a script sets it."""
 
     @functools.wraps(fn)
     def entry(*args, **kwargs):
         if torch.compiler.is_compiling():
-            return twin(*args, **kwargs)
+            return eagerly(fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
     return entry

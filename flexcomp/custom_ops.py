@@ -12,7 +12,7 @@ devices, so Dynamo, AOTAutograd and Inductor never run flexcomp's Python:
   the shape) -> the four kv lists ``[B, H, num_q_blocks(, num_kv_blocks)]``.
 
 The call number names a :class:`Call` kept in :mod:`flexcomp.graph_mods`' registry when Dynamo
-traced the call site: the mods' templates, the BlockMask's block size and lengths, the options.
+traced the call site: the mods' templates, the BlockMask's block size, the options.
 At run time each op rebuilds the mods from their templates and this call's leaves and runs flexcomp
 as in eager mode (validation, the trace cache, the backends), below autograd.
 
@@ -40,12 +40,11 @@ from .graph_mods import ModTemplate
 class Call:
     """One compiled call site's constants: the mods' templates (None: no mod), the BlockMask's
     ``BLOCK_SIZE`` (None: no BlockMask; its ``seq_lengths`` are the query's and key's lengths, which
-    may be symbolic), whether it has full-block lists, and ``kernel_options`` as sorted items."""
+    may be symbolic) and ``kernel_options`` as sorted items."""
 
     score: Optional[ModTemplate]
     mask: Optional[ModTemplate]
     block_size: Optional[tuple[int, int]]
-    has_full: bool
     kernel_options: tuple
 
     def mods(self, tensors, ints, floats) -> tuple[Optional[Callable], Optional[Callable]]:
@@ -78,6 +77,16 @@ class Call:
         bm.mask_mod = mask_mod if mask_mod is not None else noop_mask
         return bm
 
+    def resolve(self, query: Tensor, key: Tensor, value: Tensor, lists: tuple, tensors, ints, floats,
+                scale: Optional[float], enable_gqa: bool):
+        """The op's call checked and traced as eager ``flex_attention`` does (:func:`flexcomp.api.resolve`),
+        over the mods and BlockMask rebuilt from this call's leaves and lists."""
+        from .api import resolve
+
+        score_mod, mask_mod = self.mods(tensors, ints, floats)
+        bm = self.block_mask(lists, mask_mod, (query.shape[2], key.shape[2]))
+        return resolve(query, key, value, score_mod, bm, scale, enable_gqa, kernel_options=dict(self.kernel_options))
+
 
 _MASKS: dict = {}
 _MASKS_KEPT = 16
@@ -104,14 +113,11 @@ def _flex_attention(query: Tensor, key: Tensor, value: Tensor, kv_num_blocks: Op
                     full_kv_indices: Optional[Tensor], tensors: list[Tensor], ints: list[int], floats: list[float],
                     call: int, scale: Optional[float], enable_gqa: bool,
                     want_max: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from .api import resolve
     from .runtime import run_forward
 
     c: Call = graph_mods.registered(call)
-    score_mod, mask_mod = c.mods(tensors, ints, floats)
-    bm = c.block_mask((kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices), mask_mod,
-                      (query.shape[2], key.shape[2]))
-    r = resolve(query, key, value, score_mod, bm, scale, enable_gqa, kernel_options=dict(c.kernel_options))
+    r = c.resolve(query, key, value, (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices), tensors, ints,
+                  floats, scale, enable_gqa)
     res = run_forward(query, key, value, r.score, r.mask, r.block_mask, r.scale, r.options, want_max)
     mx = res.max_scores if res.max_scores is not None else res.lse.new_empty(0)
     return res.out.contiguous(), res.lse.contiguous(), mx.contiguous()  # the layouts the fake promises
@@ -126,8 +132,7 @@ def _flex_attention_fake(query, key, value, kv_num_blocks, kv_indices, full_kv_n
     bm = None
     if c.block_size is not None:
         bm = BlockMask((query.shape[2], key.shape[2]), kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                       None, None,
-                       None, None, c.block_size)
+                       None, None, None, None, c.block_size)
     _validate(query, key, value, bm, enable_gqa)
     B, H, L, _ = query.shape
     out = query.new_empty((B, H, L, value.shape[-1]))
@@ -144,14 +149,11 @@ def _flex_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
                              full_kv_indices: Optional[Tensor], tensors: list[Tensor], ints: list[int],
                              floats: list[float], call: int, scale: Optional[float],
                              enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from .api import resolve
     from .runtime import run_backward
 
     c: Call = graph_mods.registered(call)
-    score_mod, mask_mod = c.mods(tensors, ints, floats)
-    bm = c.block_mask((kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices), mask_mod,
-                      (query.shape[2], key.shape[2]))
-    r = resolve(query, key, value, score_mod, bm, scale, enable_gqa, kernel_options=dict(c.kernel_options))
+    r = c.resolve(query, key, value, (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices), tensors, ints,
+                  floats, scale, enable_gqa)
     with _autograd_inside():
         g = run_backward(query, key, value, out, lse, d_out, d_lse, r.score, r.mask, r.block_mask, r.scale, r.options)
     return tuple(_like(g, t) for g, t in ((g.dq, query), (g.dk, key), (g.dv, value)))
@@ -221,7 +223,7 @@ def _create_block_mask_fake(tensors, ints, floats, call, B, H, Q_LEN, KV_LEN, de
 
 # ---- what the compiled code calls (Dynamo inlines these) ----------------------------------------
 @torch._dynamo.assume_constant_result
-def _attention_call(score_mod: Any, mask_mod: Any, block_size: Any, has_full: bool, kernel_options: Any) -> tuple:
+def _attention_call(score_mod: Any, mask_mod: Any, block_size: Any, kernel_options: Any) -> tuple:
     """Run by Dynamo at trace time with the real objects: ``(call number, score paths, mask paths)``,
     or ``(-1, (), ())`` where a mod cannot be a template."""
     score = graph_mods.template_or_none(score_mod)
@@ -229,7 +231,7 @@ def _attention_call(score_mod: Any, mask_mod: Any, block_size: Any, has_full: bo
     if (score_mod is not None and score is None) or (mask_mod is not None and mask is None):
         return -1, (), ()
     items = tuple(sorted((kernel_options or {}).items()))
-    call = Call(score, mask, None if block_size is None else tuple(block_size), has_full, items)
+    call = Call(score, mask, None if block_size is None else tuple(block_size), items)
     return (graph_mods.register(call), score.paths() if score else (), mask.paths() if mask else ())
 
 
@@ -249,7 +251,7 @@ def graph_flex_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: O
                  block_mask.full_kv_indices)
     block = None if block_mask is None else block_mask.BLOCK_SIZE
     call, score_paths, mask_paths = _attention_call(graph_mods.shadow(score_mod), graph_mods.shadow(mask_mod), block,
-                                                    lists[2] is not None, kernel_options)
+                                                    kernel_options)
     if call < 0:
         return None
     st, si, sf = graph_mods.fetch(score_mod, score_paths, "flex_attention: score_mod")
@@ -269,7 +271,7 @@ def graph_create_block_mask(mask_mod: Callable, B: Optional[int], H: Optional[in
     if not graph_mods.reaches_cells(mask_mod):
         return None
     block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
-    call, _, mask_paths = _attention_call(None, graph_mods.shadow(mask_mod), block, True, None)
+    call, _, mask_paths = _attention_call(None, graph_mods.shadow(mask_mod), block, None)
     if call < 0:
         return None
     mt, mi, mf = graph_mods.fetch(mask_mod, mask_paths, "create_block_mask: mask_mod")

@@ -7,6 +7,8 @@ the dense float64 oracle elsewhere), outputs and every gradient."""
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,6 +171,15 @@ def test_bad_input_under_compile_names_the_argument():
     k = torch.randn(1, 3, 32, 8)
     with pytest.raises(Exception, match="same number of heads"):
         torch.compile(lambda q, k: flexcomp.flex_attention(q, k, k), backend="aot_eager", fullgraph=True)(q, k)
+
+
+def test_importing_flexcomp_does_not_import_dynamo():
+    """Importing torch._dynamo fixes Triton's interpreter switch: a script that imports flexcomp and
+    then sets TRITON_INTERPRET=1 (the demo does) would get compiled, not interpreted, kernels."""
+    code = ("import sys, flexcomp, flexcomp.flash_attn, flexcomp.sdpa, flexcomp.context_parallel, flexcomp.paged; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.fixture(autouse=True, scope="module")
