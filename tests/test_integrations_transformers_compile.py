@@ -109,3 +109,21 @@ def test_compiled_forward_generates_transformers_tokens(name, cache):
         model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
         got = model.generate(**kw)
     assert torch.equal(got, want)
+
+
+def test_attention_dropout_runs_its_layers_eagerly_under_compile():
+    """Dropout has no custom op: in training mode those calls run eagerly (graph breaks), with the
+    same keep pattern as without compile for the same torch seed."""
+    make, _ = CONFIGS["llama"]
+    cfg = make()
+    cfg.attention_dropout = 0.2
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="flexcomp").float().train()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    want = model(input_ids=ids, labels=ids).loss
+    torch.manual_seed(5)
+    got = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want, **TOL)
+    model.eval()
+    assert not torch.allclose(model(input_ids=ids, labels=ids).loss, want)  # dropout did act in training

@@ -41,6 +41,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 from flexcomp.api import AuxRequest, attention, flex_attention
 from flexcomp.blockmask import BlockMask
 from flexcomp.blockmask_build import create_block_mask
+from flexcomp.compile import eagerly
 from flexcomp.dropout import Dropout
 from flexcomp.errors import FlexcompError
 
@@ -120,8 +121,6 @@ def _graph_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any, k
     and packed in any combination; a model that adds its own mask functions (``use_vmap``: an
     ``or_mask_function`` / ``and_mask_function``) runs its mask creation eagerly (one graph break)."""
     if kwargs.get("use_vmap", False) or kwargs.get("allow_is_bidirectional_skip") is not None:
-        from flexcomp.compile import eagerly
-
         return eagerly(_eager_mask, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                        attention_mask, device)
     config = kwargs.get("config")
@@ -204,6 +203,10 @@ def flexcomp_attention(
     ``dropout`` the attention dropout probability (applied in training mode only, as transformers does).
     Returns ``(out [B, L, Hq, D], None)`` (no attention weights), as transformers' own functions do.
     """
+    if dropout and module.training and torch.compiler.is_compiling():
+        # attention dropout has no custom op: this layer runs eagerly (a graph break)
+        return eagerly(flexcomp_attention, module, query, key, value, attention_mask, scaling=scaling,
+                       softcap=softcap, s_aux=s_aux, position_bias=position_bias, dropout=dropout, **kwargs)
     drop = Dropout.draw(dropout) if dropout and module.training else None
     block_mask = attention_mask if isinstance(attention_mask, BlockMask) else None
     dense = None
@@ -213,9 +216,8 @@ def flexcomp_attention(
             dense = torch.where(dense, 0.0, float("-inf")).to(query.dtype)
     score_mod = _score_mod(softcap, dense, position_bias)
     gqa = query.shape[1] != key.shape[1]
-    # under torch.compile without dropout: the public entry point (the custom op in the graph)
-    run = flex_attention if drop is None and torch.compiler.is_compiling() else functools.partial(attention,
-                                                                                                  dropout=drop)
+    # under torch.compile (no dropout then): the public entry point, which is the custom op in the graph
+    run = flex_attention if torch.compiler.is_compiling() else functools.partial(attention, dropout=drop)
     if s_aux is None:
         out = run(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
     else:
