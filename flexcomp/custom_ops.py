@@ -24,7 +24,6 @@ entry points.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -60,18 +59,22 @@ class Call:
         return mods[0], mods[1]
 
     def block_mask(self, lists: tuple, mask_mod: Optional[Callable], seq_lengths: tuple) -> Optional[BlockMask]:
-        """The BlockMask over the op's lists (kept while they are the same tensors, so its q-side lists
-        are derived once for a forward and its backward, and once for the layers that share it)."""
+        """The BlockMask over the op's lists, kept while they are the same memory, unmodified (a
+        compiled graph may hand the same lists over as new tensor objects), so that its q-side lists
+        are derived once for a forward and its backward, and once for the layers that share it. An
+        entry holds its tensors: their memory cannot be reused by others while it is kept."""
         if self.block_size is None:
             return None
-        key = seq_lengths + tuple(id(t) for t in lists) + tuple(t._version for t in lists if t is not None)
+        key = (self, seq_lengths) + tuple(None if t is None else (t.data_ptr(), tuple(t.shape), tuple(t.stride()),
+                                                                   t.storage_offset(), t.dtype, t.device, t._version)
+                                          for t in lists)
         hit = _MASKS.get(key)
-        if hit is not None and all(r() is t for r, t in zip(hit[0], lists) if t is not None) and hit[1] == self:
-            bm = hit[2]
+        if hit is not None:
+            bm = hit[1]
         else:
             kvn, kvi, fkvn, fkvi = lists
             bm = BlockMask._build(kvn, kvi, fkvn, fkvi, self.block_size, None, seq_lengths, True)
-            _MASKS[key] = (tuple(weakref.ref(t) if t is not None else None for t in lists), self, bm)
+            _MASKS[key] = (lists, bm)
             while len(_MASKS) > _MASKS_KEPT:
                 _MASKS.pop(next(iter(_MASKS)))
         bm.mask_mod = mask_mod if mask_mod is not None else noop_mask
