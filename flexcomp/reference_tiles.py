@@ -220,7 +220,15 @@ def fused_applies(plan, q: Tensor, k: Tensor, v: Tensor) -> bool:
     (an ``inf`` or NaN follows torch's eager semantics on the torch-op tiles instead)."""
     return (_FLASH is not None and _FLASH_BACKWARD is not None and plan.score is None and plan.dropout is None
             and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and v.shape[-1] == q.shape[-1]
-            and all(bool(torch.isfinite(t).all()) for t in (q, k, v)))
+            and _all_finite(q, k, v))
+
+
+def _all_finite(*ts: Tensor) -> bool:
+    """Whether every element is finite, in one pass per tensor: a sum is finite if and only if no
+    element is inf or NaN, unless finite elements overflow it (then this says False, and the caller
+    takes the path that handles non-finite inputs, which is right for finite ones too)."""
+    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in ts])
+    return bool(torch.isfinite(sums).all())
 
 
 def _additive_mask(plan, t: RowPlan, B: int, H: int, dtype, dev) -> tuple[Optional[Tensor], Optional[Tensor]]:
