@@ -43,7 +43,6 @@ from flexcomp.blockmask import BlockMask
 from flexcomp.blockmask_build import create_block_mask
 from flexcomp.compile import eagerly
 from flexcomp.dropout import Dropout
-from flexcomp.errors import FlexcompError
 
 NAME = "flexcomp"
 
@@ -118,9 +117,11 @@ def _graph_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any, k
     every boundary where ``mask_function`` drops a token's predecessor (``(p, p - 1)``, evaluated
     for every absolute position ``p``: O(positions)), which are exactly the starts of packed
     sequences and of chunks. That is transformers' mask whenever it is causal, windowed, chunked
-    and packed in any combination; a model that adds its own mask functions (``use_vmap``: an
-    ``or_mask_function`` / ``and_mask_function``) runs its mask creation eagerly (one graph break)."""
-    if kwargs.get("use_vmap", False) or kwargs.get("allow_is_bidirectional_skip") is not None:
+    and packed in any combination. A model that adds its own mask functions (``use_vmap``: an
+    ``or_mask_function`` / ``and_mask_function``), a bidirectional mask and a key offset held in a
+    tensor run the mask creation eagerly (one graph break)."""
+    if (kwargs.get("use_vmap", False) or kwargs.get("allow_is_bidirectional_skip") is not None
+            or not isinstance(kv_offset, int)):
         return eagerly(_eager_mask, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                        attention_mask, device)
     config = kwargs.get("config")
@@ -128,10 +129,7 @@ def _graph_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any, k
     window = None
     if local is not None and getattr(config, "attention_chunk_size", None) != local:
         window = int(local)
-    positions = kv_length + (kv_offset if isinstance(kv_offset, int) else 0)
-    if not isinstance(kv_offset, int):
-        raise FlexcompError("flexcomp's transformers mask under torch.compile: kv_offset must be an int, got a "
-                            f"{type(kv_offset).__name__}")
+    positions = kv_length + kv_offset  # keys' absolute positions: kv_offset .. positions - 1
     segments = None
     if mask_function is not _mu.causal_mask_function:  # (the plain causal mask has no boundaries)
         p = torch.arange(1, positions, device=device)
