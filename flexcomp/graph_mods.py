@@ -85,8 +85,8 @@ _CONSTANTS = (str, bytes, torch.dtype, torch.device, type(None))
 
 @dataclass(frozen=True)
 class ModTemplate:
-    """A mod's structure, kept once per compiled call site: the function Dynamo saw (``proto``) and
-    its ``leaves`` in a fixed order."""
+    """A mod's structure, kept once per compiled call site: the function Dynamo saw (``proto``, its
+    captured tensors replaced by None) and its ``leaves`` in a fixed order."""
 
     proto: Callable
     leaves: tuple[Leaf, ...]
@@ -96,7 +96,9 @@ class ModTemplate:
         """The template of ``fn`` (raises :class:`NotGraphable`)."""
         leaves: list[Leaf] = []
         _walk(fn, (), leaves, 0)
-        return ModTemplate(fn, tuple(leaves))
+        # the template keeps the structure, not the tensors (it lives as long as the process)
+        holes = {leaf.path: None for leaf in leaves if leaf.kind is LeafKind.TENSOR}
+        return ModTemplate(_rebuilt(fn, (), holes) if holes else fn, tuple(leaves))
 
     def counts(self) -> tuple[int, int, int]:
         """How many tensor, int (and bool) and float leaves the op receives."""

@@ -28,6 +28,7 @@ def test_a_closure_s_leaves_in_cell_order():
         (LeafKind.INT, ((Step.CELL, 3),)),
     ]
     assert t.counts() == (1, 1, 1)
+    assert t.proto.__closure__[1].cell_contents is None  # the template does not keep the tensor alive
 
 
 def test_rebuild_puts_new_leaves_in_and_keeps_the_rest():
