@@ -289,7 +289,7 @@ def _tiles(problem: Problem, score: Optional[Graph], mask: Optional[Graph],
     fwd = forward_config(problem.head_dim, problem.value_dim, elt, sq, skv, opts.forward, opts.interpret, heavy,
                          smem, score is not None and gathers_per_pair(score))
     bwd = backward_config(problem.head_dim, problem.value_dim, elt, sq, skv, opts.backward, opts.interpret, smem,
-                          score is not None, score is not None and transcendental(score), scatter)
+                          score is not None, score is not None and transcendental(score), scatter, problem.group > 1)
     return fwd, bwd
 
 

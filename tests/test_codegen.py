@@ -159,6 +159,10 @@ def test_backward_config_choices_and_errors():
     assert (plain.block_m1, plain.block_n1, plain.num_warps, plain.split) == (64, 64, 4, False)
     capped = backward_config(128, 128, 2, 128, 128, {}, False, score_mod=True, transcendental=True)
     assert (capped.block_m1, capped.block_n1, capped.block_m2, capped.block_n2, capped.split) == (32, 64, 64, 32, True)
+    grouped = backward_config(128, 128, 2, 128, 128, {}, False, grouped=True)  # GQA: dK/dV programs run longer
+    assert (grouped.block_m1, grouped.block_n1, grouped.split) == (64, 64, True)
+    assert not backward_config(128, 128, 2, 128, 128, {}, False, score_mod=True, grouped=True).split  # not measured
+    assert not backward_config(128, 128, 2, 128, 128, {"BWD_SPLIT": False}, False, grouped=True).split
     tuned = backward_config(128, 128, 2, 64, 64, {"bwd_BLOCK_N1": 128, "BWD_SPLIT": True}, False)
     assert tuned.block_n1 == 64 and tuned.split  # tiles never exceed the BlockMask's blocks
     with pytest.raises(FlexcompError, match=r"kernel_options\['BWD_SPLIT'\] must be True or False, got 1"):

@@ -147,9 +147,11 @@ def test_what_runs_eagerly_behind_one_graph_break():
         out = flexcomp.flex_attention(q * w, k, v, score_mod=softcap(5.0), block_mask=bm)
         return (out.sin() * w).sum(-1)
     _same(f, (q, k, v, w), fullgraph=False)
-    reasons = torch._dynamo.explain(f)(q, k, v, w).break_reasons  # the eager call, nothing inside flexcomp
-    assert reasons and all("disable" in r.reason or "skip" in r.reason.lower() for r in reasons)
-    with pytest.raises(Exception, match="(?i)skip|disable"):
+    # the eager call, nothing inside flexcomp; torch 2.11's Dynamo breaks one step earlier, on the in-graph
+    # closure's cell ("SourcelessBuilder ... <class 'cell'>"), with the same eager result
+    reasons = torch._dynamo.explain(f)(q, k, v, w).break_reasons
+    assert reasons and all(any(word in r.reason.lower() for word in ("disable", "skip", "'cell'")) for r in reasons)
+    with pytest.raises(Exception, match="(?i)skip|disable|'cell'"):
         torch.compile(f, backend="eager", fullgraph=True)(q, k, v, w)
 
     bias = torch.randn(2, 96, 96, requires_grad=True)
