@@ -32,8 +32,8 @@ from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
 from .dropout import Dropout
 from .problem import Grads, Outputs
-from .reference_tiles import (fused_applies, fused_forward, fused_grads, row_plans, softmax_forward, softmax_grads,
-                              tile_forward, tile_grads)
+from .reference_tiles import (MaskScratch, fused_applies, fused_forward, fused_grads, row_plans, softmax_forward,
+                              softmax_grads, tile_forward, tile_grads)
 from .sparsity import BlockKind
 from .trace import TracedMod
 
@@ -184,10 +184,11 @@ def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, score_
         out = q.new_empty(B, H, L, v.shape[-1])
         lse, mx = (torch.empty(B, H, L, dtype=wd, device=q.device) for _ in range(2))
         fused = not want_max and fused_applies(plan, q, k, v)
+        scratch = MaskScratch(tiles, q.dtype, q.device) if fused else None
         for t in tiles:
             rows = slice(t.q0, t.q1)
             if fused:
-                out[:, :, rows], lse[:, :, rows] = fused_forward(plan, q, k, v, t)
+                out[:, :, rows], lse[:, :, rows] = fused_forward(plan, q, k, v, t, scratch)
             else:
                 out[:, :, rows], lse[:, :, rows], mx[:, :, rows] = tile_forward(plan, q, k, v, score_buffers, t)
         return out, lse, None if fused else mx
@@ -246,10 +247,12 @@ def _explicit_backward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, out
     d_out = torch.zeros_like(out) if d_out is None else d_out
     tiles = _tiles(plan, q, k)
     fused = d_lse is None and tiles is not None and fused_applies(plan, q, k, v)
+    scratch = MaskScratch(tiles, q.dtype, q.device) if fused else None
     for t in tiles or ():
         sl = slice(t.q0, t.q1)
         if fused:
-            dq[:, :, sl] = fused_grads(plan, q, k, v, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl], t, dk, dv)
+            dq[:, :, sl] = fused_grads(plan, q, k, v, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl], t, dk, dv,
+                                       scratch)
         else:
             dq[:, :, sl] = tile_grads(plan, q, k, v, out[:, :, sl], lse[:, :, sl], d_out[:, :, sl],
                                       None if d_lse is None else d_lse[:, :, sl], t, dk, dv)

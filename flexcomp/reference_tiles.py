@@ -231,10 +231,37 @@ def _all_finite(*ts: Tensor) -> bool:
     return bool(torch.isfinite(sums).all())
 
 
-def _additive_mask(plan, t: RowPlan, B: int, H: int, dtype, dev) -> tuple[Optional[Tensor], Optional[Tensor]]:
+class MaskScratch:
+    """One pass's additive masks as views of a single zero buffer ``[rows, cols]``: each tile writes
+    only its runs' columns and :meth:`clear` zeroes them again after its kernel, so no tile allocates
+    and zero-fills a ``rows x span`` mask of its own (CPU flash kernels take row-strided masks)."""
+
+    def __init__(self, tiles: list[RowPlan], dtype: torch.dtype, dev):
+        rows = max((t.q1 - t.q0 for t in tiles if t.runs), default=0)
+        cols = max((t.hi - t.lo for t in tiles if t.runs), default=0)
+        self._buf = torch.zeros(rows, cols, dtype=dtype, device=dev) if rows and cols else None
+
+    def take(self, lead: tuple, c: int, KV: int, dtype: torch.dtype, dev) -> Tensor:
+        """A zero ``[*lead, c, KV]`` mask: a view of the buffer when the mask is one for every batch
+        element and head, else a fresh tensor."""
+        buf = self._buf
+        if buf is None or tuple(lead) != (1, 1) or buf.dtype != dtype or c > buf.shape[0] or KV > buf.shape[1]:
+            return torch.zeros(*lead, c, KV, dtype=dtype, device=dev)
+        return buf[None, None, :c, :KV]
+
+    def clear(self, mask: Optional[Tensor], t: RowPlan) -> None:
+        """Zero the columns a tile's runs wrote into ``mask`` if it is a view of the buffer."""
+        if mask is not None and self._buf is not None and mask.data_ptr() == self._buf.data_ptr():
+            for run in t.runs:
+                mask[..., run.start:run.stop].zero_()
+
+
+def _additive_mask(plan, t: RowPlan, B: int, H: int, dtype, dev,
+                   scratch: Optional[MaskScratch] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """``(mask, dead)``: the tile's additive mask (0 kept, -inf dropped; broadcastable to
     ``[B, H, rows, span]``; None when every pair is kept) and its rows with nothing kept (None: none;
-    a row with a full block in its span always keeps something). Only the runs' columns are written."""
+    a row with a full block in its span always keeps something). Only the runs' columns are written
+    (into a view of ``scratch``'s zeros when given: :meth:`MaskScratch.clear` after use)."""
     if not t.runs:
         return None, None
     c, KV = t.q1 - t.q0, t.hi - t.lo
@@ -249,7 +276,8 @@ def _additive_mask(plan, t: RowPlan, B: int, H: int, dtype, dev) -> tuple[Option
             keeps.append(evaluate(plan.mask.graph, sub, plan.mask_buffers, plan.mask.scalars, torch.float32))
     lead = torch.broadcast_shapes((1, 1), *(tuple(k.shape[:-2]) for k in keeps
                                              if isinstance(k, Tensor) and k.dim() == 4))
-    mask = torch.zeros(*lead, c, KV, dtype=dtype, device=dev)
+    mask = (scratch.take(lead, c, KV, dtype, dev) if scratch is not None
+            else torch.zeros(*lead, c, KV, dtype=dtype, device=dev))
     for run, keep in zip(t.runs, keeps):
         part = mask[..., run.start:run.stop]
         if keep is False:
@@ -267,16 +295,20 @@ def _group_keys(x: Tensor, G: int) -> Tensor:
     return x if G == 1 else x.repeat_interleave(G, dim=1)
 
 
-def fused_forward(plan, q: Tensor, k: Tensor, v: Tensor, t: RowPlan) -> tuple[Tensor, Tensor]:
-    """Output ``[B, Hq, rows, D]`` and LSE ``[B, Hq, rows]`` of one tile by torch's CPU flash kernel."""
+def fused_forward(plan, q: Tensor, k: Tensor, v: Tensor, t: RowPlan,
+                  scratch: Optional[MaskScratch] = None) -> tuple[Tensor, Tensor]:
+    """Output ``[B, Hq, rows, D]`` and LSE ``[B, Hq, rows]`` of one tile by torch's CPU flash kernel
+    (its additive mask a view of ``scratch`` when given)."""
     B, Hq, _, _ = q.shape
     G, c = Hq // k.shape[1], t.q1 - t.q0
     wd = torch.float64 if q.dtype == torch.float64 else torch.float32
     if t.hi == t.lo:
         return q.new_zeros(B, Hq, c, v.shape[-1]), torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device)
-    mask, dead = _additive_mask(plan, t, B, Hq, q.dtype, q.device)
+    mask, dead = _additive_mask(plan, t, B, Hq, q.dtype, q.device, scratch)
     out, lse = _FLASH(q[:, :, t.q0:t.q1], _group_keys(k[:, :, t.lo:t.hi], G), _group_keys(v[:, :, t.lo:t.hi], G),
                       0.0, False, attn_mask=mask, scale=plan.scale)[:2]
+    if scratch is not None:
+        scratch.clear(mask, t)
     lse = lse.to(wd)
     if dead is not None:  # rows with nothing kept: output 0 and LSE -inf (the kernel gives LSE 0)
         out = out.masked_fill(dead.unsqueeze(-1), 0.0)
@@ -285,19 +317,21 @@ def fused_forward(plan, q: Tensor, k: Tensor, v: Tensor, t: RowPlan) -> tuple[Te
 
 
 def fused_grads(plan, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, t: RowPlan,
-                dk: Tensor, dv: Tensor) -> Tensor:
+                dk: Tensor, dv: Tensor, scratch: Optional[MaskScratch] = None) -> Tensor:
     """:func:`tile_grads` by torch's CPU flash backward kernel (no gradient into the LSE): returns
-    ``dq`` of the tile's rows and adds into ``dk`` / ``dv`` in place."""
+    ``dq`` of the tile's rows and adds into ``dk`` / ``dv`` in place (mask as in :func:`fused_forward`)."""
     B, Hq, _, D = q.shape
     Hkv = k.shape[1]
     G, c = Hq // Hkv, t.q1 - t.q0
     if t.hi == t.lo:
         return torch.zeros(B, Hq, c, D, dtype=dk.dtype, device=q.device)
-    mask, _ = _additive_mask(plan, t, B, Hq, q.dtype, q.device)
+    mask, _ = _additive_mask(plan, t, B, Hq, q.dtype, q.device, scratch)
     lse_k = torch.where(torch.isneginf(lse), 0.0, lse).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     dq, dk_t, dv_t = _FLASH_BACKWARD(do, q[:, :, t.q0:t.q1], _group_keys(k[:, :, t.lo:t.hi], G),
                                      _group_keys(v[:, :, t.lo:t.hi], G), o, lse_k.contiguous(), 0.0,
                                      False, attn_mask=mask, scale=plan.scale)
+    if scratch is not None:
+        scratch.clear(mask, t)
     if G > 1:
         dk_t = dk_t.view(B, Hkv, G, *dk_t.shape[2:]).sum(2)
         dv_t = dv_t.view(B, Hkv, G, *dv_t.shape[2:]).sum(2)

@@ -349,3 +349,23 @@ def test_fused_cpu_tiles_match_the_oracle(case, monkeypatch):
         torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-8)
     if case == "rows with nothing kept":
         assert (out[:, :, 64:96] == 0).all() and torch.isneginf(lse[:, :, 64:96]).all()
+
+
+def test_mask_scratch_views_one_zero_buffer_and_clears_what_a_tile_wrote():
+    """The fused tiles' masks are views of one zero buffer: a tile's runs are zero again after
+    ``clear``, so the next tile (another span, the backward) starts from zeros; masks that differ by
+    batch element or head get their own tensor."""
+    from flexcomp.reference_tiles import MaskScratch, Run, RowPlan
+    from flexcomp.sparsity import BlockKind
+
+    tiles = [RowPlan(0, 32, 0, 32, (Run(BlockKind.PARTIAL, 0, 32),)),
+             RowPlan(32, 64, 0, 64, (Run(BlockKind.EMPTY, 0, 16), Run(BlockKind.PARTIAL, 32, 64)))]
+    scratch = MaskScratch(tiles, torch.float32, "cpu")
+    m = scratch.take((1, 1), 32, 64, torch.float32, "cpu")
+    assert m.shape == (1, 1, 32, 64) and float(m.abs().sum()) == 0
+    m[..., 0:16] = -torch.inf
+    m[..., 40:50] = -torch.inf
+    scratch.clear(m, tiles[1])
+    assert float(scratch.take((1, 1), 32, 64, torch.float32, "cpu").abs().sum()) == 0
+    own = scratch.take((1, 2), 32, 64, torch.float32, "cpu")
+    assert own.shape == (1, 2, 32, 64) and own.data_ptr() != m.data_ptr()
