@@ -197,10 +197,10 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
       programs as two launches (``split``), 6% faster than one grid;
     - gradients into captured tensors (``scatter``): the scatter's layout conversions need shared
       memory, so the 64x64 tiles (torch's 64/128/128/64 ran out of it on a relative-position bias);
-    - GQA (``grouped``: several query heads per key/value head) without a score_mod: ``split``, as
-      each dK/dV program then walks every query head of its group, twice (or more) the work of a
-      dQ program; in one grid they finish last (causal, 16 query / 8 kv heads, head dim 128,
-      4x4096: 378 against 347 TF/s on the H200, docs/performance.md).
+    - GQA (``grouped``: several query heads per key/value head) in 16-bit floats without a
+      score_mod: ``split``, as each dK/dV program then walks every query head of its group, twice
+      (or more) the work of a dQ program, and in one grid those finish last (causal, 16 query / 8
+      kv heads, head dim 128, 4x4096: 337 -> 369 TF/s on the H200, docs/performance.md).
 
     If a config still runs out of shared memory when compiled, :func:`flex_backward` retries with
     fewer stages, then smaller tiles (``_smaller``), and remembers what fitted.
@@ -208,7 +208,7 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
     ``kernel_options={"BWD_SPLIT": ...}`` overrides the launch choice. Stages drop until the
     pipelined tiles fit shared memory.
     """
-    split = (transcendental or (grouped and not score_mod)) and not interpret
+    split = (transcendental or (grouped and not score_mod and elt <= 2)) and not interpret
     if interpret:  # large tiles: the interpreter's cost is per tile
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 1
     elif elt >= 8:  # float64: resident dK/dV accumulators and K/V tiles of 8-byte elements
