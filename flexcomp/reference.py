@@ -363,14 +363,31 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, plan: ReferencePlan,
     return (out, lse, max_scores) if want_max else (out, lse)
 
 
+def _unexpanded(lists: list[Tensor]) -> list[Tensor]:
+    """The lists with their batch and head dims cut to one where every list is a stride-0 expansion
+    there (a mask built for ``B`` batch elements that does not read ``b`` is one map, expanded)."""
+    if any(t.dim() != lists[0].dim() + (i % 2) for i, t in enumerate(lists)) or lists[0].dim() != 3:
+        return lists
+    for d in (0, 1):
+        if all(t.shape[d] > 1 and t.stride(d) == 0 for t in lists):
+            lists = [t.narrow(d, 0, 1) for t in lists]
+    return lists
+
+
 def block_map_of(block_mask, device) -> Optional[BlockMap]:
-    """Unpack a BlockMask's partial/full lists into the reference's dense block map."""
+    """Unpack a BlockMask's partial/full lists into the reference's dense block map (``[1, ...]``
+    along batch or heads where the lists are expansions of one, as ``create_block_mask`` makes them
+    for mask_mods that do not read ``b`` or ``h``: the block-row tiles need a map shared by all)."""
     if block_mask is None:
         return None
-    n = block_mask.kv_indices.shape[-1]
-    kind = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, n).to(torch.int8)
-    if block_mask.full_kv_num_blocks is not None:
-        full = _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, n).to(torch.int8)
+    bm = block_mask
+    has_full = bm.full_kv_num_blocks is not None
+    lists = _unexpanded([bm.kv_num_blocks, bm.kv_indices,
+                         *((bm.full_kv_num_blocks, bm.full_kv_indices) if has_full else ())])
+    n = bm.kv_indices.shape[-1]
+    kind = _ordered_to_dense(lists[0], lists[1], n).to(torch.int8)
+    if has_full:
+        full = _ordered_to_dense(lists[2], lists[3], n).to(torch.int8)
         kind = torch.where(full.bool(), int(BlockKind.FULL), kind).to(torch.int8)
     while kind.dim() < 4:
         kind = kind.unsqueeze(0)

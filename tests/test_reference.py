@@ -304,7 +304,7 @@ def flexcomp_aux():
 
 
 @pytest.mark.parametrize("case", ["causal ragged", "documents with gaps", "rows with nothing kept", "gqa",
-                                  "mask reads h"])
+                                  "mask reads h", "built per batch element"])
 def test_fused_cpu_tiles_match_the_oracle(case, monkeypatch):
     """Tiles without a score_mod or dropout run on torch's fused CPU flash kernels (forward, and the
     backward when no gradient reaches the LSE): output, LSE and every gradient against the oracle."""
@@ -327,9 +327,13 @@ def test_fused_cpu_tiles_match_the_oracle(case, monkeypatch):
         "rows with nothing kept": (200, 200, 2, 2, nothing_for_some_rows),
         "gqa": (260, 260, 4, 2, causal_mask),
         "mask reads h": (256, 256, 2, 2, by_head),
+        "built per batch element": (200, 200, 2, 2, causal_mask),  # B given, as transformers builds its masks
     }[case]
     q, k, v = rand_qkv(2, H, L, S, 16, Hkv=Hkv)
-    bm = create_block_mask(mask_mod, None, None, L, S, device="cpu", BLOCK_SIZE=32)
+    bm = create_block_mask(mask_mod, 2 if case == "built per batch element" else None, None, L, S, device="cpu",
+                           BLOCK_SIZE=32)
+    if case == "built per batch element":  # lists expanded over the batch: one block map, the tiles apply
+        assert bm.kv_num_blocks.shape[0] == 2 and ref.block_map_of(bm, "cpu").kind.shape[:2] == (1, 1)
     calls = []
     for name in ("fused_forward", "fused_grads"):
         real = getattr(ref, name)
