@@ -20,7 +20,7 @@ units, ``-inf`` for rows with nothing kept), in the LSE's dtype, and carries no 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -60,6 +60,8 @@ class ReferencePlan:
         scale: the factor on ``q @ k^T``.
         chunk_elements: size of one score tile, which bounds memory.
         dropout: attention dropout (:mod:`flexcomp.dropout`, the kernels' keep pattern); None: none.
+        batch_offset: the batch index of the tensors' first element (one element of a batch at a
+            time, :func:`_per_batch_plans`): the mods see ``b`` from here.
     """
 
     score: Optional[TracedMod]
@@ -69,6 +71,7 @@ class ReferencePlan:
     scale: float
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     dropout: Optional[Dropout] = None
+    batch_offset: int = 0
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,12 +90,12 @@ def _kv_span(plan: ReferencePlan, q0: int, c: int, kv_len: int) -> tuple[int, in
     return int(cols[0]) * bm.kv_block, min(kv_len, (int(cols[-1]) + 1) * bm.kv_block)
 
 
-def _indices(B: int, H: int, c: int, q0: int, KV: int, lo: int, dev) -> dict[str, Tensor]:
-    """The mods' index inputs for a chunk: int32, broadcastable to ``[B, H, c, KV]``."""
+def _indices(B: int, H: int, c: int, q0: int, KV: int, lo: int, dev, b0: int = 0) -> dict[str, Tensor]:
+    """The mods' index inputs for a chunk: int32, broadcastable to ``[B, H, c, KV]`` (batch from ``b0``)."""
     def ar(n: int, o: int = 0) -> Tensor:
         return torch.arange(o, o + n, device=dev, dtype=torch.int32)
 
-    return {"b": ar(B).view(-1, 1, 1, 1), "h": ar(H).view(1, -1, 1, 1),
+    return {"b": ar(B, b0).view(-1, 1, 1, 1), "h": ar(H).view(1, -1, 1, 1),
             "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV, lo).view(1, 1, 1, -1)}
 
 
@@ -141,7 +144,7 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     lo, hi, qg, _, s = _grouped_scores(plan, q, q0, k)
     v = v[:, :, lo:hi]
     KV = hi - lo
-    idx = _indices(B, Hq, c, q0, KV, lo, dev) if (plan.mask or plan.score or plan.dropout) else {}
+    idx = _indices(B, Hq, c, q0, KV, lo, dev, plan.batch_offset) if (plan.mask or plan.score or plan.dropout) else {}
     keep = _keep(plan, idx, q0, c, lo, KV, dev)
     if plan.score is not None:
         if keep is not None and s.requires_grad:
@@ -172,11 +175,29 @@ def _tiles(plan: ReferencePlan, q: Tensor, k: Tensor) -> Optional[list]:
     return row_plans(bm, q.shape[2], k.shape[2], lambda span: plan.chunk_elements // max(1, per_row * span))
 
 
+def _per_batch_plans(plan: ReferencePlan, q: Tensor, k: Tensor) -> Optional[list[ReferencePlan]]:
+    """One plan per batch element when the block map differs by batch element but not by head (a
+    padding mask): each element then runs on block-row tiles of its own map. None otherwise."""
+    bm = plan.blocks
+    if (bm is None or q.device.type != "cpu" or bm.kind.shape[0] == 1 or bm.kind.shape[1] != 1
+            or bm.kind.shape[0] != q.shape[0] or k.shape[0] != q.shape[0]
+            or q.shape[2] <= bm.q_block or k.shape[2] == 0):
+        return None
+    return [replace(plan, blocks=BlockMap(bm.kind[b:b + 1], bm.q_block, bm.kv_block),
+                    batch_offset=plan.batch_offset + b) for b in range(q.shape[0])]
+
+
 def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, score_buffers: tuple,
                     want_max: bool = True) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Output, LSE and (``want_max``) row max for every query, a chunk (or block-row tile) at a time
     (no autograd). Tiles without a score_mod or dropout run on torch's fused CPU flash kernel
     unless the row max is asked for (that kernel does not give it)."""
+    plans = _per_batch_plans(plan, q, k)
+    if plans is not None:
+        parts = [chunked_forward(p, q[b:b + 1], k[b:b + 1], v[b:b + 1], score_buffers, want_max)
+                 for b, p in enumerate(plans)]
+        return (torch.cat([o for o, _, _ in parts]), torch.cat([lse for _, lse, _ in parts]),
+                torch.cat([mx for _, _, mx in parts]) if want_max else None)
     tiles = _tiles(plan, q, k)
     if tiles is not None:
         B, H, L, _ = q.shape
@@ -223,7 +244,7 @@ def _chunk_grads(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor, 
     if KV == 0:
         return torch.zeros(B, Hq, c, D, dtype=wd, device=dev), None, None, lo, hi
     vc = v[:, :, lo:hi].to(wd)
-    idx = _indices(B, Hq, c, q0, KV, lo, dev) if (plan.mask or plan.dropout) else {}
+    idx = _indices(B, Hq, c, q0, KV, lo, dev, plan.batch_offset) if (plan.mask or plan.dropout) else {}
     keep = _keep(plan, idx, q0, c, lo, KV, dev)
     if keep is not None:
         s.masked_fill_(~torch.broadcast_to(keep, s.shape), -torch.inf)
@@ -239,6 +260,12 @@ def _explicit_backward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, out
                        d_out: Optional[Tensor], d_lse: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` chunk by chunk with :func:`_chunk_grads` (no autograd graph: about a third
     of the recompute-under-autograd cost)."""
+    plans = _per_batch_plans(plan, q, k)
+    if plans is not None:
+        one = lambda t, b: None if t is None else t[b:b + 1]  # noqa: E731
+        parts = [_explicit_backward(p, q[b:b + 1], k[b:b + 1], v[b:b + 1], out[b:b + 1], lse[b:b + 1],
+                                    one(d_out, b), one(d_lse, b)) for b, p in enumerate(plans)]
+        return tuple(torch.cat(g) for g in zip(*parts))
     step = _chunk_len(plan, q, k)
     wd = _working_dtype(q.dtype)
     dq = torch.empty_like(q)

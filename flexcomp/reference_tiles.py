@@ -4,8 +4,9 @@ evaluated only inside its partial blocks (full blocks skip it; empty blocks insi
 filled with ``-inf``).
 
 This is the CPU training path (:mod:`flexcomp.reference` picks it when the block map is shared by
-every batch element and head, as a BlockMask made with ``B = H = None`` is, and the inputs are on
-the CPU): a causal mask then computes the lower triangle at block granularity instead of whole
+every batch element and head, as a BlockMask made with ``B = H = None`` (or expanded from one) is,
+and runs it per batch element when the maps differ only by batch element, as a padding mask's do;
+the inputs on the CPU): a causal mask then computes the lower triangle at block granularity instead of whole
 chunk spans, the score tiles stay small enough for the caches, and the mask's elementwise work
 shrinks to the diagonal blocks. Memory stays bounded by ``chunk_elements`` (a block row is split
 into fewer query rows when ``B * H * rows * span`` would exceed it).
@@ -86,11 +87,11 @@ def row_plans(bm, q_len: int, kv_len: int, rows_per_tile: Callable[[int], int]) 
     return plans
 
 
-def _indices(B: int, H: int, t: RowPlan, dev) -> dict[str, Tensor]:
+def _indices(B: int, H: int, t: RowPlan, dev, b0: int = 0) -> dict[str, Tensor]:
     def ar(a: int, b: int) -> Tensor:
         return torch.arange(a, b, device=dev, dtype=torch.int32)
 
-    return {"b": ar(0, B).view(-1, 1, 1, 1), "h": ar(0, H).view(1, -1, 1, 1),
+    return {"b": ar(b0, b0 + B).view(-1, 1, 1, 1), "h": ar(0, H).view(1, -1, 1, 1),
             "q_idx": ar(t.q0, t.q1).view(1, 1, -1, 1), "kv_idx": ar(t.lo, t.hi).view(1, 1, 1, -1)}
 
 
@@ -154,7 +155,7 @@ def tile_forward(plan, q: Tensor, k: Tensor, v: Tensor, score_buffers, t: RowPla
     if KV == 0:
         return (q.new_zeros(B, Hq, c, v.shape[-1]), torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device),
                 torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device))
-    idx = _indices(B, Hq, t, q.device)
+    idx = _indices(B, Hq, t, q.device, plan.batch_offset)
     _, _, s = _scores(plan, q, k, t, score_buffers, idx)
     o, lse, row_max = softmax_forward(plan, s, v[:, :, t.lo:t.hi].to(wd), idx, Hkv)
     return o.to(q.dtype), lse, row_max
@@ -194,7 +195,7 @@ def tile_grads(plan, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do
     wd = torch.float64 if q.dtype == torch.float64 else torch.float32
     if KV == 0:
         return torch.zeros(B, Hq, c, D, dtype=wd, device=q.device)
-    idx = _indices(B, Hq, t, q.device)
+    idx = _indices(B, Hq, t, q.device, plan.batch_offset)
     qg, kc, s = _scores(plan, q, k, t, (), idx)
     p, pd, dp, delta, dog = softmax_grads(plan, s, lse, o, do, dlse, v[:, :, t.lo:t.hi].to(wd), idx, Hkv)
     S = dk.shape[2]
@@ -265,7 +266,7 @@ def _additive_mask(plan, t: RowPlan, B: int, H: int, dtype, dev,
     if not t.runs:
         return None, None
     c, KV = t.q1 - t.q0, t.hi - t.lo
-    idx = _indices(B, H, t, dev)
+    idx = _indices(B, H, t, dev, plan.batch_offset)
     keeps = []
     for run in t.runs:
         if run.kind is BlockKind.EMPTY or plan.mask is None:

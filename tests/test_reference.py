@@ -243,11 +243,12 @@ def _tiles_or_chunks(monkeypatch, tiled, fn):
         return fn()
     with monkeypatch.context() as m:
         m.setattr(ref, "_tiles", lambda *a: None)
+        m.setattr(ref, "_per_batch_plans", lambda *a: None)  # the chunks take every batch element at once
         return fn()
 
 
 @pytest.mark.parametrize("case", ["causal ragged", "documents with gaps", "dilated", "softcap causal",
-                                  "gqa window", "dropout"])
+                                  "gqa window", "dropout", "padding per batch element", "padding, bias, dropout"])
 def test_block_row_tiles_match_query_chunks_and_the_oracle(case, monkeypatch):
     """The CPU training path (block-row tiles, mask_mod only inside partial blocks, empty blocks inside
     a row's span filled) gives the query-chunk path's results and the oracle's, outputs and grads."""
@@ -266,6 +267,17 @@ def test_block_row_tiles_match_query_chunks_and_the_oracle(case, monkeypatch):
     def window(b, h, q, kv):
         return (q - kv <= 50) & (kv - q <= 10)
 
+    pad = torch.ones(2, 300, dtype=torch.bool)
+    pad[1, :70] = False  # the second sequence left-padded: its block map differs from the first's
+
+    def padded_causal(b, h, q, kv):
+        return pad[b, kv] & (q >= kv)
+
+    bias = torch.randn(2, 300)
+
+    def batch_bias(score, b, h, q, kv):  # reads b: the per-element tiles must see the true batch index
+        return score + bias[b, kv]
+
     L, S, H, Hkv, mask_mod, score_mod, drop = {
         "causal ragged": (300, 290, 2, 2, causal_mask, None, None),
         "documents with gaps": (300, 300, 2, 2, documents_with_gaps, None, None),
@@ -273,9 +285,15 @@ def test_block_row_tiles_match_query_chunks_and_the_oracle(case, monkeypatch):
         "softcap causal": (300, 300, 2, 2, causal_mask, softcap(3.0), None),
         "gqa window": (280, 280, 4, 2, window, alibi(4), None),
         "dropout": (300, 300, 2, 2, causal_mask, None, Dropout(0.3, 11)),
+        "padding per batch element": (300, 300, 2, 2, padded_causal, None, None),
+        "padding, bias, dropout": (300, 300, 2, 2, padded_causal, batch_bias, Dropout(0.3, 11)),
     }[case]
     q, k, v = rand_qkv(2, H, L, S, 16, Hkv=Hkv)
-    bm = create_block_mask(mask_mod, None, None, L, S, device="cpu", BLOCK_SIZE=32)
+    per_batch = mask_mod is padded_causal
+    bm = create_block_mask(mask_mod, 2 if per_batch else None, None, L, S, device="cpu", BLOCK_SIZE=32)
+    if per_batch:  # one block map per batch element: each element runs on tiles of its own
+        plans = ref._per_batch_plans(ref.ReferencePlan(None, None, ref.block_map_of(bm, "cpu"), (), 1.0), q, k)
+        assert [p.batch_offset for p in plans] == [0, 1]
     used = []
     real = ref.row_plans
     monkeypatch.setattr(ref, "row_plans", lambda *a: used.append(1) or real(*a))
@@ -304,7 +322,7 @@ def flexcomp_aux():
 
 
 @pytest.mark.parametrize("case", ["causal ragged", "documents with gaps", "rows with nothing kept", "gqa",
-                                  "mask reads h", "built per batch element"])
+                                  "mask reads h", "built per batch element", "padding per batch element"])
 def test_fused_cpu_tiles_match_the_oracle(case, monkeypatch):
     """Tiles without a score_mod or dropout run on torch's fused CPU flash kernels (forward, and the
     backward when no gradient reaches the LSE): output, LSE and every gradient against the oracle."""
@@ -321,6 +339,12 @@ def test_fused_cpu_tiles_match_the_oracle(case, monkeypatch):
     def by_head(b, h, q, kv):  # head 1 drops more pairs, inside the diagonal (partial) blocks only
         return (q >= kv) & ((h == 0) | (q // 32 != kv // 32) | ((q + kv) % 3 != 0))
 
+    pad = torch.ones(2, 200, dtype=torch.bool)
+    pad[0, :45] = False
+
+    def padded(b, h, q, kv):  # one block map per batch element: tiles per element
+        return pad[b, kv] & (q >= kv)
+
     L, S, H, Hkv, mask_mod = {
         "causal ragged": (300, 290, 2, 2, causal_mask),
         "documents with gaps": (300, 300, 2, 2, documents_with_gaps),
@@ -328,9 +352,10 @@ def test_fused_cpu_tiles_match_the_oracle(case, monkeypatch):
         "gqa": (260, 260, 4, 2, causal_mask),
         "mask reads h": (256, 256, 2, 2, by_head),
         "built per batch element": (200, 200, 2, 2, causal_mask),  # B given, as transformers builds its masks
+        "padding per batch element": (200, 200, 2, 2, padded),
     }[case]
     q, k, v = rand_qkv(2, H, L, S, 16, Hkv=Hkv)
-    bm = create_block_mask(mask_mod, 2 if case == "built per batch element" else None, None, L, S, device="cpu",
+    bm = create_block_mask(mask_mod, 2 if case.endswith("per batch element") else None, None, L, S, device="cpu",
                            BLOCK_SIZE=32)
     if case == "built per batch element":  # lists expanded over the batch: one block map, the tiles apply
         assert bm.kv_num_blocks.shape[0] == 2 and ref.block_map_of(bm, "cpu").kind.shape[:2] == (1, 1)
