@@ -20,6 +20,7 @@ into fewer query rows when ``B * H * rows * span`` would exceed it).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -292,8 +293,31 @@ def _additive_mask(plan, t: RowPlan, B: int, H: int, dtype, dev,
     return mask, dead
 
 
+@functools.cache
+def _native_gqa() -> bool:
+    """Whether torch's CPU flash kernels take fewer key/value heads than query heads themselves
+    (forward, and a backward returning dK / dV per key/value head), checked once on a tiny problem
+    against repeated keys: then a GQA tile copies no keys."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        q, do = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(2))
+        k, v = (torch.randn(1, 1, 4, 8, generator=g) for _ in range(2))
+        kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        o, lse = _FLASH(q, k, v, 0.0, False, scale=0.5)[:2]
+        o_r, lse_r = _FLASH(q, kr, vr, 0.0, False, scale=0.5)[:2]
+        grads = _FLASH_BACKWARD(do, q, k, v, o, lse, 0.0, False, scale=0.5)
+        want = _FLASH_BACKWARD(do, q, kr, vr, o_r, lse_r, 0.0, False, scale=0.5)
+        return (torch.allclose(o, o_r) and grads[1].shape == k.shape and grads[2].shape == v.shape
+                and torch.allclose(grads[1], want[1].sum(1, keepdim=True), atol=1e-5)
+                and torch.allclose(grads[2], want[2].sum(1, keepdim=True), atol=1e-5))
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
 def _group_keys(x: Tensor, G: int) -> Tensor:
-    return x if G == 1 else x.repeat_interleave(G, dim=1)
+    """A tile's keys or values for the flash kernels: as they are where those take GQA natively,
+    else each head repeated for its ``G`` query heads."""
+    return x if G == 1 or _native_gqa() else x.repeat_interleave(G, dim=1)
 
 
 def fused_forward(plan, q: Tensor, k: Tensor, v: Tensor, t: RowPlan,
@@ -333,7 +357,7 @@ def fused_grads(plan, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, d
                                      False, attn_mask=mask, scale=plan.scale)
     if scratch is not None:
         scratch.clear(mask, t)
-    if G > 1:
+    if G > 1 and dk_t.shape[1] != Hkv:  # repeated keys: sum each group's query heads
         dk_t = dk_t.view(B, Hkv, G, *dk_t.shape[2:]).sum(2)
         dv_t = dv_t.view(B, Hkv, G, *dv_t.shape[2:]).sum(2)
     dk[:, :, t.lo:t.hi] += dk_t

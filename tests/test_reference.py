@@ -398,3 +398,23 @@ def test_mask_scratch_views_one_zero_buffer_and_clears_what_a_tile_wrote():
     assert float(scratch.take((1, 1), 32, 64, torch.float32, "cpu").abs().sum()) == 0
     own = scratch.take((1, 2), 32, 64, torch.float32, "cpu")
     assert own.shape == (1, 2, 32, 64) and own.data_ptr() != m.data_ptr()
+
+
+def test_gqa_tiles_pass_keys_unrepeated_where_torch_takes_gqa(monkeypatch):
+    """Where torch's CPU flash kernels take fewer key/value heads themselves (checked once), the fused
+    tiles hand them the keys as they are (no copy per tile); the values stay the oracle's either way."""
+    import flexcomp.reference_tiles as rt
+
+    native = rt._native_gqa()  # the one-time check runs the kernel itself: before recording its calls
+    heads = []
+    real = rt._FLASH
+    monkeypatch.setattr(rt, "_FLASH", lambda q, k, *a, **kw: heads.append(k.shape[1]) or real(q, k, *a, **kw))
+    q, k, v = rand_qkv(1, 4, 160, 160, 16, Hkv=2)
+    bm = create_block_mask(causal_mask, None, None, 160, 160, device="cpu", BLOCK_SIZE=32)
+    out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=REF)
+    assert heads and set(heads) == {2 if native else 4}
+    ro, _ = dense_attention(q, k, v, None, causal_mask, enable_gqa=True)
+    torch.testing.assert_close(out, ro, atol=1e-10, rtol=1e-9)
+    monkeypatch.setattr(rt, "_native_gqa", lambda: False)  # the repeated-keys path: same values
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=REF), ro,
+                               atol=1e-10, rtol=1e-9)
