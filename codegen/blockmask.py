@@ -7,6 +7,8 @@ and :func:`ordered_lists` (the kv and q lists, one launch each). Nothing is read
 except the error slots of a mask_mod whose indices (or integer divisors) the shapes alone do not
 prove in range (:func:`flexcomp.ranges.proven_by_shapes`): it runs checked and raises IndexError /
 ZeroDivisionError as torch would.
+
+:func:`varlen_lists` builds a packing's lists (``flexcomp.flash_attn``) from its ``cu_seqlens`` alone.
 """
 from __future__ import annotations
 
@@ -73,3 +75,21 @@ def ordered_lists(kind: torch.Tensor, separate_full: bool) -> tuple:
     is listed as partial and the full ones are None. Two launches."""
     kind = kind.contiguous()  # (b, h) at b * Hx + h times num_q * num_kv
     return (*_lists(kind, False, separate_full), *_lists(kind, True, separate_full))
+
+
+# sequences one varlen program compares a token against at a time (cumulative lengths, one vector load)
+DOC_CHUNK = 256
+
+
+def varlen_lists(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, left: int, right: int,
+                 block: int) -> tuple:
+    """The kv lists ``(kv_num, kv_idx, full_kv_num, full_kv_idx)`` (int32 ``[1, 1, rows]`` /
+    ``[1, 1, rows, cols]``) of packed sequences (``cu_q`` / ``cu_k``: int64 cumulative lengths on
+    the device) under the window ``(left, right)``, and a function making the q lists when a
+    backward first asks: two launches (the block-kind map, then the lists), no host read."""
+    nq, nkv = triton.cdiv(total_q, block), triton.cdiv(total_k, block)
+    kind = torch.empty(1, 1, nq, nkv, dtype=torch.int8, device=cu_q.device)
+    chunk = LIST_CHUNK if nkv > 256 else triton.next_power_of_2(max(nkv, 16))
+    kernels.varlen_kinds[(nq, triton.cdiv(nkv, chunk))](
+        kind, cu_q, cu_k, cu_q.numel() - 1, total_q, nkv, left, right, block, block, chunk, DOC_CHUNK, num_warps=4)
+    return _lists(kind, False, True), lambda: _lists(kind, True, True)

@@ -211,7 +211,8 @@ class BlockMask:
                dq_write_order=None, dq_write_order_full=None, dq_kv_order=None) -> "BlockMask":
         """``from_kv_blocks`` without the checks, for lists flexcomp made itself. The q-side lists
         (``compute_q_blocks``) are derived when first read: a decode step's sliced or converted mask
-        that never runs a backward never pays for the transpose."""
+        that never runs a backward never pays for the transpose. ``compute_q_blocks`` may also be a
+        function returning ``(q_num, q_idx, full_q_num, full_q_idx)``, called then."""
         if isinstance(block, int):
             block = (block, block)
         if seq_lengths is None:
@@ -221,7 +222,9 @@ class BlockMask:
                  dq_write_order_full=dq_write_order_full,
                  dq_kv_order=dq_kv_order if isinstance(dq_kv_order, Tensor) else None,
                  dq_kv_order_spt=dq_kv_order if isinstance(dq_kv_order, bool) else None)
-        if compute_q_blocks:
+        if callable(compute_q_blocks):  # a maker of the four q lists (a kernel's, flexcomp.codegen.blockmask)
+            bm._q_pending = compute_q_blocks
+        elif compute_q_blocks:
             def transposes() -> tuple:
                 full = _transpose_ordered(full_num, full_idx) if full_num is not None else (None, None)
                 return (*_transpose_ordered(kv_num, kv_idx), *full)

@@ -50,7 +50,7 @@ from .compile import eager_under_compile
 from .api import AuxRequest, attention
 from .block_ranges import RowEnds, in_index_window, in_window, lists_from_ranges, window_ranges
 from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
-from .blockmask_build import create_block_mask
+from .blockmask_build import _use_kernels, create_block_mask
 from .dropout import Dropout, keep_mask
 from .errors import FlexcompError, FlexcompTypeError
 
@@ -287,10 +287,18 @@ def _packed(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, r
     return packing
 
 
+def _sequence_ids(cu: Tensor, total: int) -> Tensor:
+    """Per token its sequence (int64), from ``cu`` (int64 ``[batch + 1]`` cumulative lengths)."""
+    tokens = torch.arange(total, device=cu.device, dtype=torch.int64)
+    return torch.clamp(torch.searchsorted(cu[1:].contiguous(), tokens, right=True), max=cu.numel() - 2)
+
+
 def _build_packing(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, right: int,
                    device: torch.device) -> Packing:
     reach = total_q + total_k  # |kv - q - shift| stays below this: a wider window is an unlimited one
     left, right = min(left, reach), min(right, reach)  # (and the mods' q_idx + right stays in int32)
+    if _use_kernels(device) and total_q > 0 and total_k > 0:
+        return _build_packing_on_device(cu_q, cu_k, total_q, total_k, left, right, device)
     doc_q, pos_q, len_q = _packing(cu_q.to(device), total_q)
     doc_k, _, len_k = _packing(cu_k.to(device), total_k)
     shift = (len_k - len_q)[doc_q]  # per query token: its sequence's Lk - Lq
@@ -340,6 +348,25 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                               deterministic, return_attn_probs, dropout_p)
     out = out[0].transpose(0, 1).contiguous()
     return (out, lse[0], probs) if return_attn_probs else out
+
+
+def _build_packing_on_device(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, right: int,
+                             device: torch.device) -> Packing:
+    """:func:`_build_packing` in ~15 device ops: the sequence tables by ``searchsorted`` and the block
+    lists by two kernels (:func:`flexcomp.codegen.blockmask.varlen_lists`), the q lists by a third
+    when a backward first reads them. Same lists as the torch-op path, no host read."""
+    from flexcomp.codegen.blockmask import varlen_lists  # imports Triton: only when the kernels run
+
+    cu_q64 = cu_q.to(device, torch.int64)
+    cu_k64 = cu_q64 if cu_k is cu_q else cu_k.to(device, torch.int64)
+    doc_q = _sequence_ids(cu_q64, total_q)
+    doc_k = doc_q if cu_k is cu_q and total_k == total_q else _sequence_ids(cu_k64, total_k)
+    global_shift = None if cu_q is cu_k else (cu_k64[1:] - cu_q64[1:])[doc_q]
+    mask_mod = _window_mod(global_shift, left, right, doc_q, doc_k)
+    block = _DEFAULT_SPARSE_BLOCK_SIZE
+    kv_lists, q_lists = varlen_lists(cu_q64, cu_k64, total_q, total_k, left, right, block)
+    block_mask = BlockMask._build(*kv_lists, (block, block), mask_mod, (total_q, total_k), q_lists)
+    return Packing(cu_q.numel() - 1, doc_q, doc_k, global_shift, mask_mod, block_mask)
 
 
 def _varlen_block_mask(mask_mod, doc_q: Tensor, pos_q: Tensor, shift: Tensor, cu_k: Tensor, len_k: Tensor,

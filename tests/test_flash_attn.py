@@ -249,6 +249,65 @@ def test_one_cu_seqlens_tensor_builds_its_packing_once_and_an_in_place_change_re
 
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the list kernels: a GPU, or Triton's interpreter
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.tuples(st.sampled_from([0, 1, 5, 100, 130, 300]), st.sampled_from([0, 3, 100, 257])),
+                        min_size=1, max_size=5),
+       same=st.booleans(), window=st.sampled_from([(-1, 0), (-1, -1), (64, 0), (1, 1), (0, 300), (200, 7)]))
+def test_packing_lists_from_the_kernels_equal_the_torch_ops(lengths, same, window):
+    """A packing's BlockMask by the varlen kernels (block-kind map, then ordered lists; the q lists when
+    first read) holds the torch-op path's lists: kv, full kv, q and full q, counts and orders."""
+    from flexcomp import flash_attn as fa
+    from flexcomp.codegen import blockmask as on_device
+
+    lq = [a for a, _ in lengths]
+    lk = lq if same else [b for _, b in lengths]
+    if sum(lq) == 0 or sum(lk) == 0:
+        return
+    cq = cu(lq).to(DEVICE)
+    ck = cq if same else cu(lk).to(DEVICE)
+    made = {}
+    for backend in ("reference", "triton"):
+        launched = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FLEXCOMP_BACKEND", backend)
+            real = on_device.varlen_lists
+            mp.setattr(on_device, "varlen_lists", lambda *a, real=real: launched.append(1) or real(*a))
+            bm = fa._build_packing(cq, ck, sum(lq), sum(lk), *window, torch.device(DEVICE)).block_mask
+            fields = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                      bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices]
+        assert bool(launched) == (backend == "triton")
+        made[backend] = fields
+    for name, ref, got in zip(("kv_num", "kv_idx", "full_num", "full_idx", "q_num", "q_idx", "full_q_num",
+                               "full_q_idx"), made["reference"], made["triton"]):
+        if name.endswith("idx"):  # the listed prefix of every row (the tails are unread; the kernels' follow torch)
+            n = made["reference"][("kv_idx", "full_idx", "q_idx", "full_q_idx").index(name) * 2]
+            keep = torch.arange(ref.shape[-1], device=ref.device) < n.unsqueeze(-1)
+            assert torch.equal(torch.where(keep, ref, -1), torch.where(keep, got, -1)), name
+        else:
+            assert torch.equal(ref, got), name
+
+
+def test_varlen_on_the_list_kernels_matches_the_oracle(monkeypatch):
+    """Attention and gradients over a packing whose lists the kernels built (CPU: the interpreter runs
+    the attention kernels too), separate q and kv packings and a window."""
+    monkeypatch.setenv("FLEXCOMP_BACKEND", "triton")
+    lq, lk = [70, 1, 130], [90, 40, 130]
+    q, k, v = rand(sum(lq), 2, 16).to(DEVICE), rand(sum(lk), 2, 16).to(DEVICE), rand(sum(lk), 2, 16).to(DEVICE)
+    got = flash_attn_varlen_func(q, k, v, cu(lq).to(DEVICE), cu(lk).to(DEVICE), max(lq), max(lk), causal=True,
+                                 window_size=(50, 0))
+    do = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), do)
+    qd, kd, vd = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    want, _ = varlen_oracle(qd, kd, vd, lq, lk, causal=True, window=(50, 0))
+    wants = torch.autograd.grad(want, (qd, kd, vd), do.double().cpu())
+    torch.testing.assert_close(got.double().cpu(), want, atol=1e-8, rtol=1e-8)
+    for g, w in zip(grads, wants):
+        torch.testing.assert_close(g.double().cpu(), w, atol=1e-8, rtol=1e-8)
+
+
 def test_errors_name_the_argument():
     q = rand(1, 4, 2, 8, grad=False)
     with pytest.raises(FlexcompError, match=r"dropout_p must be a float in \[0, 1\), got 1.0"):

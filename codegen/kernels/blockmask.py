@@ -12,6 +12,10 @@ block inside the sequence kept) or PARTIAL. Decided blocks are only read.
 :mod:`flexcomp.blockmask_lists`): per row of the map, the count of partial (and of full) blocks and
 their column numbers in ascending order followed by the other columns in ascending order. Rows
 are q-block rows (the kv lists) or, with the strides swapped, kv-block columns (the q lists).
+
+:func:`varlen_kinds` writes the map of packed sequences (flash-attn's ``cu_seqlens``) directly, from
+each q-block row's first and last query (:mod:`flexcomp.block_ranges`' arithmetic), with no
+mask_mod: a new packing's lists then cost two launches instead of ~100 small torch ops.
 """
 import triton
 import triton.language as tl
@@ -103,3 +107,66 @@ def ordered_lists(
     tl.store(NUM + pid, listed_total)
     if SEPARATE_FULL:
         tl.store(FULL_NUM + pid, full_total)
+
+
+@triton.jit
+def _sequence_of(CU, N, t, CHUNK: tl.constexpr):
+    """The packed sequence holding token ``t``: how many of ``CU[1 .. N]`` (cumulative lengths, int64)
+    are <= ``t``, at most ``N - 1`` (empty sequences are skipped, as ``searchsorted`` does)."""
+    count = 0
+    for start in range(0, N, CHUNK):
+        s = start + 1 + tl.arange(0, CHUNK)
+        ends = tl.load(CU + s, mask=s <= N, other=0)
+        count += tl.sum(((s <= N) & (ends <= t)).to(tl.int32), 0)
+    return tl.minimum(count, N - 1)
+
+
+@triton.jit
+def _lowest(start, pos, shift, LEFT):
+    """First key (global) the query at ``pos`` of its sequence sees (``LEFT < 0``: unbounded)."""
+    return start + tl.where(LEFT >= 0, tl.maximum(pos + shift - LEFT, 0), 0)
+
+
+@triton.jit
+def _highest(start, keys, pos, shift, RIGHT):
+    """One past the last key (global) the query at ``pos`` sees (``RIGHT < 0``: unbounded)."""
+    return start + tl.where(RIGHT >= 0, tl.minimum(tl.maximum(pos + shift + RIGHT + 1, 0), keys), keys)
+
+
+@triton.jit
+def varlen_kinds(
+    KIND, CU_Q, CU_K, N, TOTAL_Q, NUM_KV, LEFT, RIGHT,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DOC_CHUNK: tl.constexpr,
+):
+    """The block-kind map ``KIND`` (int8 ``[num_q, NUM_KV]``, contiguous) of ``N`` packed sequences
+    (``CU_Q`` / ``CU_K``: int64 cumulative query / key lengths) under flash-attn's window ``(LEFT,
+    RIGHT)`` with bottom-right alignment, as :mod:`flexcomp.block_ranges` derives it: per q-block row
+    (``program_id(0)``) its first and last query's sequences and positions give the keys any query of
+    the row may see (``[lo, hi)``) and those all of them see (``[flo, fhi)``, one sequence only);
+    blocks inside the latter are FULL, the others overlapping the former PARTIAL, the rest EMPTY.
+    ``program_id(1)`` writes ``CHUNK`` columns."""
+    r = tl.program_id(0)
+    first = r.to(tl.int64) * BLOCK_M
+    last = tl.minimum(first + BLOCK_M - 1, TOTAL_Q - 1)
+    da = _sequence_of(CU_Q, N, first, DOC_CHUNK)
+    db = _sequence_of(CU_Q, N, last, DOC_CHUNK)
+    qa, ka = tl.load(CU_Q + da), tl.load(CU_K + da)
+    qb, kb = tl.load(CU_Q + db), tl.load(CU_K + db)
+    keys_a = tl.load(CU_K + da + 1) - ka
+    keys_b = tl.load(CU_K + db + 1) - kb
+    shift_a = keys_a - (tl.load(CU_Q + da + 1) - qa)  # the sequence's keys minus its queries
+    shift_b = keys_b - (tl.load(CU_Q + db + 1) - qb)
+    pos_a = first - qa
+    pos_b = last - qb
+    lo = _lowest(ka, pos_a, shift_a, LEFT)
+    hi = tl.maximum(_highest(kb, keys_b, pos_b, shift_b, RIGHT), lo)
+    flo = _lowest(ka, pos_b, shift_a, LEFT)
+    fhi = _highest(ka, keys_a, pos_a, shift_a, RIGHT)
+    fhi = tl.where(da == db, tl.maximum(fhi, flo), flo)  # a row spanning two sequences: no full block
+    blo = lo // BLOCK_N
+    bhi = tl.maximum((hi + BLOCK_N - 1) // BLOCK_N, blo)
+    fblo = tl.minimum(tl.maximum((flo + BLOCK_N - 1) // BLOCK_N, blo), bhi)
+    fbhi = tl.maximum(tl.minimum(fhi // BLOCK_N, bhi), fblo)
+    cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+    kind = tl.where((cols >= fblo) & (cols < fbhi), FULL, tl.where((cols >= blo) & (cols < bhi), PARTIAL, EMPTY))
+    tl.store(KIND + r.to(tl.int64) * NUM_KV + cols, kind.to(tl.int8), mask=cols < NUM_KV)
