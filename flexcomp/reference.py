@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .blockmask import _ordered_to_dense
+from .cache import CACHE
 from .errors import zero_division_names
 from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
@@ -404,10 +405,23 @@ def _unexpanded(lists: list[Tensor]) -> list[Tensor]:
 def block_map_of(block_mask, device) -> Optional[BlockMap]:
     """Unpack a BlockMask's partial/full lists into the reference's dense block map (``[1, ...]``
     along batch or heads where the lists are expansions of one, as ``create_block_mask`` makes them
-    for mask_mods that do not read ``b`` or ``h``: the block-row tiles need a map shared by all)."""
+    for mask_mods that do not read ``b`` or ``h``: the block-row tiles need a map shared by all).
+    Kept while the BlockMask and its kv lists live, unmodified (a forward and its backward, the
+    layers of a model and the steps of a decode loop unpack it once)."""
     if block_mask is None:
         return None
     bm = block_mask
+    lists = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices)
+    key = ("reference_block_map", id(bm), tuple(bm.BLOCK_SIZE), device, *(id(t) for t in lists),
+           *(t._version for t in lists if t is not None))  # an in-place write to a list unpacks anew
+    try:
+        return CACHE.get_or_make(key, lambda: _block_map(bm, device),
+                                 owners=(bm, *(t for t in lists if t is not None)))
+    except TypeError:  # a BlockMask that cannot be weakly referenced: no keeping
+        return _block_map(bm, device)
+
+
+def _block_map(bm, device) -> BlockMap:
     has_full = bm.full_kv_num_blocks is not None
     lists = _unexpanded([bm.kv_num_blocks, bm.kv_indices,
                          *((bm.full_kv_num_blocks, bm.full_kv_indices) if has_full else ())])
@@ -418,7 +432,7 @@ def block_map_of(block_mask, device) -> Optional[BlockMap]:
         kind = torch.where(full.bool(), int(BlockKind.FULL), kind).to(torch.int8)
     while kind.dim() < 4:
         kind = kind.unsqueeze(0)
-    return BlockMap(kind.to(device), block_mask.BLOCK_SIZE[0], block_mask.BLOCK_SIZE[1])
+    return BlockMap(kind.to(device), bm.BLOCK_SIZE[0], bm.BLOCK_SIZE[1])
 
 
 class ReferenceBackend:

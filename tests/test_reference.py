@@ -418,3 +418,23 @@ def test_gqa_tiles_pass_keys_unrepeated_where_torch_takes_gqa(monkeypatch):
     monkeypatch.setattr(rt, "_native_gqa", lambda: False)  # the repeated-keys path: same values
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=REF), ro,
                                atol=1e-10, rtol=1e-9)
+
+
+def test_block_map_is_unpacked_once_per_mask_and_anew_after_an_in_place_write(monkeypatch):
+    """A forward and its backward (and repeated calls) unpack a BlockMask once; writing into its lists
+    in place (their version counters move) unpacks anew: never a stale map."""
+    import flexcomp.reference as ref
+
+    made = []
+    real = ref._block_map
+    monkeypatch.setattr(ref, "_block_map", lambda *a: made.append(1) or real(*a))
+    q, k, v = rand_qkv(1, 2, 64, 64, 8)
+    bm = create_block_mask(causal_mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    for _ in range(2):
+        out = flex_attention(q, k, v, block_mask=bm, kernel_options=REF)
+        grads(out, (q, k, v))
+    assert len(made) == 1
+    bm.full_kv_num_blocks.zero_()  # every full block dropped from the lists: those keys are gone
+    bm.kv_num_blocks.zero_()
+    out = flex_attention(q, k, v, block_mask=bm, kernel_options=REF)
+    assert len(made) == 2 and bool((out == 0).all())
