@@ -218,10 +218,12 @@ _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def fused_applies(plan, q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`fused_forward` / :func:`fused_grads` can run this problem's tiles: no score_mod,
-    no dropout, one head dim for q, k and v, a dtype torch's CPU flash kernel takes, and finite inputs
+    no dropout, one head dim for q, k and v, keys and values per batch element, a dtype torch's CPU
+    flash kernel takes, and finite inputs
     (an ``inf`` or NaN follows torch's eager semantics on the torch-op tiles instead)."""
     return (_FLASH is not None and _FLASH_BACKWARD is not None and plan.score is None and plan.dropout is None
             and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and v.shape[-1] == q.shape[-1]
+            and k.shape[0] == v.shape[0] == q.shape[0]  # the kernels do not broadcast a key/value batch of one
             and _all_finite(q, k, v))
 
 
@@ -334,6 +336,33 @@ def fused_forward(plan, q: Tensor, k: Tensor, v: Tensor, t: RowPlan,
                       0.0, False, attn_mask=mask, scale=plan.scale)[:2]
     if scratch is not None:
         scratch.clear(mask, t)
+    lse = lse.to(wd)
+    if dead is not None:  # rows with nothing kept: output 0 and LSE -inf (the kernel gives LSE 0)
+        out = out.masked_fill(dead.unsqueeze(-1), 0.0)
+        lse = lse.masked_fill(dead, -torch.inf)
+    return out, lse
+
+
+def fused_span_forward(plan, q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int,
+                       keep: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Output ``[B, Hq, rows, Dv]`` and LSE of every query of ``q`` against keys ``lo .. hi`` by
+    torch's CPU flash kernel, the pairs ``keep`` (bool, broadcastable to ``[B, Hq, rows, hi - lo]``;
+    None: all) as an additive mask: one call for a chunk that is all of the queries (a decode step)."""
+    B, Hq, c, _ = q.shape
+    wd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if hi == lo:
+        return q.new_zeros(B, Hq, c, v.shape[-1]), torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device)
+    mask = dead = None
+    if keep is not None:
+        while keep.dim() < 4:  # a mask_mod that folded to a constant, or reads few of its indices
+            keep = keep.unsqueeze(0)
+        keep = keep.expand(*keep.shape[:2], c, hi - lo)
+        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, -torch.inf)
+        dead = ~keep.any(-1)
+        dead = dead if bool(dead.any()) else None
+    G = Hq // k.shape[1]
+    out, lse = _FLASH(q, _group_keys(k[:, :, lo:hi], G), _group_keys(v[:, :, lo:hi], G), 0.0, False,
+                      attn_mask=mask, scale=plan.scale)[:2]
     lse = lse.to(wd)
     if dead is not None:  # rows with nothing kept: output 0 and LSE -inf (the kernel gives LSE 0)
         out = out.masked_fill(dead.unsqueeze(-1), 0.0)
