@@ -33,8 +33,8 @@ from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
 from .dropout import Dropout
 from .problem import Grads, Outputs
-from .reference_tiles import (MaskScratch, fused_applies, fused_forward, fused_grads, fused_span_forward, row_plans,
-                              softmax_forward, softmax_grads, tile_forward, tile_grads)
+from .reference_tiles import (MaskScratch, fused_applies, fused_forward, fused_grads, row_plans, softmax_forward,
+                              softmax_grads, tile_forward, tile_grads)
 from .sparsity import BlockKind
 from .trace import TracedMod
 
@@ -215,11 +215,6 @@ def chunked_forward(plan: ReferencePlan, q: Tensor, k: Tensor, v: Tensor, score_
                 out[:, :, rows], lse[:, :, rows], mx[:, :, rows] = tile_forward(plan, q, k, v, score_buffers, t)
         return out, lse, None if fused else mx
     step = _chunk_len(plan, q, k)
-    if 0 < q.shape[2] <= step and not want_max and fused_applies(plan, q, k, v):  # a decoding step on the CPU
-        lo, hi = _kv_span(plan, 0, q.shape[2], k.shape[2])
-        B, H, c, _ = q.shape
-        idx = _indices(B, H, c, 0, hi - lo, lo, q.device, plan.batch_offset) if plan.mask else {}
-        return (*fused_span_forward(plan, q, k, v, lo, hi, _keep(plan, idx, 0, c, lo, hi - lo, q.device)), None)
     if 0 < q.shape[2] <= step:  # one chunk (a decoding step, short sequences): no concatenation
         return _chunk_forward(plan, q, 0, k, v, score_buffers)
     B, H = q.shape[:2]

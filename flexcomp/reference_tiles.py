@@ -343,33 +343,6 @@ def fused_forward(plan, q: Tensor, k: Tensor, v: Tensor, t: RowPlan,
     return out, lse
 
 
-def fused_span_forward(plan, q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int,
-                       keep: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Output ``[B, Hq, rows, Dv]`` and LSE of every query of ``q`` against keys ``lo .. hi`` by
-    torch's CPU flash kernel, the pairs ``keep`` (bool, broadcastable to ``[B, Hq, rows, hi - lo]``;
-    None: all) as an additive mask: one call for a chunk that is all of the queries (a decode step)."""
-    B, Hq, c, _ = q.shape
-    wd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if hi == lo:
-        return q.new_zeros(B, Hq, c, v.shape[-1]), torch.full((B, Hq, c), -torch.inf, dtype=wd, device=q.device)
-    mask = dead = None
-    if keep is not None:
-        while keep.dim() < 4:  # a mask_mod that folded to a constant, or reads few of its indices
-            keep = keep.unsqueeze(0)
-        keep = keep.expand(*keep.shape[:2], c, hi - lo)
-        mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, -torch.inf)
-        dead = ~keep.any(-1)
-        dead = dead if bool(dead.any()) else None
-    G = Hq // k.shape[1]
-    out, lse = _FLASH(q, _group_keys(k[:, :, lo:hi], G), _group_keys(v[:, :, lo:hi], G), 0.0, False,
-                      attn_mask=mask, scale=plan.scale)[:2]
-    lse = lse.to(wd)
-    if dead is not None:  # rows with nothing kept: output 0 and LSE -inf (the kernel gives LSE 0)
-        out = out.masked_fill(dead.unsqueeze(-1), 0.0)
-        lse = lse.masked_fill(dead, -torch.inf)
-    return out, lse
-
-
 def fused_grads(plan, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, t: RowPlan,
                 dk: Tensor, dv: Tensor, scratch: Optional[MaskScratch] = None) -> Tensor:
     """:func:`tile_grads` by torch's CPU flash backward kernel (no gradient into the LSE): returns
