@@ -237,14 +237,20 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, soft
 
 
 # ---- varlen ------------------------------------------------------------------------------------------
+def _sequence_ids(cu: Tensor, total: int) -> Tensor:
+    """Per token its sequence (int64), from ``cu`` (int64 ``[batch + 1]`` cumulative lengths); empty
+    sequences hold no token."""
+    tokens = torch.arange(total, device=cu.device, dtype=torch.int64)
+    return torch.clamp(torch.searchsorted(cu[1:].contiguous(), tokens, right=True), max=cu.numel() - 2)
+
+
 def _packing(cu: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per token its sequence and its position in it, and per sequence its length, from ``cu``
     (``[batch + 1]`` cumulative lengths), with device ops only. int64: a new packing's tables then
     need no read of their range (an int32 capture's range is checked against its trace's widths)."""
     cu = cu.to(torch.int64)
-    tokens = torch.arange(total, device=cu.device, dtype=torch.int64)
-    doc = torch.clamp(torch.searchsorted(cu[1:].contiguous(), tokens, right=True), max=cu.numel() - 2)
-    return doc, tokens - cu[doc], (cu[1:] - cu[:-1]).contiguous()
+    doc = _sequence_ids(cu, total)
+    return doc, torch.arange(total, device=cu.device, dtype=torch.int64) - cu[doc], (cu[1:] - cu[:-1]).contiguous()
 
 
 @dataclass(frozen=True)
@@ -285,12 +291,6 @@ def _packed(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, r
     while len(_PACKINGS) > _PACKINGS_KEPT:
         _PACKINGS.popitem(last=False)
     return packing
-
-
-def _sequence_ids(cu: Tensor, total: int) -> Tensor:
-    """Per token its sequence (int64), from ``cu`` (int64 ``[batch + 1]`` cumulative lengths)."""
-    tokens = torch.arange(total, device=cu.device, dtype=torch.int64)
-    return torch.clamp(torch.searchsorted(cu[1:].contiguous(), tokens, right=True), max=cu.numel() - 2)
 
 
 def _build_packing(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, right: int,

@@ -33,8 +33,8 @@ from .evaluate import evaluate
 from .options import DEFAULT_CHUNK_ELEMENTS
 from .dropout import Dropout
 from .problem import Grads, Outputs
-from .reference_tiles import (MaskScratch, fused_applies, fused_forward, fused_grads, row_plans, softmax_forward,
-                              softmax_grads, tile_forward, tile_grads)
+from .reference_tiles import (MaskScratch, fused_applies, fused_forward, fused_grads, index_inputs, row_plans,
+                              softmax_forward, softmax_grads, tile_forward, tile_grads)
 from .sparsity import BlockKind
 from .trace import TracedMod
 
@@ -91,15 +91,6 @@ def _kv_span(plan: ReferencePlan, q0: int, c: int, kv_len: int) -> tuple[int, in
     return int(cols[0]) * bm.kv_block, min(kv_len, (int(cols[-1]) + 1) * bm.kv_block)
 
 
-def _indices(B: int, H: int, c: int, q0: int, KV: int, lo: int, dev, b0: int = 0) -> dict[str, Tensor]:
-    """The mods' index inputs for a chunk: int32, broadcastable to ``[B, H, c, KV]`` (batch from ``b0``)."""
-    def ar(n: int, o: int = 0) -> Tensor:
-        return torch.arange(o, o + n, device=dev, dtype=torch.int32)
-
-    return {"b": ar(B, b0).view(-1, 1, 1, 1), "h": ar(H).view(1, -1, 1, 1),
-            "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV, lo).view(1, 1, 1, -1)}
-
-
 def _keep(plan: ReferencePlan, idx: dict, q0: int, c: int, lo: int, KV: int, dev) -> Optional[Tensor]:
     """Where the chunk's pairs are kept (mask_mod inside partial blocks, full blocks whole), bool
     broadcastable to ``[B, H, c, KV]``; None: every pair."""
@@ -145,7 +136,8 @@ def _chunk_forward(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor
     lo, hi, qg, _, s = _grouped_scores(plan, q, q0, k)
     v = v[:, :, lo:hi]
     KV = hi - lo
-    idx = _indices(B, Hq, c, q0, KV, lo, dev, plan.batch_offset) if (plan.mask or plan.score or plan.dropout) else {}
+    idx = (index_inputs(B, Hq, c, q0, KV, lo, dev, plan.batch_offset) if (plan.mask or plan.score or plan.dropout)
+           else {})
     keep = _keep(plan, idx, q0, c, lo, KV, dev)
     if plan.score is not None:
         if keep is not None and s.requires_grad:
@@ -245,7 +237,7 @@ def _chunk_grads(plan: ReferencePlan, q: Tensor, q0: int, k: Tensor, v: Tensor, 
     if KV == 0:
         return torch.zeros(B, Hq, c, D, dtype=wd, device=dev), None, None, lo, hi
     vc = v[:, :, lo:hi].to(wd)
-    idx = _indices(B, Hq, c, q0, KV, lo, dev, plan.batch_offset) if (plan.mask or plan.dropout) else {}
+    idx = index_inputs(B, Hq, c, q0, KV, lo, dev, plan.batch_offset) if (plan.mask or plan.dropout) else {}
     keep = _keep(plan, idx, q0, c, lo, KV, dev)
     if keep is not None:
         s.masked_fill_(~torch.broadcast_to(keep, s.shape), -torch.inf)

@@ -88,12 +88,19 @@ def row_plans(bm, q_len: int, kv_len: int, rows_per_tile: Callable[[int], int]) 
     return plans
 
 
-def _indices(B: int, H: int, t: RowPlan, dev, b0: int = 0) -> dict[str, Tensor]:
-    def ar(a: int, b: int) -> Tensor:
-        return torch.arange(a, b, device=dev, dtype=torch.int32)
+def index_inputs(B: int, H: int, c: int, q0: int, KV: int, lo: int, dev, b0: int = 0) -> dict[str, Tensor]:
+    """The mods' index inputs for queries ``q0 .. q0 + c`` against keys ``lo .. lo + KV``: int32,
+    broadcastable to ``[B, H, c, KV]`` (batch from ``b0``)."""
+    def ar(n: int, o: int) -> Tensor:
+        return torch.arange(o, o + n, device=dev, dtype=torch.int32)
 
-    return {"b": ar(b0, b0 + B).view(-1, 1, 1, 1), "h": ar(0, H).view(1, -1, 1, 1),
-            "q_idx": ar(t.q0, t.q1).view(1, 1, -1, 1), "kv_idx": ar(t.lo, t.hi).view(1, 1, 1, -1)}
+    return {"b": ar(B, b0).view(-1, 1, 1, 1), "h": ar(H, 0).view(1, -1, 1, 1),
+            "q_idx": ar(c, q0).view(1, 1, -1, 1), "kv_idx": ar(KV, lo).view(1, 1, 1, -1)}
+
+
+def _indices(B: int, H: int, t: RowPlan, dev, b0: int = 0) -> dict[str, Tensor]:
+    """:func:`index_inputs` of a tile."""
+    return index_inputs(B, H, t.q1 - t.q0, t.q0, t.hi - t.lo, t.lo, dev, b0)
 
 
 def _scores(plan, q: Tensor, k: Tensor, t: RowPlan, score_buffers, idx: Optional[dict]) -> tuple:
