@@ -1,0 +1,38 @@
+"""Kernels compiled for the GPU on a machine without one.
+
+Triton's interpreter (the CPU tests) runs kernels without compiling them, so a kernel that only the
+compiler rejects would pass every CPU test. These compile kernels for Hopper (sm_90: Triton's
+frontend, LLVM and the ptxas bundled with the pinned Triton) in a process without
+``TRITON_INTERPRET``; no device is needed.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def test_varlen_kinds_compiles_for_hopper_without_a_gpu():
+    """The varlen packing kernel (``codegen/kernels/blockmask.py: varlen_kinds``) compiles to a cubin,
+    with the specialisations a launch may bring (integer arguments equal to 1 become constants)."""
+    script = textwrap.dedent('''
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from flexcomp.codegen.kernels import blockmask as K
+        names = ["KIND", "CU_Q", "CU_K", "N", "TOTAL_Q", "NUM_KV", "LEFT", "RIGHT", "BLOCK_M", "BLOCK_N", "CHUNK",
+                 "DOC_CHUNK"]
+        types = ["*i8", "*i64", "*i64"] + ["i32"] * 5 + ["constexpr"] * 4
+        for ones in ((), ("LEFT", "N", "TOTAL_Q")):
+            sig = {n: ("constexpr" if n in ones else t) for n, t in zip(names, types)}
+            consts = {"BLOCK_M": 128, "BLOCK_N": 128, "CHUNK": 1024, "DOC_CHUNK": 256, **{n: 1 for n in ones}}
+            positions = {(names.index(k),): v for k, v in consts.items()}
+            src = ASTSource(fn=K.varlen_kinds, signature=sig, constexprs=positions)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+            assert compiled.asm["cubin"]
+        print("OK")
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
