@@ -50,6 +50,11 @@ def evaluate_unknown(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor) -> None
         raise_if_out_of_range(((tm, args),))
 
 
+def _chunk(cols: int) -> int:
+    """Columns one program handles at a time: :data:`LIST_CHUNK`, or all of a short row."""
+    return LIST_CHUNK if cols > 256 else triton.next_power_of_2(max(cols, 16))
+
+
 def _lists(kind: torch.Tensor, transposed: bool, separate_full: bool
            ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     Bx, Hx, nq, nkv = kind.shape
@@ -64,7 +69,7 @@ def _lists(kind: torch.Tensor, transposed: bool, separate_full: bool
         kernels.ordered_lists[(Bx * Hx * rows,)](
             kind, nq * nkv, s_row, s_col, rows, cols, num, idx,
             full_num if separate_full else num, full_idx if separate_full else idx,
-            separate_full, LIST_CHUNK if cols > 256 else triton.next_power_of_2(max(cols, 16)))
+            separate_full, _chunk(cols))
     return num, idx, full_num, full_idx
 
 
@@ -89,7 +94,7 @@ def varlen_lists(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: 
     backward first asks: two launches (the block-kind map, then the lists), no host read."""
     nq, nkv = triton.cdiv(total_q, block), triton.cdiv(total_k, block)
     kind = torch.empty(1, 1, nq, nkv, dtype=torch.int8, device=cu_q.device)
-    chunk = LIST_CHUNK if nkv > 256 else triton.next_power_of_2(max(nkv, 16))
+    chunk = _chunk(nkv)
     kernels.varlen_kinds[(nq, triton.cdiv(nkv, chunk))](
         kind, cu_q, cu_k, cu_q.numel() - 1, total_q, nkv, left, right, block, block, chunk, DOC_CHUNK, num_warps=4)
     return _lists(kind, False, True), lambda: _lists(kind, True, True)
