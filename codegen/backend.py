@@ -10,12 +10,13 @@ from typing import Optional
 
 from torch import Tensor
 
+from flexcomp.cache import CACHE
 from flexcomp.errors import FlexcompError
 from flexcomp.plan import Plan
 from flexcomp.problem import Grads, Outputs, Problem, Saved
 from flexcomp.tiles import KernelFamily
 
-from . import launch, launch_backward, launch_decode
+from . import ahead, launch, launch_backward, launch_decode
 
 
 class TritonBackend:
@@ -27,6 +28,25 @@ class TritonBackend:
             raise FlexcompError(
                 f"the 'triton' backend needs CUDA tensors (got {problem.device}) or TRITON_INTERPRET=1 set before "
                 f"flexcomp launches its first kernel (the Triton interpreter, slow, for tests)")
+
+    def prepare(self, problem: Problem, plan: Plan, backward: bool) -> None:
+        """At a plan's first call: its forward kernel, and the backward's when ``backward`` (a gradient
+        will be asked for), compiled in parallel (:mod:`.ahead`); returns when the forward's is ready.
+        Later calls: one cache lookup."""
+        if problem.options.interpret or plan.family not in (KernelFamily.PREFILL, KernelFamily.DECODE):
+            return
+        key = ("ahead", plan.key, plan.score_checked, plan.mask_checked, backward)
+        if CACHE.get(key) is not None:
+            return
+        CACHE.put(key, True)
+        if not ahead.enabled() or problem.q_len == 0 or problem.kv_len == 0:
+            return
+        forward = ahead.start([launch.forward_ahead(problem, plan)] if plan.family is KernelFamily.PREFILL else
+                              launch_decode.forward_ahead(problem, plan), problem.device)
+        if backward:
+            ahead.defer(launch_backward.backward_key(plan),
+                        ahead.start(launch_backward.backward_ahead(problem, plan), problem.device))
+        ahead.wait_all(forward)
 
     def forward(self, problem: Problem, plan: Plan, q: Tensor, k: Tensor, v: Tensor) -> Outputs:
         """The plan's family's forward."""

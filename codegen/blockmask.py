@@ -17,13 +17,16 @@ from typing import Optional
 import torch
 import triton
 
+from flexcomp.cache import CACHE
 from flexcomp.plan import may_fault
 from flexcomp.ranges import Domain, proven_by_shapes
 from flexcomp.sparsity import BlockGrid
 from flexcomp.trace import TracedMod
 
+from . import ahead
+from .ahead import KernelLaunch
 from .kernels import blockmask as kernels
-from .launch import mod_args, raise_if_out_of_range
+from .launch import ModArgs, mod_args, raise_if_out_of_range
 
 # kv blocks one classify program reads (one vector load; its undecided ones it evaluates in turn):
 # small, so that the rows where undecided blocks crowd (a document boundary) spread over programs
@@ -32,22 +35,49 @@ CLASSIFY_CHUNK = 16
 LIST_CHUNK = 1024
 
 
-def evaluate_unknown(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor) -> None:
+def evaluate_unknown(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor, separate_full: Optional[bool] = None) -> None:
     """Decide the UNKNOWN blocks of ``kind`` (int8 ``[Bx, Hx, num_q, num_kv]``, contiguous, in place)
-    with one kernel launch: :data:`flexcomp.sparsity.UnknownEvaluator` on the device."""
-    Bx, Hx, nq, nkv = kind.shape
+    with one kernel launch: :data:`flexcomp.sparsity.UnknownEvaluator` on the device.
+
+    ``separate_full``: the lists :func:`ordered_lists` will make next (None: unknown); at the first
+    map of a mask structure and sizes, their two kernels compile in parallel with this one
+    (:mod:`.ahead`)."""
     if kind.numel() == 0:
         return
+    Bx, Hx = kind.shape[:2]
     checked = may_fault(tm.graph) and not proven_by_shapes(tm, Domain(Bx, Hx, grid.q_len, grid.kv_len))
     args = mod_args(tm, tm.graph, kind.device, checked=checked)
-    qb, kvb = grid.q_block, grid.kv_block
-    launch = (Bx * Hx * nq, triton.cdiv(nkv, CLASSIFY_CHUNK))
-    kernels.classify_blocks[launch](
-        kind, kind.stride(0), kind.stride(1), kind.stride(2), nq, nkv, Hx, grid.q_len, grid.kv_len,
-        args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb), triton.next_power_of_2(kvb), CLASSIFY_CHUNK,
-        num_warps=4)
+    launch = _classify_launch(kind, grid, args)
+    if separate_full is not None:
+        _compile_ahead(tm, grid, launch, separate_full)
+    launch.run()
     if checked:
         raise_if_out_of_range(((tm, args),))
+
+
+def _classify_launch(kind: torch.Tensor, grid: BlockGrid, args: ModArgs) -> KernelLaunch:
+    Bx, Hx, nq, nkv = kind.shape
+    qb, kvb = grid.q_block, grid.kv_block
+    return KernelLaunch(kernels.classify_blocks, (Bx * Hx * nq, triton.cdiv(nkv, CLASSIFY_CHUNK)), (
+        kind, kind.stride(0), kind.stride(1), kind.stride(2), nq, nkv, Hx, grid.q_len, grid.kv_len,
+        args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb), triton.next_power_of_2(kvb), CLASSIFY_CHUNK),
+        dict(num_warps=4))
+
+
+def _compile_ahead(tm: TracedMod, grid: BlockGrid, classify: KernelLaunch, separate_full: bool) -> None:
+    """Once per mask structure, sizes and device: the classify kernel and both list kernels compiled
+    in parallel (the lists for a ``meta`` stand-in of the finished map); returns when all are ready."""
+    kind = classify.args[0]
+    key = ("ahead blockmask", tm.graph.structural_key(), tuple(kind.shape), grid, separate_full, kind.device)
+    if CACHE.get(key) is not None:
+        return
+    CACHE.put(key, True)
+    if not ahead.enabled():
+        return
+    meta = torch.empty(kind.shape, dtype=kind.dtype, device="meta")
+    lists = [_list_launch(meta, transposed, separate_full, *_list_buffers(meta, transposed, separate_full))
+             for transposed in (False, True)]
+    ahead.wait_all(ahead.start([classify, *lists], kind.device))
 
 
 def _chunk(cols: int) -> int:
@@ -55,22 +85,32 @@ def _chunk(cols: int) -> int:
     return LIST_CHUNK if cols > 256 else triton.next_power_of_2(max(cols, 16))
 
 
-def _lists(kind: torch.Tensor, transposed: bool, separate_full: bool
-           ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _list_buffers(kind: torch.Tensor, transposed: bool, separate_full: bool) -> tuple:
+    """Empty ``(num, idx, full_num, full_idx)`` for one direction's lists (the full ones None unless
+    ``separate_full``), on ``kind``'s device."""
+    Bx, Hx, nq, nkv = kind.shape
+    rows, cols = (nkv, nq) if transposed else (nq, nkv)
+    num = torch.empty(Bx, Hx, rows, dtype=torch.int32, device=kind.device)
+    idx = torch.empty(Bx, Hx, rows, cols, dtype=torch.int32, device=kind.device)
+    return num, idx, torch.empty_like(num) if separate_full else None, torch.empty_like(idx) if separate_full else None
+
+
+def _list_launch(kind: torch.Tensor, transposed: bool, separate_full: bool, num, idx, full_num,
+                 full_idx) -> KernelLaunch:
     Bx, Hx, nq, nkv = kind.shape
     rows, cols = (nkv, nq) if transposed else (nq, nkv)
     s_row, s_col = (kind.stride(3), kind.stride(2)) if transposed else (kind.stride(2), kind.stride(3))
-    dev = kind.device
-    num = torch.empty(Bx, Hx, rows, dtype=torch.int32, device=dev)
-    idx = torch.empty(Bx, Hx, rows, cols, dtype=torch.int32, device=dev)
-    full_num = torch.empty_like(num) if separate_full else None
-    full_idx = torch.empty_like(idx) if separate_full else None
-    if num.numel():
-        kernels.ordered_lists[(Bx * Hx * rows,)](
-            kind, nq * nkv, s_row, s_col, rows, cols, num, idx,
-            full_num if separate_full else num, full_idx if separate_full else idx,
-            separate_full, _chunk(cols))
-    return num, idx, full_num, full_idx
+    return KernelLaunch(kernels.ordered_lists, (Bx * Hx * rows,), (
+        kind, nq * nkv, s_row, s_col, rows, cols, num, idx,
+        full_num if separate_full else num, full_idx if separate_full else idx, separate_full, _chunk(cols)))
+
+
+def _lists(kind: torch.Tensor, transposed: bool, separate_full: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    buffers = _list_buffers(kind, transposed, separate_full)
+    if buffers[0].numel():
+        _list_launch(kind, transposed, separate_full, *buffers).run()
+    return buffers
 
 
 def ordered_lists(kind: torch.Tensor, separate_full: bool) -> tuple:

@@ -33,6 +33,7 @@ from flexcomp.problem import Outputs, Problem
 from flexcomp.tiles import pad_dim, smaller_forward
 from flexcomp.trace import TracedMod
 
+from .ahead import KernelLaunch
 from .kernels.forward import flex_fwd
 from .lower import CheckKind, FloatType, LoadCheck, flat_args
 from .modules import jit_function
@@ -247,7 +248,7 @@ def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: t
     mx = torch.empty(B, H, L, dtype=sd, device=device) if problem.want_max else None
     while True:
         try:
-            _launch_forward(problem, plan, block_mask, q, k, v, out, lse, mx, lists, sa, ma)
+            forward_launch(problem, plan, block_mask, q, k, v, out, lse, mx, lists, sa, ma).run()
             if sa.err is not None or ma.err is not None:
                 raise_if_out_of_range(((problem.score, sa), (problem.mask, ma)))
             return Outputs(out, lse, mx)
@@ -258,27 +259,79 @@ def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: t
             plan = refit(plan, forward=smaller)
 
 
-def _launch_forward(problem: Problem, plan: Plan, block_mask, q, k, v, out, lse, mx, lists: BlockLists, sa: ModArgs,
-                    ma: ModArgs) -> None:
+def forward_launch(problem: Problem, plan: Plan, block_mask, q, k, v, out, lse, mx, lists: BlockLists, sa: ModArgs,
+                   ma: ModArgs) -> KernelLaunch:
+    """The forward kernel's launch for these tensors (:func:`forward` runs it; :func:`forward_ahead`
+    compiles it for stand-ins)."""
     cfg = plan.forward
     sq, skv = block_mask.BLOCK_SIZE
     D, DV = problem.head_dim, problem.value_dim
     grid = (triton.cdiv(problem.q_len, cfg.block_m), problem.batch * problem.heads)
-    flex_fwd[grid](
+    return KernelLaunch(flex_fwd, grid, (
         q, k, v, out, lse, lse if mx is None else mx, q.stride(), kv_strides(problem, k), kv_strides(problem, v),
         out.stride(), lse.stride(), *lists.tensors, lists.num.stride(), lists.idx.stride(),
         problem.heads, problem.q_len, problem.kv_len, problem.group, kernel_scale(problem),
-        sa.fn, sa.bufs, ma.fn, ma.bufs,
+        sa.fn, sa.bufs, ma.fn, ma.bufs), dict(
         HAS_SCORE_MOD=sa.fn is not None, HAS_MASK_MOD=ma.fn is not None, HAS_FULL=lists.has_full,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV), PRECISION=dot_precision(problem.dtype),
         EVEN_KV=problem.kv_len % skv == 0, STATIC_SUB=cfg.static_sub, OUTPUT_MAX=mx is not None,
         FP64=problem.dtype == torch.float64, DROPOUT=problem.dropout is not None, DROP=dropout_args(problem),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def stand_ins(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``meta`` tensors with the problem's q, k and v shapes, strides and dtype: what a kernel
+    compiled ahead is specialised for (:mod:`.ahead`)."""
+    meta, dt = torch.device("meta"), problem.dtype
+    q = torch.empty_strided((problem.batch, problem.heads, problem.q_len, problem.head_dim), problem.q_strides,
+                            dtype=dt, device=meta)
+    k = torch.empty_strided((problem.kv_batch, problem.kv_heads, problem.kv_len, problem.head_dim),
+                            problem.k_strides, dtype=dt, device=meta)
+    v = torch.empty_strided((problem.kv_batch, problem.kv_heads, problem.kv_len, problem.value_dim),
+                            problem.v_strides, dtype=dt, device=meta)
+    return q, k, v
 
 
 def dropout_args(problem: Problem) -> tuple:
     """The kernels' ``DROP = (seed, threshold, 1 / (1 - p))`` (zeros without dropout)."""
     d = problem.dropout
     return (0, 0, 1.0) if d is None else (d.seed, d.threshold, d.scale)
+
+
+@dataclass(frozen=True)
+class StandIns:
+    """A forward's arguments for compiling ahead: ``meta`` q, k, v, output and LSE with the problem's
+    shapes, strides and dtypes; the real BlockMask lists and mod arguments."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    block_mask: object
+    lists: BlockLists
+    sa: ModArgs
+    ma: ModArgs
+
+
+def forward_stand_ins(problem: Problem, plan: Plan) -> StandIns:
+    """The :class:`StandIns` of ``problem``'s forward (prefill or decode)."""
+    q, k, v = stand_ins(problem)
+    block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(
+        problem.q_len, problem.kv_len, problem.device)
+    lists = block_lists(block_mask, problem.batch, problem.heads, transposed=False)
+    ft, sources = float_type(plan), problem.options.sources
+    sa = mod_args(problem.score, plan.score, problem.device, ft, plan.score_checked, sources)
+    ma = mod_args(problem.mask, plan.mask, problem.device, FloatType.F32, plan.mask_checked, sources)
+    out = output_like(q, problem.value_dim, problem.dtype)
+    lse = torch.empty(problem.batch, problem.heads, problem.q_len, dtype=stats_dtype(problem.dtype), device=q.device)
+    return StandIns(q, k, v, out, lse, block_mask, lists, sa, ma)
+
+
+def forward_ahead(problem: Problem, plan: Plan) -> KernelLaunch:
+    """:func:`forward`'s launch for the problem's :class:`StandIns`: to compile before the first call
+    launches (:mod:`.ahead`)."""
+    a = forward_stand_ins(problem, plan)
+    return forward_launch(problem, plan, a.block_mask, a.q, a.k, a.v, a.out, a.lse,
+                          a.lse if problem.want_max else None, a.lists, a.sa, a.ma)

@@ -29,8 +29,10 @@ from flexcomp.problem import Grads, Problem, Saved
 from flexcomp.tiles import BackwardConfig, pad_dim, smaller_backward
 
 from .kernels.backward import flex_bwd, flex_bwd_delta
+from . import ahead
+from .ahead import KernelLaunch
 from .launch import (block_lists, dot_precision, dropout_args, float_type, full_block_mask, kernel_scale, kv_strides,
-                     mod_args, stats_dtype)
+                     mod_args, output_like, stand_ins, stats_dtype)
 from .lower import FloatType
 from .modules import jit_scatter
 
@@ -50,10 +52,11 @@ class _Scatter:
     aux: torch.Tensor  # float32 per buffer: largest contribution, then the fixed-point scale
 
 
-def _scatter(problem: Problem, plan: Plan) -> Optional[_Scatter]:
+def _scatter(problem: Problem, plan: Plan, device: torch.device) -> Optional[_Scatter]:
+    """The scatter and its gradient buffers on ``device`` (``meta`` for stand-ins)."""
     if plan.scatter is None:
         return None
-    score, device = problem.score, problem.device
+    score = problem.score
     ft = float_type(plan)
     # by position: the plan and its scatter graph may come from a mod whose captures had other names
     names = tuple(plan.scatter.buffers[i].name for i in plan.scatter_buffers)
@@ -88,26 +91,16 @@ def backward(problem: Problem, plan: Plan, saved: Saved, d_out: Optional[torch.T
         return Grads(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                      tuple(torch.zeros_like(t) if w else None for t, w in
                            zip(score.buffers if score is not None else (), problem.score_grads)))
+    ahead.wait(backward_key(plan))  # the backward's kernels, compiling since the forward
     block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(L, S, device)
-    fp64 = problem.dtype == torch.float64
     delta = torch.empty(B, H, L, dtype=stats_dtype(problem.dtype), device=device)
-    dl = d_lse if d_lse is not None else lse
-    flex_bwd_delta[(triton.cdiv(L, DELTA_ROWS), B * H)](
-        out, d_out, dl, delta, out.stride(), d_out.stride(), dl.stride(), H, L,
-        HAS_DLSE=d_lse is not None, BLOCK_M=DELTA_ROWS, DV=problem.value_dim, DV_PAD=pad_dim(problem.value_dim),
-        FP64=fp64)
+    delta_launch(problem, out, d_out, d_lse, lse, delta).run()
 
     # captured indices were checked by the forward (and in-place changes since then raise)
-    ft, sources = float_type(plan), problem.options.sources
-    sa = mod_args(score, plan.score_grad, device, ft, sources=sources)
-    ma = mod_args(problem.mask, plan.mask, device, sources=sources)
-    sc = _scatter(problem, plan)
+    sa, ma = _backward_mods(problem, plan)
+    sc = _scatter(problem, plan, device)
     kb = problem.kv_batch == 1 and B > 1  # keys and values broadcast over the batch: dK, dV per batch, summed
-    dq = torch.empty_like(q)
-    dk = torch.empty(B if kb else problem.kv_batch, problem.kv_heads, S, problem.head_dim,
-                     dtype=stats_dtype(problem.dtype) if kb else k.dtype, device=device)
-    dv = torch.empty(B if kb else problem.kv_batch, problem.kv_heads, S, problem.value_dim,
-                     dtype=stats_dtype(problem.dtype) if kb else v.dtype, device=device)
+    dq, dk, dv = _grad_buffers(problem, q, device)
     args = _Args(problem, plan, block_mask, q, k, v, d_out, dq, dk, dv, lse, delta, sa, ma, sc)
     for launch in plan.backward_launches:
         if launch.dq_scatter is ScatterMode.NONE and launch.dkdv_scatter is ScatterMode.FIXED_POINT:
@@ -123,6 +116,56 @@ def backward(problem: Problem, plan: Plan, saved: Saved, d_out: Optional[torch.T
             gt = gt.to(torch.float64) / sc.aux[i].to(torch.float64)
         d_buffers.append(None if gt is None else gt.to(t.dtype))
     return Grads(dq, dk, dv, tuple(d_buffers))
+
+
+def backward_key(plan: Plan) -> tuple:
+    """Under which key the forward defers the backward's compiles (:func:`.ahead.defer`)."""
+    return ("backward", plan.key)
+
+
+def delta_launch(problem: Problem, out, d_out, d_lse, lse, delta) -> KernelLaunch:
+    """``flex_bwd_delta``'s launch: ``delta = rowsum(dO * O) - dLSE``."""
+    dl = d_lse if d_lse is not None else lse
+    grid = (triton.cdiv(problem.q_len, DELTA_ROWS), problem.batch * problem.heads)
+    return KernelLaunch(flex_bwd_delta, grid, (
+        out, d_out, dl, delta, out.stride(), d_out.stride(), dl.stride(), problem.heads, problem.q_len), dict(
+        HAS_DLSE=d_lse is not None, BLOCK_M=DELTA_ROWS, DV=problem.value_dim, DV_PAD=pad_dim(problem.value_dim),
+        FP64=problem.dtype == torch.float64))
+
+
+def _backward_mods(problem: Problem, plan: Plan) -> tuple:
+    """The score_mod's value-and-derivative function and the mask_mod, with their arguments."""
+    ft, sources = float_type(plan), problem.options.sources
+    return (mod_args(problem.score, plan.score_grad, problem.device, ft, sources=sources),
+            mod_args(problem.mask, plan.mask, problem.device, sources=sources))
+
+
+def _grad_buffers(problem: Problem, q: torch.Tensor, device: torch.device) -> tuple:
+    """Empty dQ (q's layout), dK and dV; per query batch, in float32, when keys and values broadcast
+    over the batch (summed afterwards)."""
+    kb = problem.kv_batch == 1 and problem.batch > 1
+    dt = stats_dtype(problem.dtype) if kb else problem.dtype
+    shape = (problem.batch if kb else problem.kv_batch, problem.kv_heads, problem.kv_len)
+    return (torch.empty_like(q, device=device), torch.empty(*shape, problem.head_dim, dtype=dt, device=device),
+            torch.empty(*shape, problem.value_dim, dtype=dt, device=device))
+
+
+def backward_ahead(problem: Problem, plan: Plan) -> list[KernelLaunch]:
+    """:func:`backward`'s launches with ``meta`` stand-ins for every tensor but the block lists and
+    the mods' captures, for a dO in the output's layout and no dLSE: to compile at the forward."""
+    q, k, v = stand_ins(problem)
+    meta = q.device
+    out = output_like(q, problem.value_dim, problem.dtype)
+    lse = torch.empty(problem.batch, problem.heads, problem.q_len, dtype=stats_dtype(problem.dtype), device=meta)
+    delta = torch.empty_like(lse)
+    block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(
+        problem.q_len, problem.kv_len, problem.device)
+    sa, ma = _backward_mods(problem, plan)
+    dq, dk, dv = _grad_buffers(problem, q, meta)
+    args = _Args(problem, plan, block_mask, q, k, v, torch.empty_like(out), dq, dk, dv, lse, delta, sa, ma,
+                 _scatter(problem, plan, meta))
+    return [delta_launch(problem, out, args.d_out, None, lse, delta),
+            *(_bwd_launch(args, plan.backward, launch) for launch in plan.backward_launches)]
 
 
 def _fixed_point_scale(problem: Problem, plan: Plan, sc: _Scatter) -> None:
@@ -171,6 +214,10 @@ def _launch_fitting(a: _Args, plan: Plan, launch: BackwardLaunch) -> Plan:
 
 
 def _launch(a: _Args, cfg: BackwardConfig, launch: BackwardLaunch) -> None:
+    _bwd_launch(a, cfg, launch).run()
+
+
+def _bwd_launch(a: _Args, cfg: BackwardConfig, launch: BackwardLaunch) -> KernelLaunch:
     p = a.problem
     sq, skv = a.block_mask.BLOCK_SIZE
     kv_lists = block_lists(a.block_mask, p.batch, p.heads, transposed=False)
@@ -178,14 +225,14 @@ def _launch(a: _Args, cfg: BackwardConfig, launch: BackwardLaunch) -> None:
     n_kv, n_q = triton.cdiv(p.kv_len, cfg.block_n1), triton.cdiv(p.q_len, cfg.block_m2)
     grid = ((n_kv if launch.run_dkdv else 0) + (p.group * n_q if launch.run_dq else 0), p.batch * p.kv_heads)
     scatter_fn, grads = (None, (a.delta,)) if a.sc is None else (a.sc.fn, a.sc.grads)
-    flex_bwd[grid](
+    return KernelLaunch(flex_bwd, grid, (
         a.q, a.k, a.v, a.d_out, a.dq, a.dk, a.dv, a.lse, a.delta,
         a.q.stride(), kv_strides(p, a.k), kv_strides(p, a.v), a.d_out.stride(), a.dq.stride(), a.dk.stride(),
         a.dv.stride(), a.lse.stride(),
         *kv_lists.tensors, kv_lists.num.stride(), kv_lists.idx.stride(),
         *q_lists.tensors, q_lists.num.stride(), q_lists.idx.stride(),
         p.kv_heads, p.q_len, p.kv_len, p.group, kernel_scale(p), n_kv, n_q,
-        a.sa.fn, a.sa.bufs, a.ma.fn, a.ma.bufs, scatter_fn, grads,
+        a.sa.fn, a.sa.bufs, a.ma.fn, a.ma.bufs, scatter_fn, grads), dict(
         HAS_SCORE_MOD=a.sa.fn is not None, HAS_MASK_MOD=a.ma.fn is not None,
         HAS_KV_FULL=kv_lists.has_full, HAS_Q_FULL=q_lists.has_full,
         DQ_SCATTER=int(launch.dq_scatter), DKDV_SCATTER=int(launch.dkdv_scatter), RUN_DQ=launch.run_dq,
@@ -194,4 +241,4 @@ def _launch(a: _Args, cfg: BackwardConfig, launch: BackwardLaunch) -> None:
         D=p.head_dim, D_PAD=pad_dim(p.head_dim), DV=p.value_dim, DV_PAD=pad_dim(p.value_dim),
         PRECISION=dot_precision(p.dtype), EVEN_Q=p.q_len % sq == 0, EVEN_KV=p.kv_len % skv == 0,
         FP64=p.dtype == torch.float64, DROPOUT=p.dropout is not None, DROP=dropout_args(p),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages))

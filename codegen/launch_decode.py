@@ -16,9 +16,10 @@ from flexcomp.plan import Plan
 from flexcomp.problem import Outputs, Problem
 from flexcomp.tiles import DecodeLayout, decode_layout, pad_dim
 
+from .ahead import KernelLaunch
 from .kernels.decode import decode_merge, flex_decode
-from .launch import (BlockLists, FloatType, ModArgs, block_lists, dot_precision, float_type, full_block_mask,
-                     kv_strides, mod_args, output_like, raise_if_out_of_range, stats_dtype)
+from .launch import (BlockLists, FloatType, ModArgs, block_lists, dot_precision, float_type, forward_stand_ins,
+                     full_block_mask, kv_strides, mod_args, output_like, raise_if_out_of_range, stats_dtype)
 
 INTERPRETER_MULTIPROCESSORS = 4  # under Triton's interpreter: a few splits, so that tests cover the merge
 
@@ -57,37 +58,51 @@ def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: t
     ma = mod_args(problem.mask, plan.mask, device, FloatType.F32, plan.mask_checked, sources)
     out = output_like(q, DV, problem.dtype)
     lse = torch.empty(B, H, L, dtype=stats_dtype(problem.dtype), device=device)
-    layout = layout_of(problem, plan, lists)
-    if layout.splits == 1:
-        _launch(problem, plan, layout, q, k, v, out, lse, lists, sa, ma, split=False)
-    else:
-        dv_pad = pad_dim(DV)
-        o_part = torch.empty(B, H, layout.splits, L, dv_pad, dtype=torch.float32, device=device)
-        lse_part = torch.empty(B, H, layout.splits, L, dtype=torch.float32, device=device)
-        _launch(problem, plan, layout, q, k, v, o_part, lse_part, lists, sa, ma, split=True)
-        decode_merge[(B * H, L)](o_part, lse_part, out, lse, out.stride(), lse.stride(), H, L, layout.splits,
-                                 SPLITS_PAD=max(2, triton.next_power_of_2(layout.splits)), DV=DV, DV_PAD=dv_pad,
-                                 num_warps=4)
+    for launch in _launches(problem, plan, q, k, v, out, lse, lists, sa, ma):
+        launch.run()
     if sa.err is not None or ma.err is not None:
         raise_if_out_of_range(((problem.score, sa), (problem.mask, ma)))
     return Outputs(out, lse, None)
 
 
-def _launch(problem: Problem, plan: Plan, layout: DecodeLayout, q, k, v, out, lse, lists: BlockLists, sa: ModArgs,
-            ma: ModArgs, split: bool) -> None:
+def forward_ahead(problem: Problem, plan: Plan) -> list[KernelLaunch]:
+    """:func:`forward`'s launches for the problem's stand-ins (:class:`.launch.StandIns`), to compile
+    before the first call (:mod:`.ahead`)."""
+    a = forward_stand_ins(problem, plan)
+    return _launches(problem, plan, a.q, a.k, a.v, a.out, a.lse, a.lists, a.sa, a.ma)
+
+
+def _launches(problem: Problem, plan: Plan, q, k, v, out, lse, lists: BlockLists, sa: ModArgs,
+              ma: ModArgs) -> list[KernelLaunch]:
+    """The decode kernel writing ``out`` and ``lse`` directly (one split), or writing per-split
+    partial results (float32 buffers allocated here, on ``out``'s device) and the merge."""
+    B, H, L, DV = problem.batch, problem.heads, problem.q_len, problem.value_dim
+    layout = layout_of(problem, plan, lists)
+    if layout.splits == 1:
+        return [_decode_launch(problem, plan, layout, q, k, v, out, lse, lists, sa, ma, split=False)]
+    dv_pad = pad_dim(DV)
+    o_part = torch.empty(B, H, layout.splits, L, dv_pad, dtype=torch.float32, device=out.device)
+    lse_part = torch.empty(B, H, layout.splits, L, dtype=torch.float32, device=out.device)
+    merge = KernelLaunch(decode_merge, (B * H, L), (
+        o_part, lse_part, out, lse, out.stride(), lse.stride(), H, L, layout.splits), dict(
+        SPLITS_PAD=max(2, triton.next_power_of_2(layout.splits)), DV=DV, DV_PAD=dv_pad, num_warps=4))
+    return [_decode_launch(problem, plan, layout, q, k, v, o_part, lse_part, lists, sa, ma, split=True), merge]
+
+
+def _decode_launch(problem: Problem, plan: Plan, layout: DecodeLayout, q, k, v, out, lse, lists: BlockLists,
+                   sa: ModArgs, ma: ModArgs, split: bool) -> KernelLaunch:
     cfg = plan.decode
     sq, skv = problem.block_size
     D, DV = problem.head_dim, problem.value_dim
     grid = (layout.splits, problem.batch * (problem.heads // layout.heads), layout.tiles)
-    flex_decode[grid](
+    return KernelLaunch(flex_decode, grid, (
         q, k, v, out, lse, q.stride(), kv_strides(problem, k), kv_strides(problem, v),
         out.stride() if not split else (0, 0, 0, 0), lse.stride() if not split else (0, 0, 0),
         *lists.tensors, lists.num.stride(), lists.idx.stride(),
         problem.heads, problem.q_len, problem.kv_len, problem.group, problem.scale,
-        sa.fn, sa.bufs, ma.fn, ma.bufs,
+        sa.fn, sa.bufs, ma.fn, ma.bufs), dict(
         HAS_SCORE_MOD=sa.fn is not None, HAS_MASK_MOD=ma.fn is not None, HAS_FULL=lists.has_full,
         SPARSE_Q=sq, SPARSE_KV=skv, BLOCK_M=layout.block_m, BLOCK_N=cfg.block_n, HEADS=layout.heads,
         ROWS_Q=layout.rows_q, D=D, D_PAD=pad_dim(D), DV=DV, DV_PAD=pad_dim(DV),
         PRECISION=dot_precision(problem.dtype), EVEN_KV=problem.kv_len % skv == 0, STATIC_SUB=cfg.static_sub,
-        SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages))

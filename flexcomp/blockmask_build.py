@@ -208,7 +208,8 @@ def _block_lists(tm, grid: BlockGrid, B: int, H: int, device: torch.device, sepa
     elif kernels:
         from flexcomp.codegen import blockmask as on_device  # imports Triton: only when the kernels run
 
-        kind = classify_blocks(tm, grid, B, H, device, on_device.evaluate_unknown)
+        evaluate = functools.partial(on_device.evaluate_unknown, separate_full=separate_full)
+        kind = classify_blocks(tm, grid, B, H, device, evaluate)
         return on_device.ordered_lists(_unexpanded(kind), separate_full)
     else:
         kind = _unexpanded(classify_blocks(tm, grid, B, H, device))

@@ -433,6 +433,9 @@ class ReferenceBackend:
     def check(self, problem) -> None:
         """The reference runs every problem the API accepts."""
 
+    def prepare(self, problem, plan, backward: bool) -> None:
+        """Nothing to compile: the reference runs torch ops."""
+
     def forward(self, problem, plan, q: Tensor, k: Tensor, v: Tensor):
         """Chunked attention; captured tensors are moved to q's device for the call."""
         out, lse, max_scores = chunked_forward(self._plan(problem, q.device), q, k, v, self._score_buffers(problem),

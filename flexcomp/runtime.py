@@ -36,6 +36,9 @@ class AttentionBackend(Protocol):
     def check(self, problem: Problem) -> None:
         """Raise if this backend cannot run ``problem`` (before anything runs)."""
 
+    def prepare(self, problem: Problem, plan: Plan, backward: bool) -> None:
+        """Before the forward: get ready what it (and, when ``backward``, the backward) will run."""
+
     def forward(self, problem: Problem, plan: Plan, q: Tensor, k: Tensor, v: Tensor) -> Outputs:
         """Run the forward."""
 
@@ -68,6 +71,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl: AttentionBackend, problem: Problem, plan: Plan, q: Tensor, k: Tensor, v: Tensor,
                 *score_buffers: Tensor):
+        impl.prepare(problem, plan, backward=any(ctx.needs_input_grad[3:]))
         res = impl.forward(problem, plan, q, k, v)
         if res.max_scores is not None:
             ctx.mark_non_differentiable(res.max_scores)
@@ -127,6 +131,7 @@ def run_forward(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], mas
     """The forward alone, outside autograd (:mod:`flexcomp.custom_ops` registers its own gradient):
     ``Outputs(out, lse, max_scores)`` as :func:`run_attention` computes them."""
     impl, problem, plan = _prepare(q, k, v, score, mask, block_mask, scale, options, want_max)
+    impl.prepare(problem, plan, backward=False)
     return impl.forward(problem, plan, q, k, v)
 
 

@@ -73,9 +73,9 @@ class Paths:
         self.launches: list = []
         real_classify, real_lists = on_device.evaluate_unknown, on_device.ordered_lists
 
-        def evaluate_unknown(tm, grid, kind):
+        def evaluate_unknown(tm, grid, kind, **kw):
             self.launches.append(("classify", tuple(kind.shape), int((kind == UNKNOWN).sum())))
-            return real_classify(tm, grid, kind)
+            return real_classify(tm, grid, kind, **kw)
 
         def ordered_lists(kind, separate_full):
             self.launches.append(("lists", tuple(kind.shape), separate_full))

@@ -27,13 +27,13 @@ TRITON = {"BACKEND": "triton"}
 def launches(monkeypatch):
     """The decode launches of a test, as (splits, heads packed per tile, rows per tile)."""
     seen = []
-    real = launch_decode._launch
+    real = launch_decode._decode_launch
 
     def spy(problem, plan, layout, *args, **kw):
         seen.append((layout.splits, layout.heads, layout.block_m))
         return real(problem, plan, layout, *args, **kw)
 
-    monkeypatch.setattr(launch_decode, "_launch", spy)
+    monkeypatch.setattr(launch_decode, "_decode_launch", spy)
     return seen
 
 

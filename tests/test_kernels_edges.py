@@ -113,7 +113,7 @@ def test_empty_sequences_launch_nothing(monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("a kernel was launched")
 
-    monkeypatch.setattr(launch, "_launch_forward", no_launch)
+    monkeypatch.setattr(launch, "forward_launch", no_launch)
     q, k, v = _qkv(1, 1, 0, 16, 16, requires_grad=True)
     out = flex_attention(q, k, v, kernel_options=TRITON)
     out.sum().backward()
