@@ -95,12 +95,9 @@ def start(launches: Sequence[KernelLaunch], device: torch.device) -> list[Future
     for launch in launches:
         if not hasattr(launch.kernel, "device_caches"):  # not a Triton JITFunction (a test's stand-in)
             continue
-        # made here, not by two compile threads at once: the binder (one thread's kernels would be
-        # lost) and the kernel's hash of its source and dependencies
-        _binder(launch.kernel, device)
-        launch.kernel.cache_key  # noqa: B018
-        source = _launcher_source(launch, device)
+        _binder(launch.kernel, device)  # made here: made by two compile threads at once, one's kernels would be lost
         futures.append(compile_pool.submit(_compile, launch, device))
+        source = _launcher_source(launch, device)  # while it compiles
         if source is not None:
             with _PENDING_LOCK:  # one build per launcher source (kernels of one signature share it)
                 if source not in _LAUNCHERS:
