@@ -33,7 +33,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Hashable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
@@ -89,12 +89,13 @@ _LAUNCHERS: dict[str, Future] = {}  # by C source: built once per process
 def start(launches: Sequence[KernelLaunch], device: torch.device) -> list[Future]:
     """Compile each launch's kernel on the pool (and build its launcher beside it); the futures end
     when both are done. Failures stay inside the futures (the launch raises them itself)."""
+    launches = [launch for launch in launches if hasattr(launch.kernel, "device_caches")]  # Triton JITFunctions
+    if not launches:  # Triton's interpreter, or a test's stand-in kernel
+        return []
     compile_pool, launcher_pool = _POOLS.get()
     _hash_triton_once()
     futures = []
     for launch in launches:
-        if not hasattr(launch.kernel, "device_caches"):  # not a Triton JITFunction (a test's stand-in)
-            continue
         _binder(launch.kernel, device)  # made here: made by two compile threads at once, one's kernels would be lost
         futures.append(compile_pool.submit(_compile, launch, device))
         source = _launcher_source(launch, device)  # while it compiles
@@ -133,6 +134,16 @@ def wait_everything() -> None:
 def wait_all(futures: list[Future]) -> None:
     """Wait for ``futures`` (from :func:`start`)."""
     wait_futures(futures)
+
+
+def guarded(prepare: Callable[[], None]) -> None:
+    """Run ``prepare`` (building stand-in launches and starting their compiles); an exception there is
+    logged and dropped: compiling ahead only saves time, and the launches that follow build their
+    own arguments, compile at launch and raise what is wrong where it belongs."""
+    try:
+        prepare()
+    except Exception as e:
+        LOG.debug("flexcomp: compiling ahead skipped: %r", e)
 
 
 def _hash_triton_once() -> None:

@@ -41,6 +41,10 @@ class TritonBackend:
         CACHE.put(key, True)
         if not ahead.enabled() or problem.q_len == 0 or problem.kv_len == 0:
             return
+        ahead.guarded(lambda: self._compile_ahead(problem, plan, backward))
+
+    @staticmethod
+    def _compile_ahead(problem: Problem, plan: Plan, backward: bool) -> None:
         forward = ahead.start([launch.forward_ahead(problem, plan)] if plan.family is KernelFamily.PREFILL else
                               launch_decode.forward_ahead(problem, plan), problem.device)
         if backward:

@@ -74,10 +74,14 @@ def _compile_ahead(tm: TracedMod, grid: BlockGrid, classify: KernelLaunch, separ
     CACHE.put(key, True)
     if not ahead.enabled():
         return
-    meta = torch.empty(kind.shape, dtype=kind.dtype, device="meta")
-    lists = [_list_launch(meta, transposed, separate_full, *_list_buffers(meta, transposed, separate_full))
-             for transposed in (False, True)]
-    ahead.wait_all(ahead.start([classify, *lists], kind.device))
+
+    def compile_all() -> None:
+        meta = torch.empty(kind.shape, dtype=kind.dtype, device="meta")
+        lists = [_list_launch(meta, transposed, separate_full, *_list_buffers(meta, transposed, separate_full))
+                 for transposed in (False, True)]
+        ahead.wait_all(ahead.start([classify, *lists], kind.device))
+
+    ahead.guarded(compile_all)
 
 
 def _chunk(cols: int) -> int:

@@ -28,9 +28,9 @@ from flexcomp.plan import BackwardLaunch, Plan, ScatterMode, refit
 from flexcomp.problem import Grads, Problem, Saved
 from flexcomp.tiles import BackwardConfig, pad_dim, smaller_backward
 
-from .kernels.backward import flex_bwd, flex_bwd_delta
 from . import ahead
 from .ahead import KernelLaunch
+from .kernels.backward import flex_bwd, flex_bwd_delta
 from .launch import (block_lists, dot_precision, dropout_args, float_type, full_block_mask, kernel_scale, kv_strides,
                      mod_args, output_like, stand_ins, stats_dtype)
 from .lower import FloatType

@@ -171,6 +171,17 @@ def test_deferred_compiles_are_waited_for_once():
     ahead.wait(("another key",))
 
 
+def test_a_failure_while_preparing_is_left_to_the_launch(caplog):
+    """Compiling ahead only saves time: what goes wrong there is logged, and the launch that follows
+    (which builds its own arguments) raises it where it belongs."""
+    def broken():
+        raise RuntimeError("stand-in failure")
+
+    with caplog.at_level("DEBUG", logger="flexcomp.codegen.ahead"):
+        ahead.guarded(broken)
+    assert "stand-in failure" in caplog.text
+
+
 def test_compile_ahead_switch(monkeypatch):
     monkeypatch.setenv("FLEXCOMP_COMPILE_AHEAD", "0")
     assert not ahead.enabled()
