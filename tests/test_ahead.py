@@ -147,6 +147,33 @@ def test_block_mask_kernels_compile_ahead_as_they_launch(monkeypatch, separate_f
     assert not started and len(launched) == 6
 
 
+def test_varlen_packing_kernels_compile_ahead_as_they_launch(monkeypatch):
+    """A packing's first build on the kernel path starts its block-kind kernel and both list kernels
+    (the q lists' too, which run only when a backward reads them) for launches keyed like the real
+    ones; a later packing of the same sizes starts nothing."""
+    from flexcomp import flash_attn as fa
+
+    monkeypatch.setenv("FLEXCOMP_BACKEND", "triton")
+    started, launched = [], []
+    monkeypatch.setattr(ahead, "start", lambda launches, device: started.extend(launches) or [])
+    run = KernelLaunch.run
+    monkeypatch.setattr(KernelLaunch, "run", lambda self: (launched.append(self), run(self))[1])
+
+    def build(lengths):
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        bm = fa._build_packing(cu, cu, sum(lengths), sum(lengths), 96, 0, torch.device(DEVICE)).block_mask
+        bm.q_num_blocks  # the q lists: built when first read  # noqa: B018
+        return bm
+
+    build([100, 37, 250, 93])  # 480 tokens: a size no other test packs
+    assert len(started) == 3 and len(launched) == 3
+    for a, b in zip(started, launched):
+        _same_compile(a, b)
+    started.clear()
+    build([200, 280])
+    assert not started and len(launched) == 6
+
+
 def test_no_backward_follows_under_no_grad(monkeypatch):
     from flexcomp.codegen.kernels.forward import flex_fwd
 
