@@ -4,7 +4,11 @@
 environment again. The environment is read there, with the dict, so one call sees one consistent
 set of settings: ``FLEXCOMP_BACKEND`` (below), ``TRITON_INTERPRET`` (Triton's CPU interpreter),
 ``FLEXCOMP_DUMP_DIR`` (write generated sources there, to keep) and ``FLEXCOMP_DEBUG=1`` (also print
-each one as it is generated): :class:`Sources`.
+each one as it is generated): :class:`Sources`. One exception, read where it acts and only on a
+cold path: ``FLEXCOMP_COMPILE_AHEAD=0`` (:mod:`flexcomp.codegen.ahead`, at a plan's first call and
+a block map's first build) makes kernels compile one at a time at their launch; it changes when
+compiles happen, never what runs, so calls need not see it consistently (and do not pay for
+reading it).
 
 Backend choice, first match wins:
 
