@@ -26,7 +26,8 @@ from flexcomp.trace import TracedMod
 from . import ahead
 from .ahead import KernelLaunch
 from .kernels import blockmask as kernels
-from .launch import ModArgs, mod_args, raise_if_out_of_range
+from .bounds import bounds_function
+from .launch import ModArgs, mod_args, raise_if_out_of_range, scalar_tensor
 
 # kv blocks one classify program reads (one vector load; its undecided ones it evaluates in turn):
 # small, so that the rows where undecided blocks crowd (a document boundary) spread over programs
@@ -53,6 +54,38 @@ def evaluate_unknown(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor, separat
     launch.run()
     if checked:
         raise_if_out_of_range(((tm, args),))
+
+
+def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.device,
+             separate_full: bool) -> Optional[torch.Tensor]:
+    """The block-kind map (int8 ``[B, H, num_q, num_kv]``, a broadcast view of ``[Bx, Hx, ...]``) in
+    one launch, bounds and evaluation together (:func:`kernels.classify_by_bounds`), for a mask with
+    a generated bounds function (:mod:`.bounds`); None otherwise (the torch analysis runs then)."""
+    bf = bounds_function(tm)
+    if bf is None:
+        return None
+    g = tm.graph
+    Bx, Hx = (B if g.uses_input("b") else 1), (H if g.uses_input("h") else 1)
+    kind = torch.empty(Bx, Hx, grid.num_q, grid.num_kv, dtype=torch.int8, device=device)
+    if kind.numel() == 0:
+        return kind.expand(B, H, grid.num_q, grid.num_kv)
+    checked = may_fault(g) and not proven_by_shapes(tm, Domain(Bx, Hx, grid.q_len, grid.kv_len))
+    args = mod_args(tm, g, device, checked=checked)
+    scalars = scalar_tensor(tuple(float(tm.scalars[i]) for i in bf.runtime_scalars), torch.float64, device)
+    qb, kvb = grid.q_block, grid.kv_block
+    programs = (Bx * Hx * grid.num_q, triton.cdiv(grid.num_kv, CLASSIFY_CHUNK))
+    launch = KernelLaunch(kernels.classify_by_bounds, programs, (
+        kind, kind.stride(0), kind.stride(1), kind.stride(2), grid.num_q, grid.num_kv, Hx, grid.q_len, grid.kv_len,
+        bf.fn, scalars, args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb), triton.next_power_of_2(kvb),
+        CLASSIFY_CHUNK), dict(num_warps=4))
+    key = ("ahead bounds", g.structural_key(), bf.fn, kind.shape, grid, separate_full, kind.device)
+    if CACHE.get(key) is None:  # the first map of a structure and sizes: with the list kernels
+        CACHE.put(key, True)
+        _start_with_lists(launch, separate_full)
+    launch.run()
+    if checked:
+        raise_if_out_of_range(((tm, args),))
+    return kind.expand(B, H, grid.num_q, grid.num_kv)
 
 
 def _classify_launch(kind: torch.Tensor, grid: BlockGrid, args: ModArgs) -> KernelLaunch:

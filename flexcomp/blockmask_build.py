@@ -208,8 +208,10 @@ def _block_lists(tm, grid: BlockGrid, B: int, H: int, device: torch.device, sepa
     elif kernels:
         from flexcomp.codegen import blockmask as on_device  # imports Triton: only when the kernels run
 
-        evaluate = functools.partial(on_device.evaluate_unknown, separate_full=separate_full)
-        kind = classify_blocks(tm, grid, B, H, device, evaluate)
+        kind = on_device.classify(tm, grid, B, H, device, separate_full)  # bounds and evaluation in one kernel
+        if kind is None:  # a mask the generated bounds do not cover (loads of captured tensors): torch's analysis
+            evaluate = functools.partial(on_device.evaluate_unknown, separate_full=separate_full)
+            kind = classify_blocks(tm, grid, B, H, device, evaluate)
         return on_device.ordered_lists(_unexpanded(kind), separate_full)
     else:
         kind = _unexpanded(classify_blocks(tm, grid, B, H, device))

@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -231,7 +232,8 @@ def _magnitude(n: Node, m: list[float], extent: float, scalars: dict[str, float]
     if op is Op.INPUT:
         return extent
     if op is Op.SCALAR:
-        return abs(float(scalars[n.attr]))
+        v = scalars[n.attr]
+        return abs(float(v)) if isinstance(v, numbers.Real) else math.inf  # a run-time value: unbounded
     if op in (Op.ADD, Op.SUB):
         return xs[0] + xs[1]
     if op is Op.MUL:
@@ -252,6 +254,11 @@ def _magnitude(n: Node, m: list[float], extent: float, scalars: dict[str, float]
 def propagate(g: Graph, inputs: dict[str, Interval], scalars: dict[str, float], load: LoadBounds,
               like: torch.Tensor, wrap_guard: bool = True, extent: float = math.inf) -> list[Interval]:
     """Bounds of every node of ``g`` from bounds of its inputs (tensors of any broadcastable shape).
+
+    The bounds may also be other objects with tensor arithmetic and ``__torch_function__``
+    (:mod:`flexcomp.codegen.bounds` passes proxies that write the same computation as Triton source),
+    and a captured number may then be such an object too (a run-time value: unbounded magnitude, and
+    never a literal to the rules).
 
     Each op's bounds come from its row's ``interval`` rule (:mod:`flexcomp.ir_rules`); inputs,
     scalars, loads, the float widening and the wrap guard are handled here.
@@ -278,10 +285,12 @@ def propagate(g: Graph, inputs: dict[str, Interval], scalars: dict[str, float], 
         if op is Op.INPUT:
             out = inputs[n.attr]
         elif op is Op.SCALAR:
-            v = like + float(scalars[n.attr])
+            value = scalars[n.attr]
+            literal = isinstance(value, numbers.Real)  # else a run-time value (a generated kernel's argument)
+            v = like + (float(value) if literal else value)
             out = Interval(v, v)
-            if n.dtype.is_int:
-                known[n.id] = int(scalars[n.attr])
+            if n.dtype.is_int and literal:
+                known[n.id] = int(value)
         elif op is Op.LOAD:
             out = load(n, xs)
         else:

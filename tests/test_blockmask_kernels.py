@@ -31,6 +31,7 @@ import flexcomp.codegen.blockmask as on_device
 from flexcomp import and_masks, create_block_mask, create_mask, or_masks
 from flexcomp.blockmask_build import _REUSE, build_block_mask
 from flexcomp.ir import ModKind
+from flexcomp.sparsity import classify_blocks
 from flexcomp.masks import (
     block_diffusion_mask,
     causal_mask,
@@ -72,16 +73,27 @@ class Paths:
         self.mp = monkeypatch
         self.launches: list = []
         real_classify, real_lists = on_device.evaluate_unknown, on_device.ordered_lists
+        real_fused = on_device.classify
 
         def evaluate_unknown(tm, grid, kind, **kw):
             self.launches.append(("classify", tuple(kind.shape), int((kind == UNKNOWN).sum())))
             return real_classify(tm, grid, kind, **kw)
+
+        def classify(tm, grid, B, H, device, separate_full):  # bounds and evaluation in one kernel
+            kind = real_fused(tm, grid, B, H, device, separate_full)
+            if kind is not None:  # the blocks its bounds left to evaluate: those of the torch analysis
+                seen = []
+                classify_blocks(tm, grid, B, H, device, lambda tm, grid, k: seen.append(
+                    (tuple(k.shape), int((k == UNKNOWN).sum()))))
+                self.launches.append(("classify", *seen[0]))
+            return kind
 
         def ordered_lists(kind, separate_full):
             self.launches.append(("lists", tuple(kind.shape), separate_full))
             return real_lists(kind, separate_full)
 
         monkeypatch.setattr(on_device, "evaluate_unknown", evaluate_unknown)
+        monkeypatch.setattr(on_device, "classify", classify)
         monkeypatch.setattr(on_device, "ordered_lists", ordered_lists)
 
     def use(self, kernels: bool) -> None:

@@ -59,6 +59,52 @@ def classify_blocks(
                 tl.store(base + j, kind.to(tl.int8))
 
 
+@triton.jit(repr=variant_name("classify_by_bounds"))
+def classify_by_bounds(
+    KIND, SK0, SK1, SK2, NUM_Q, NUM_KV, HX, Q_LEN, KV_LEN,
+    BOUNDS: tl.constexpr, SCALARS, MASK_MOD: tl.constexpr, MASK_BUFS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The whole map in one launch: each program bounds the mask over ``CHUNK`` kv blocks of one
+    q-block row with the generated ``BOUNDS`` (:mod:`flexcomp.codegen.bounds`), writes the blocks it
+    decides (EMPTY where the mask is surely false, FULL where surely true on a block inside the
+    sequence, PARTIAL where surely true on a block hanging over its end) and evaluates the others
+    pair by pair as :func:`classify_blocks` does."""
+    row = tl.program_id(0)  # (b, h, q-block) of the map
+    first = tl.program_id(1) * CHUNK
+    q_blk = row % NUM_Q
+    bh = row // NUM_Q
+    off_h = bh % HX
+    off_b = bh // HX
+    base = KIND + off_b.to(tl.int64) * SK0 + off_h.to(tl.int64) * SK1 + q_blk.to(tl.int64) * SK2
+    cols = first + tl.arange(0, CHUNK)
+    zero = tl.zeros([CHUNK], dtype=tl.float64)
+    q_first = q_blk * BLOCK_M
+    q_last = tl.minimum(q_first + BLOCK_M - 1, Q_LEN - 1)
+    kv_first = cols * BLOCK_N
+    kv_last = tl.minimum(kv_first + BLOCK_N - 1, KV_LEN - 1)
+    lo, hi, unsafe = BOUNDS(off_b + zero, off_h + zero, q_first + zero, q_last + zero, kv_first.to(tl.float64),
+                            kv_last.to(tl.float64), zero, SCALARS)
+    inside = (q_first + BLOCK_M <= Q_LEN) & (kv_first + BLOCK_N <= KV_LEN)
+    kinds = tl.where(hi == 0, EMPTY, tl.where(lo == 1, tl.where(inside, FULL, PARTIAL), UNKNOWN))
+    kinds = tl.where(unsafe, UNKNOWN, kinds)
+    if tl.sum((kinds == UNKNOWN).to(tl.int32), 0) > 0:
+        offs_m = tl.arange(0, PAD_M)
+        offs_n = tl.arange(0, PAD_N)
+        q_idx = q_first + offs_m[:, None]
+        in_q = (offs_m[:, None] < BLOCK_M) & (q_idx < Q_LEN)
+        q_idx = tl.minimum(q_idx, Q_LEN - 1)
+        for j in range(first, tl.minimum(first + CHUNK, NUM_KV)):
+            if tl.sum(tl.where(cols == j, kinds, 0), 0) == UNKNOWN:
+                kv_idx = j * BLOCK_N + offs_n[None, :]
+                ok = in_q & (offs_n[None, :] < BLOCK_N) & (kv_idx < KV_LEN)
+                keep = MASK_MOD(off_b, off_h, q_idx, tl.minimum(kv_idx, KV_LEN - 1), MASK_BUFS)
+                kept = tl.sum(tl.sum((keep & ok).to(tl.int32), 1), 0)
+                kind = tl.where(kept == 0, EMPTY, tl.where(kept == BLOCK_M * BLOCK_N, FULL, PARTIAL))
+                kinds = tl.where(cols == j, kind, kinds)
+    tl.store(base + cols, kinds.to(tl.int8), mask=cols < NUM_KV)
+
+
 @triton.jit
 def _is_listed(k, SEPARATE_FULL: tl.constexpr):
     """The partial list's blocks: partial ones, or every kept one when full blocks are not separated."""
