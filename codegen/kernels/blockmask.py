@@ -1,5 +1,9 @@
 """Block-mask kernels: classify the blocks the interval analysis left undecided, then list them.
 
+:func:`classify_by_bounds` builds the whole map in one launch for a mask with a generated bounds
+function (:mod:`flexcomp.codegen.bounds`): it bounds each block itself, then evaluates the
+undecided ones as :func:`classify_blocks` does (:func:`_evaluate`).
+
 :func:`classify_blocks` reads a block-kind map ``KIND`` (int8 ``[Bx, Hx, num_q, num_kv]``, values of
 :class:`flexcomp.sparsity.BlockKind`: 0 empty, 1 partial, 2 full, 3 unknown). One program reads
 ``CHUNK`` kv blocks of one q-block row at once and stops there unless one is UNKNOWN (the usual
@@ -28,34 +32,48 @@ FULL = tl.constexpr(2)
 UNKNOWN = tl.constexpr(3)
 
 
+@triton.jit
+def _map_row(KIND, SK0, SK1, SK2, NUM_Q, HX):
+    """This program's row of the map: its base pointer, q-block, batch and head."""
+    row = tl.program_id(0)  # (b, h, q-block) of the map
+    q_blk = row % NUM_Q
+    bh = row // NUM_Q
+    off_h = bh % HX
+    off_b = bh // HX
+    base = KIND + off_b.to(tl.int64) * SK0 + off_h.to(tl.int64) * SK1 + q_blk.to(tl.int64) * SK2
+    return base, q_blk, off_b, off_h
+
+
+@triton.jit
+def _evaluate(off_b, off_h, q_blk, j, Q_LEN, KV_LEN, MASK_MOD: tl.constexpr, MASK_BUFS, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr):
+    """The kind of block ``(q_blk, j)`` from ``MASK_MOD`` on its pairs (indices clamped into the
+    sequence, pairs outside it not counted): FULL only when all ``BLOCK_M x BLOCK_N`` are kept."""
+    offs_m = tl.arange(0, PAD_M)
+    offs_n = tl.arange(0, PAD_N)
+    q_idx = q_blk * BLOCK_M + offs_m[:, None]
+    kv_idx = j * BLOCK_N + offs_n[None, :]
+    inside = (offs_m[:, None] < BLOCK_M) & (q_idx < Q_LEN) & (offs_n[None, :] < BLOCK_N) & (kv_idx < KV_LEN)
+    keep = MASK_MOD(off_b, off_h, tl.minimum(q_idx, Q_LEN - 1), tl.minimum(kv_idx, KV_LEN - 1), MASK_BUFS)
+    kept = tl.sum(tl.sum((keep & inside).to(tl.int32), 1), 0)
+    return tl.where(kept == 0, EMPTY, tl.where(kept == BLOCK_M * BLOCK_N, FULL, PARTIAL))
+
+
 @triton.jit(repr=variant_name("classify_blocks"))
 def classify_blocks(
     KIND, SK0, SK1, SK2, NUM_Q, NUM_KV, HX, Q_LEN, KV_LEN,
     MASK_MOD: tl.constexpr, MASK_BUFS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    row = tl.program_id(0)  # (b, h, q-block) of the map
+    base, q_blk, off_b, off_h = _map_row(KIND, SK0, SK1, SK2, NUM_Q, HX)
     first = tl.program_id(1) * CHUNK
-    q_blk = row % NUM_Q
-    bh = row // NUM_Q
-    off_h = bh % HX
-    off_b = bh // HX
-    base = KIND + off_b.to(tl.int64) * SK0 + off_h.to(tl.int64) * SK1 + q_blk.to(tl.int64) * SK2
     cols = first + tl.arange(0, CHUNK)
     kinds = tl.load(base + cols, mask=cols < NUM_KV, other=EMPTY)
     if tl.sum((kinds == UNKNOWN).to(tl.int32), 0) > 0:  # most programs stop at this one vector load
-        offs_m = tl.arange(0, PAD_M)
-        offs_n = tl.arange(0, PAD_N)
-        q_idx = q_blk * BLOCK_M + offs_m[:, None]
-        in_q = (offs_m[:, None] < BLOCK_M) & (q_idx < Q_LEN)
-        q_idx = tl.minimum(q_idx, Q_LEN - 1)
         for j in range(first, tl.minimum(first + CHUNK, NUM_KV)):
             if tl.load(base + j) == UNKNOWN:
-                kv_idx = j * BLOCK_N + offs_n[None, :]
-                inside = in_q & (offs_n[None, :] < BLOCK_N) & (kv_idx < KV_LEN)
-                keep = MASK_MOD(off_b, off_h, q_idx, tl.minimum(kv_idx, KV_LEN - 1), MASK_BUFS)
-                kept = tl.sum(tl.sum((keep & inside).to(tl.int32), 1), 0)
-                kind = tl.where(kept == 0, EMPTY, tl.where(kept == BLOCK_M * BLOCK_N, FULL, PARTIAL))
+                kind = _evaluate(off_b, off_h, q_blk, j, Q_LEN, KV_LEN, MASK_MOD, MASK_BUFS, BLOCK_M, BLOCK_N,
+                                 PAD_M, PAD_N)
                 tl.store(base + j, kind.to(tl.int8))
 
 
@@ -70,13 +88,8 @@ def classify_by_bounds(
     decides (EMPTY where the mask is surely false, FULL where surely true on a block inside the
     sequence, PARTIAL where surely true on a block hanging over its end) and evaluates the others
     pair by pair as :func:`classify_blocks` does."""
-    row = tl.program_id(0)  # (b, h, q-block) of the map
+    base, q_blk, off_b, off_h = _map_row(KIND, SK0, SK1, SK2, NUM_Q, HX)
     first = tl.program_id(1) * CHUNK
-    q_blk = row % NUM_Q
-    bh = row // NUM_Q
-    off_h = bh % HX
-    off_b = bh // HX
-    base = KIND + off_b.to(tl.int64) * SK0 + off_h.to(tl.int64) * SK1 + q_blk.to(tl.int64) * SK2
     cols = first + tl.arange(0, CHUNK)
     zero = tl.zeros([CHUNK], dtype=tl.float64)
     q_first = q_blk * BLOCK_M
@@ -89,18 +102,10 @@ def classify_by_bounds(
     kinds = tl.where(hi == 0, EMPTY, tl.where(lo == 1, tl.where(inside, FULL, PARTIAL), UNKNOWN))
     kinds = tl.where(unsafe, UNKNOWN, kinds)
     if tl.sum((kinds == UNKNOWN).to(tl.int32), 0) > 0:
-        offs_m = tl.arange(0, PAD_M)
-        offs_n = tl.arange(0, PAD_N)
-        q_idx = q_first + offs_m[:, None]
-        in_q = (offs_m[:, None] < BLOCK_M) & (q_idx < Q_LEN)
-        q_idx = tl.minimum(q_idx, Q_LEN - 1)
         for j in range(first, tl.minimum(first + CHUNK, NUM_KV)):
             if tl.sum(tl.where(cols == j, kinds, 0), 0) == UNKNOWN:
-                kv_idx = j * BLOCK_N + offs_n[None, :]
-                ok = in_q & (offs_n[None, :] < BLOCK_N) & (kv_idx < KV_LEN)
-                keep = MASK_MOD(off_b, off_h, q_idx, tl.minimum(kv_idx, KV_LEN - 1), MASK_BUFS)
-                kept = tl.sum(tl.sum((keep & ok).to(tl.int32), 1), 0)
-                kind = tl.where(kept == 0, EMPTY, tl.where(kept == BLOCK_M * BLOCK_N, FULL, PARTIAL))
+                kind = _evaluate(off_b, off_h, q_blk, j, Q_LEN, KV_LEN, MASK_MOD, MASK_BUFS, BLOCK_M, BLOCK_N,
+                                 PAD_M, PAD_N)
                 kinds = tl.where(cols == j, kind, kinds)
     tl.store(base + cols, kinds.to(tl.int8), mask=cols < NUM_KV)
 
