@@ -71,13 +71,14 @@ def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.devic
         return kind.expand(B, H, grid.num_q, grid.num_kv)
     checked = may_fault(g) and not proven_by_shapes(tm, Domain(Bx, Hx, grid.q_len, grid.kv_len))
     args = mod_args(tm, g, device, checked=checked)
+    plain = args if not checked else mod_args(tm, g, device)  # the captures' layout the bounds read
     scalars = scalar_tensor(tuple(float(tm.scalars[i]) for i in bf.runtime_scalars), torch.float64, device)
     qb, kvb = grid.q_block, grid.kv_block
     programs = (Bx * Hx * grid.num_q, triton.cdiv(grid.num_kv, CLASSIFY_CHUNK))
     launch = KernelLaunch(kernels.classify_by_bounds, programs, (
         kind, kind.stride(0), kind.stride(1), kind.stride(2), grid.num_q, grid.num_kv, Hx, grid.q_len, grid.kv_len,
-        bf.fn, scalars, args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb), triton.next_power_of_2(kvb),
-        CLASSIFY_CHUNK), dict(num_warps=4))
+        bf.fn, scalars, plain.bufs, args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb),
+        triton.next_power_of_2(kvb), CLASSIFY_CHUNK), dict(num_warps=4))
     key = ("ahead bounds", g.structural_key(), bf.fn, kind.shape, grid, separate_full, kind.device)
     if CACHE.get(key) is None:  # the first map of a structure and sizes: with the list kernels
         CACHE.put(key, True)

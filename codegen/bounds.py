@@ -16,8 +16,12 @@ calls for one chunk of blocks before it evaluates the undecided ones: one launch
 Captured numbers are run-time values read from ``SCALARS`` (float64), so a new window size compiles
 nothing; integer ones that a rule must see as literals (the divisor of ``//`` and ``%``, a shift
 count, an ``&`` mask) are written into the source, and the function is kept per structure and those
-values. Graphs with loads of captured tensors, or with a step no rule renders, have no such function
-(:func:`bounds_function` returns None) and keep the torch analysis.
+values. Loads of captured tensors (:class:`_Loads`, from the mod's flat argument tuple ``ARGS``) are
+bounded inside the function when each index is a point within a block (``doc_ids[b, ...]``,
+``scale[h]``) or is ``q_idx`` / ``kv_idx`` itself (the block's run of the tensor, reduced to its
+min and max: document masks). Graphs with other loads (``bias[q_idx - kv_idx]``, ``table[q_idx,
+kv_idx]``, bounded by the torch analysis' sparse tables) or with a step no rule renders have no such
+function (:func:`bounds_function` returns None) and keep the torch analysis.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from typing import Optional
 
 from flexcomp.cache import CACHE
 from flexcomp.ir import Const, Graph, Op
-from flexcomp.sparsity import Interval, propagate
+from flexcomp.sparsity import BlockGrid, IndexKind, Interval, index_kinds, propagate
 
 from .modules import source_dir
 
@@ -157,6 +161,86 @@ class _Stack:
         return self._fold("maximum")
 
 
+# index_kinds needs block sizes only to tell ranged indices (a block of more than one) from points
+_STRUCTURAL_GRID = BlockGrid(2, 2, 2, 2)
+
+
+def _supported_load(kinds: tuple[IndexKind, ...]) -> bool:
+    """A load the kernel bounds itself: every index a point (the same within a block), or one index
+    that *is* ``q_idx`` or ``kv_idx`` (a run of the block's length) and the others points. Other
+    ranged loads (``bias[q_idx - kv_idx]``) keep the torch analysis, whose sparse tables bound them."""
+    ranged = [k for k in kinds if k.ranged]
+    return not ranged or (len(ranged) == 1 and ranged[0].block > 0)
+
+
+class _Loads:
+    """Bounds of loads inside the generated function, from the mod's flat argument tuple ``ARGS``
+    (:func:`flexcomp.codegen.lower.flat_args`: pointers, then every buffer's strides, then sizes).
+
+    A point index reads one element (clamped into the dim, as torch's analysis does); an aligned
+    index reduces the block's run (``BLOCK_M`` or ``BLOCK_N`` elements from the block's first index,
+    within the sequence and the dim) to its min and max; a nan among them leaves the bounds
+    unknown. Blocks where an index may leave its dim are collected in ``unsafe`` (evaluated pair by
+    pair, where torch raises)."""
+
+    def __init__(self, g: Graph, kinds: dict, w: _Writer):
+        self.g, self.kinds, self.w = g, kinds, w
+        self.unsafe: list[Expr] = []
+        nb = max(1, len(g.buffers))
+        dims = [max(1, b.ndim) for b in g.buffers]
+        nd = sum(dims) if g.buffers else 1
+        starts = [sum(dims[:i]) for i in range(len(dims))]
+        self.index = {b.name: i for i, b in enumerate(g.buffers)}
+        self.stride = lambda i, d: f"ARGS[{nb + starts[i] + d}]"  # noqa: E731
+        self.size = lambda i, d: f"ARGS[{nb + nd + starts[i] + d}]"  # noqa: E731
+
+    def bounds(self, n, xs: list[Interval]) -> Interval:
+        w, i = self.w, self.index[n.attr]
+        kinds = self.kinds[n.id]
+        offset, ranged = "0", None
+        for d, (x, k) in enumerate(zip(xs, kinds)):
+            size = self.size(i, d)
+            if k.ranged:
+                ranged = (d, x)
+                self.unsafe.append(w.let(f"{x.hi.code} >= {size}"))
+                continue
+            self.unsafe.append(w.let(f"({x.hi.code} >= {size}) | ({x.lo.code} < 0) | "
+                                     f"(tl.abs({x.lo.code}) == float('inf')) | ({x.lo.code} != {x.lo.code})"))
+            point = w.let(f"tl.minimum(tl.maximum(tl.where({x.lo.code} == {x.lo.code}, {x.lo.code}, 0.0), 0.0), "
+                          f"({size} - 1).to(tl.float64)).to(tl.int64)")
+            offset = w.let(f"{_code_of(offset)} + {point.code} * {self.stride(i, d)}").code
+        if not xs:  # a 0-dim tensor: its one value
+            offset = "0"
+        if ranged is None:
+            v = w.let(f"tl.load(ARGS[{i}] + {offset} + (ZERO * 0).to(tl.int64)).to(tl.float64)")
+            nan = w.let(f"{v.code} != {v.code}")
+            return Interval(w.let(f"tl.where({nan.code}, float('-inf'), {v.code})"),
+                            w.let(f"tl.where({nan.code}, float('inf'), {v.code})"), exact=True)
+        d, x = ranged
+        width, pad = ("BLOCK_M", "PAD_M") if kinds[d].block and self._along_q(n, d) else ("BLOCK_N", "PAD_N")
+        first = w.let(f"({x.lo.code}).to(tl.int64)")
+        run = w.let(f"{first.code}[:, None] + tl.arange(0, {pad})[None, :]")
+        ok = w.let(f"(tl.arange(0, {pad})[None, :] < {width}) & ({run.code} <= ({x.hi.code}).to(tl.int64)[:, None]) "
+                   f"& ({run.code} < {self.size(i, d)})")
+        base = w.let(f"({offset} + (ZERO * 0).to(tl.int64))[:, None]")  # the point indices' offset, per block
+        v = w.let(f"tl.load(ARGS[{i}] + {base.code} + {run.code} * {self.stride(i, d)}, mask={ok.code}, "
+                  f"other=0).to(tl.float64)")
+        nan = w.let(f"tl.max(({ok.code} & ({v.code} != {v.code})).to(tl.int32), 1) > 0")
+        some = w.let(f"tl.max({ok.code}.to(tl.int32), 1) > 0")
+        lo = w.let(f"tl.min(tl.where({ok.code}, {v.code}, float('inf')), 1)")
+        hi = w.let(f"tl.max(tl.where({ok.code}, {v.code}, float('-inf')), 1)")
+        known = w.let(f"{some.code} & ~{nan.code}")
+        return Interval(w.let(f"tl.where({known.code}, {lo.code}, float('-inf'))"),
+                        w.let(f"tl.where({known.code}, {hi.code}, float('inf'))"), exact=True)
+
+    def _along_q(self, n, d: int) -> bool:
+        return self.g.nodes[n.args[d]].attr == "q_idx"
+
+
+def _code_of(v) -> str:
+    return v if isinstance(v, str) else _code(v)
+
+
 @dataclass(frozen=True)
 class BoundsFunction:
     """A graph's generated bounds function and the captured numbers it reads at run time, in order
@@ -183,9 +267,11 @@ def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...]]]:
     """The bounds function's source for ``g`` (captured values ``scalars``, literal ones written in)
     and the positions of the run-time scalars; None if ``g`` loads captured tensors or a rule has
     no rendering."""
-    if any(n.op is Op.LOAD for n in g.nodes):
+    kinds = index_kinds(g, _STRUCTURAL_GRID)
+    if not all(_supported_load(k) for k in kinds.values()):
         return None
     w = _Writer()
+    loads = _Loads(g, kinds, w)
     literal = literal_scalars(g)
     runtime = tuple(i for i, c in enumerate(g.scalars) if c.name not in literal)
     pre = [f"s{i} = tl.load(SCALARS + {k}).to(tl.float64)" for k, i in enumerate(runtime)]
@@ -197,8 +283,8 @@ def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...]]]:
               "kv_idx": Interval(Expr("KV_LO", w), Expr("KV_HI", w), exact=True)}
     zero = Expr("ZERO", w)
     try:
-        vals = propagate(g, inputs, values, None, zero)
-        unsafe = []
+        vals = propagate(g, inputs, values, loads.bounds, zero)
+        unsafe = list(loads.unsafe)
         for n in g.nodes:  # an integer divisor that may be 0: evaluate there (torch raises)
             if n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int and not isinstance(n.args[1], Const):
                 d = vals[n.args[1]]
@@ -215,7 +301,9 @@ def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...]]]:
         return None
     body = "\n".join(pre + w.lines + [f"return {lo.code}, {hi.code}, {flag.code}"])
     source = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-              "def bounds(B, H, Q_LO, Q_HI, KV_LO, KV_HI, ZERO, SCALARS):\n" + textwrap.indent(body, "    ") + "\n")
+              "def bounds(B, H, Q_LO, Q_HI, KV_LO, KV_HI, ZERO, SCALARS, ARGS, BLOCK_M: tl.constexpr,\n"
+              "           BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr):\n"
+              + textwrap.indent(body, "    ") + "\n")
     return source, runtime
 
 

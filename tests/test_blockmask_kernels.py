@@ -31,6 +31,7 @@ import flexcomp.codegen.blockmask as on_device
 from flexcomp import and_masks, create_block_mask, create_mask, or_masks
 from flexcomp.blockmask_build import _REUSE, build_block_mask
 from flexcomp.ir import ModKind
+from flexcomp.codegen.bounds import bounds_function
 from flexcomp.sparsity import classify_blocks
 from flexcomp.masks import (
     block_diffusion_mask,
@@ -80,13 +81,12 @@ class Paths:
             return real_classify(tm, grid, kind, **kw)
 
         def classify(tm, grid, B, H, device, separate_full):  # bounds and evaluation in one kernel
-            kind = real_fused(tm, grid, B, H, device, separate_full)
-            if kind is not None:  # the blocks its bounds left to evaluate: those of the torch analysis
-                seen = []
+            if bounds_function(tm) is not None:  # recorded first: the launch may raise (IndexError)
+                seen = []  # the blocks left to evaluate: at most those of the torch analysis
                 classify_blocks(tm, grid, B, H, device, lambda tm, grid, k: seen.append(
                     (tuple(k.shape), int((k == UNKNOWN).sum()))))
                 self.launches.append(("classify", *seen[0]))
-            return kind
+            return real_fused(tm, grid, B, H, device, separate_full)
 
         def ordered_lists(kind, separate_full):
             self.launches.append(("lists", tuple(kind.shape), separate_full))

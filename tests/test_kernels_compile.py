@@ -62,6 +62,7 @@ def test_classify_by_bounds_compiles_for_hopper_without_a_gpu():
                  prefix_lm(7)]
         names = K.classify_by_bounds.arg_names
         types = {"KIND": "*i8", "SCALARS": "*fp64", "MASK_BUFS": ("*i64", "i32", "i32", "*i64", "*fp32"),
+                 "BOUNDS_BUFS": ("*i64", "i32", "i32", "*i64", "*fp32"),
                  **{n: "i32" for n in ("SK0", "SK1", "SK2", "NUM_Q", "NUM_KV", "HX", "Q_LEN", "KV_LEN")}}
         for m in masks:
             tm = trace(m, ModKind.MASK)

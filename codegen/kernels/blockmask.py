@@ -80,11 +80,13 @@ def classify_blocks(
 @triton.jit(repr=variant_name("classify_by_bounds"))
 def classify_by_bounds(
     KIND, SK0, SK1, SK2, NUM_Q, NUM_KV, HX, Q_LEN, KV_LEN,
-    BOUNDS: tl.constexpr, SCALARS, MASK_MOD: tl.constexpr, MASK_BUFS,
+    BOUNDS: tl.constexpr, SCALARS, BOUNDS_BUFS, MASK_MOD: tl.constexpr, MASK_BUFS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """The whole map in one launch: each program bounds the mask over ``CHUNK`` kv blocks of one
-    q-block row with the generated ``BOUNDS`` (:mod:`flexcomp.codegen.bounds`), writes the blocks it
+    q-block row with the generated ``BOUNDS`` (:mod:`flexcomp.codegen.bounds`; ``BOUNDS_BUFS`` the
+    mask's captures as the unchecked mod takes them: a checked ``MASK_BUFS`` has one more pointer,
+    its error slots), writes the blocks it
     decides (EMPTY where the mask is surely false, FULL where surely true on a block inside the
     sequence, PARTIAL where surely true on a block hanging over its end) and evaluates the others
     pair by pair as :func:`classify_blocks` does."""
@@ -97,7 +99,7 @@ def classify_by_bounds(
     kv_first = cols * BLOCK_N
     kv_last = tl.minimum(kv_first + BLOCK_N - 1, KV_LEN - 1)
     lo, hi, unsafe = BOUNDS(off_b + zero, off_h + zero, q_first + zero, q_last + zero, kv_first.to(tl.float64),
-                            kv_last.to(tl.float64), zero, SCALARS)
+                            kv_last.to(tl.float64), zero, SCALARS, BOUNDS_BUFS, BLOCK_M, BLOCK_N, PAD_M, PAD_N)
     inside = (q_first + BLOCK_M <= Q_LEN) & (kv_first + BLOCK_N <= KV_LEN)
     kinds = tl.where(hi == 0, EMPTY, tl.where(lo == 1, tl.where(inside, FULL, PARTIAL), UNKNOWN))
     kinds = tl.where(unsafe, UNKNOWN, kinds)
