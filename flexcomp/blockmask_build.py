@@ -209,7 +209,7 @@ def _block_lists(tm, grid: BlockGrid, B: int, H: int, device: torch.device, sepa
         from flexcomp.codegen import blockmask as on_device  # imports Triton: only when the kernels run
 
         kind = on_device.classify(tm, grid, B, H, device, separate_full)  # bounds and evaluation in one kernel
-        if kind is None:  # a mask the generated bounds do not cover (loads of captured tensors): torch's analysis
+        if kind is None:  # a load the generated bounds do not cover (bias[q_idx - kv_idx]): the torch analysis
             evaluate = functools.partial(on_device.evaluate_unknown, separate_full=separate_full)
             kind = classify_blocks(tm, grid, B, H, device, evaluate)
         return on_device.ordered_lists(_unexpanded(kind), separate_full)

@@ -41,40 +41,52 @@ def test_varlen_kinds_compiles_for_hopper_without_a_gpu():
 def test_classify_by_bounds_compiles_for_hopper_without_a_gpu():
     """The fused block-map kernel (``classify_by_bounds``) with generated bounds functions
     (``flexcomp.codegen.bounds``: float64 interval arithmetic, ``//``, ``%``, float mods, captured
-    numbers read at run time) compiles to a cubin."""
+    numbers read at run time, point and run loads of captured tensors) compiles to a cubin, with the
+    mask's plain and checked argument layouts."""
     script = textwrap.dedent('''
+        import torch
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         import flexcomp
         from flexcomp.codegen.bounds import bounds_function
         from flexcomp.codegen.kernels import blockmask as K
-        from flexcomp.codegen.modules import jit_function
+        from flexcomp.codegen.launch import mod_args
         from flexcomp.ir import ModKind
-        from flexcomp.masks import causal_mask, dilated_sliding_window, prefix_lm, sliding_window
+        from flexcomp.masks import causal_mask, dilated_sliding_window, document_mask, prefix_lm, sliding_window
         from flexcomp.trace import trace
+
+        POINTER = {torch.int32: "*i32", torch.int64: "*i64", torch.float32: "*fp32", torch.int8: "*i8"}
+
+        def types_of(bufs):
+            return tuple(POINTER[b.dtype] if isinstance(b, torch.Tensor) else "i32" for b in bufs)
 
         def chunked(n):
             return lambda b, h, q, kv: (q // n) == (kv // n)
 
+        doc = torch.repeat_interleave(torch.arange(5), torch.tensor([100, 20, 300, 80, 12]))
+        docs, scale, flags = torch.stack([doc, doc.flip(0)]), torch.tensor([0.5, -1.0]), torch.rand(512) < 0.3
         masks = [flexcomp.and_masks(causal_mask, sliding_window(100)), dilated_sliding_window(40, 3), chunked(64),
                  lambda b, h, q, kv: (q.float() * 0.37 - kv.float() * 0.61 + (h + 1).float() * 3.0) > 0.25,
-                 prefix_lm(7)]
+                 prefix_lm(7), document_mask(doc_ids=doc), lambda b, h, q, kv: docs[b, q] == docs[b, kv],
+                 lambda b, h, q, kv: (q - kv) * scale[h] < 20, lambda b, h, q, kv: flags[kv] | (q == kv)]
         names = K.classify_by_bounds.arg_names
-        types = {"KIND": "*i8", "SCALARS": "*fp64", "MASK_BUFS": ("*i64", "i32", "i32", "*i64", "*fp32"),
-                 "BOUNDS_BUFS": ("*i64", "i32", "i32", "*i64", "*fp32"),
-                 **{n: "i32" for n in ("SK0", "SK1", "SK2", "NUM_Q", "NUM_KV", "HX", "Q_LEN", "KV_LEN")}}
         for m in masks:
             tm = trace(m, ModKind.MASK)
-            _, mod = jit_function(tm.graph)
-            consts = {"BOUNDS": bounds_function(tm).fn, "MASK_MOD": mod, "BLOCK_M": 128, "BLOCK_N": 128,
-                      "PAD_M": 128, "PAD_N": 128, "CHUNK": 16}
-            sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
-            src = ASTSource(fn=K.classify_by_bounds, signature=sig,
-                            constexprs={(names.index(k),): v for k, v in consts.items()})
-            assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+            plain = mod_args(tm, tm.graph, torch.device("cpu"))
+            for checked in (False, True):
+                args = mod_args(tm, tm.graph, torch.device("cpu"), checked=checked)
+                types = {"KIND": "*i8", "SCALARS": "*fp64", "MASK_BUFS": types_of(args.bufs),
+                         "BOUNDS_BUFS": types_of(plain.bufs),
+                         **{n: "i32" for n in ("SK0", "SK1", "SK2", "NUM_Q", "NUM_KV", "HX", "Q_LEN", "KV_LEN")}}
+                consts = {"BOUNDS": bounds_function(tm).fn, "MASK_MOD": args.fn, "BLOCK_M": 128, "BLOCK_N": 128,
+                          "PAD_M": 128, "PAD_N": 128, "CHUNK": 16}
+                sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+                src = ASTSource(fn=K.classify_by_bounds, signature=sig,
+                                constexprs={(names.index(k),): v for k, v in consts.items()})
+                assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
         print("OK")
     ''')
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
