@@ -1,7 +1,8 @@
-"""The block analysis lowered to Triton (``flexcomp.codegen.bounds``): the generated bounds equal the
-torch analysis' block by block (Triton's interpreter on the CPU, the real thing on a GPU), captured
-numbers stay run-time values unless a rule reads them as literals, loads keep the torch analysis, and
-the rendered source of a small mask is pinned."""
+"""The block analysis lowered to Triton (``flexcomp.codegen.bounds``), in Triton's interpreter on the
+CPU and for real on a GPU. Without loads the generated bounds equal the torch analysis' block by
+block; with loads (points, ``q_idx`` / ``kv_idx`` runs) they are at least as tight, and every block
+they decide agrees with the dense mask. Also: unsafe marks, captured numbers at run time unless a
+rule reads them as literals, other loads keeping the torch analysis, the rendered source of causal."""
 from __future__ import annotations
 
 import pytest
