@@ -45,15 +45,22 @@ def evaluate_unknown(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor, separat
     (:mod:`.ahead`)."""
     if kind.numel() == 0:
         return
-    Bx, Hx = kind.shape[:2]
-    checked = may_fault(tm.graph) and not proven_by_shapes(tm, Domain(Bx, Hx, grid.q_len, grid.kv_len))
-    args = mod_args(tm, tm.graph, kind.device, checked=checked)
+    args = _mask_args(tm, grid, kind)
     launch = _classify_launch(kind, grid, args)
     if separate_full is not None:
-        _compile_ahead(tm, grid, launch, separate_full)
+        _start_with_lists(("blockmask", tm.graph.structural_key(), kind.shape, grid, kind.device), launch,
+                          separate_full)
     launch.run()
-    if checked:
+    if args.err is not None:
         raise_if_out_of_range(((tm, args),))
+
+
+def _mask_args(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor) -> ModArgs:
+    """The mask_mod's arguments for evaluating blocks of ``kind``: its checked variant (error slots in
+    ``err``) where the shapes do not prove its indices and divisors safe."""
+    Bx, Hx = kind.shape[:2]
+    checked = may_fault(tm.graph) and not proven_by_shapes(tm, Domain(Bx, Hx, grid.q_len, grid.kv_len))
+    return mod_args(tm, tm.graph, kind.device, checked=checked)
 
 
 def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.device,
@@ -69,9 +76,8 @@ def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.devic
     kind = torch.empty(Bx, Hx, grid.num_q, grid.num_kv, dtype=torch.int8, device=device)
     if kind.numel() == 0:
         return kind.expand(B, H, grid.num_q, grid.num_kv)
-    checked = may_fault(g) and not proven_by_shapes(tm, Domain(Bx, Hx, grid.q_len, grid.kv_len))
-    args = mod_args(tm, g, device, checked=checked)
-    plain = args if not checked else mod_args(tm, g, device)  # the captures' layout the bounds read
+    args = _mask_args(tm, grid, kind)
+    plain = args if args.err is None else mod_args(tm, g, device)  # the captures' layout the bounds read
     scalars = scalar_tensor(tuple(float(tm.scalars[i]) for i in bf.runtime_scalars), torch.float64, device)
     qb, kvb = grid.q_block, grid.kv_block
     programs = (Bx * Hx * grid.num_q, triton.cdiv(grid.num_kv, CLASSIFY_CHUNK))
@@ -79,12 +85,9 @@ def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.devic
         kind, kind.stride(0), kind.stride(1), kind.stride(2), grid.num_q, grid.num_kv, Hx, grid.q_len, grid.kv_len,
         bf.fn, scalars, plain.bufs, args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb),
         triton.next_power_of_2(kvb), CLASSIFY_CHUNK), dict(num_warps=4))
-    key = ("ahead bounds", g.structural_key(), bf.fn, kind.shape, grid, separate_full, kind.device)
-    if CACHE.get(key) is None:  # the first map of a structure and sizes: with the list kernels
-        CACHE.put(key, True)
-        _start_with_lists(launch, separate_full)
+    _start_with_lists(("bounds", bf.fn, kind.shape, grid, kind.device), launch, separate_full)
     launch.run()
-    if checked:
+    if args.err is not None:
         raise_if_out_of_range(((tm, args),))
     return kind.expand(B, H, grid.num_q, grid.num_kv)
 
@@ -98,20 +101,14 @@ def _classify_launch(kind: torch.Tensor, grid: BlockGrid, args: ModArgs) -> Kern
         dict(num_warps=4))
 
 
-def _compile_ahead(tm: TracedMod, grid: BlockGrid, classify: KernelLaunch, separate_full: bool) -> None:
-    """Once per mask structure, sizes and device: the classify kernel and both list kernels compiled
-    in parallel (the lists for a ``meta`` stand-in of the finished map); returns when all are ready."""
-    kind = classify.args[0]
-    key = ("ahead blockmask", tm.graph.structural_key(), tuple(kind.shape), grid, separate_full, kind.device)
+def _start_with_lists(key: tuple, first: KernelLaunch, separate_full: bool) -> None:
+    """Once per ``key`` (a map's structure, sizes and device): compile ``first`` (writing a block-kind
+    map, its first argument) and both list kernels over a ``meta`` stand-in of that map in parallel
+    (:mod:`.ahead`); returns when all are ready."""
+    key = ("ahead", *key, separate_full)
     if CACHE.get(key) is not None:
         return
     CACHE.put(key, True)
-    _start_with_lists(classify, separate_full)
-
-
-def _start_with_lists(first: KernelLaunch, separate_full: bool) -> None:
-    """Compile ``first`` (writing a block-kind map, its first argument) and both list kernels over a
-    ``meta`` stand-in of that map in parallel (:mod:`.ahead`); returns when all are ready."""
     if not ahead.enabled():
         return
     kind = first.args[0]
@@ -183,9 +180,6 @@ def varlen_lists(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: 
     launch = KernelLaunch(kernels.varlen_kinds, (nq, triton.cdiv(nkv, chunk)), (
         kind, cu_q, cu_k, cu_q.numel() - 1, total_q, nkv, left, right, block, block, chunk, DOC_CHUNK),
         dict(num_warps=4))
-    key = ("ahead varlen", kind.shape, block, left, right, kind.device)
-    if CACHE.get(key) is None:  # the first packing of these sizes: its three kernels compile together
-        CACHE.put(key, True)
-        _start_with_lists(launch, separate_full=True)
+    _start_with_lists(("varlen", kind.shape, block, left, right, kind.device), launch, separate_full=True)
     launch.run()
     return _lists(kind, False, True), lambda: _lists(kind, True, True)

@@ -35,12 +35,16 @@ from typing import Optional
 
 from flexcomp.cache import CACHE
 from flexcomp.ir import Const, Graph, Op
-from flexcomp.sparsity import BlockGrid, IndexKind, Interval, index_kinds, propagate
+from flexcomp.sparsity import BlockGrid, IndexKind, Interval, index_kinds, propagate, zero_divisors
 
 from .modules import source_dir
 
 LITERAL_OPS = (Op.FLOORDIV, Op.MOD, Op.SHL, Op.SHR, Op.AND)  # rules that read their second operand's value
 TRITON_MATH = ("floor", "ceil", "exp", "log", "sqrt", "rsqrt", "tanh", "sin", "cos")
+
+
+class Unrenderable(Exception):
+    """A value or torch function the bounds function cannot write: the torch analysis runs instead."""
 
 
 class _Writer:
@@ -63,7 +67,7 @@ def _code(v) -> str:
     if isinstance(v, (int, float)):
         f = float(v)
         return repr(f) if math.isfinite(f) else ("float('inf')" if f > 0 else "float('-inf')")
-    raise NotImplementedError(f"no Triton rendering of a {type(v).__name__} in the bounds")
+    raise Unrenderable(f"no Triton rendering of a {type(v).__name__} in the bounds")
 
 
 class Expr:
@@ -131,7 +135,7 @@ class Expr:
             return _Stack(list(args[0]), w)
         if name == "abs":
             return w.let(f"tl.abs({_code(args[0])})")
-        raise NotImplementedError(f"no Triton rendering of torch.{name} in the bounds")
+        raise Unrenderable(f"no Triton rendering of torch.{name} in the bounds")
 
 
 def _flat(args):
@@ -197,7 +201,7 @@ class _Loads:
     def bounds(self, n, xs: list[Interval]) -> Interval:
         w, i = self.w, self.index[n.attr]
         kinds = self.kinds[n.id]
-        offset, ranged = "0", None
+        offset, ranged = w.let("(ZERO * 0).to(tl.int64)"), None  # the point indices' element offset, per block
         for d, (x, k) in enumerate(zip(xs, kinds)):
             size = self.size(i, d)
             if k.ranged:
@@ -208,22 +212,19 @@ class _Loads:
                                      f"(tl.abs({x.lo.code}) == float('inf')) | ({x.lo.code} != {x.lo.code})"))
             point = w.let(f"tl.minimum(tl.maximum(tl.where({x.lo.code} == {x.lo.code}, {x.lo.code}, 0.0), 0.0), "
                           f"({size} - 1).to(tl.float64)).to(tl.int64)")
-            offset = w.let(f"{_code_of(offset)} + {point.code} * {self.stride(i, d)}").code
-        if not xs:  # a 0-dim tensor: its one value
-            offset = "0"
-        if ranged is None:
-            v = w.let(f"tl.load(ARGS[{i}] + {offset} + (ZERO * 0).to(tl.int64)).to(tl.float64)")
+            offset = w.let(f"{offset.code} + {point.code} * {self.stride(i, d)}")
+        if ranged is None:  # points only (a 0-dim tensor: its one value)
+            v = w.let(f"tl.load(ARGS[{i}] + {offset.code}).to(tl.float64)")
             nan = w.let(f"{v.code} != {v.code}")
             return Interval(w.let(f"tl.where({nan.code}, float('-inf'), {v.code})"),
                             w.let(f"tl.where({nan.code}, float('inf'), {v.code})"), exact=True)
         d, x = ranged
-        width, pad = ("BLOCK_M", "PAD_M") if kinds[d].block and self._along_q(n, d) else ("BLOCK_N", "PAD_N")
+        width, pad = ("BLOCK_M", "PAD_M") if self._along_q(n, d) else ("BLOCK_N", "PAD_N")
         first = w.let(f"({x.lo.code}).to(tl.int64)")
         run = w.let(f"{first.code}[:, None] + tl.arange(0, {pad})[None, :]")
         ok = w.let(f"(tl.arange(0, {pad})[None, :] < {width}) & ({run.code} <= ({x.hi.code}).to(tl.int64)[:, None]) "
                    f"& ({run.code} < {self.size(i, d)})")
-        base = w.let(f"({offset} + (ZERO * 0).to(tl.int64))[:, None]")  # the point indices' offset, per block
-        v = w.let(f"tl.load(ARGS[{i}] + {base.code} + {run.code} * {self.stride(i, d)}, mask={ok.code}, "
+        v = w.let(f"tl.load(ARGS[{i}] + {offset.code}[:, None] + {run.code} * {self.stride(i, d)}, mask={ok.code}, "
                   f"other=0).to(tl.float64)")
         nan = w.let(f"tl.max(({ok.code} & ({v.code} != {v.code})).to(tl.int32), 1) > 0")
         some = w.let(f"tl.max({ok.code}.to(tl.int32), 1) > 0")
@@ -235,10 +236,6 @@ class _Loads:
 
     def _along_q(self, n, d: int) -> bool:
         return self.g.nodes[n.args[d]].attr == "q_idx"
-
-
-def _code_of(v) -> str:
-    return v if isinstance(v, str) else _code(v)
 
 
 @dataclass(frozen=True)
@@ -265,8 +262,8 @@ def literal_scalars(g: Graph) -> frozenset[str]:
 
 def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...]]]:
     """The bounds function's source for ``g`` (captured values ``scalars``, literal ones written in)
-    and the positions of the run-time scalars; None if ``g`` loads captured tensors or a rule has
-    no rendering."""
+    and the positions of the run-time scalars; None if ``g`` loads a captured tensor other than at
+    points and ``q_idx`` / ``kv_idx`` runs (:func:`_supported_load`), or a step has no rendering."""
     kinds = index_kinds(g, _STRUCTURAL_GRID)
     if not all(_supported_load(k) for k in kinds.values()):
         return None
@@ -284,11 +281,7 @@ def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...]]]:
     zero = Expr("ZERO", w)
     try:
         vals = propagate(g, inputs, values, loads.bounds, zero)
-        unsafe = list(loads.unsafe)
-        for n in g.nodes:  # an integer divisor that may be 0: evaluate there (torch raises)
-            if n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int and not isinstance(n.args[1], Const):
-                d = vals[n.args[1]]
-                unsafe.append((d.lo <= 0) & (d.hi >= 0))
+        unsafe = [*loads.unsafe, *zero_divisors(g, vals)]
         out = g.output
         if isinstance(out, Const):
             lo = hi = w.let(f"ZERO + {_code(float(out.value))}")
@@ -297,7 +290,7 @@ def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...]]]:
         flag = w.let("ZERO != ZERO")
         for u in unsafe:
             flag = flag | u
-    except NotImplementedError:
+    except Unrenderable:
         return None
     body = "\n".join(pre + w.lines + [f"return {lo.code}, {hi.code}, {flag.code}"])
     source = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"

@@ -141,6 +141,13 @@ def full_block_mask(q_len: int, kv_len: int, device: torch.device):
                              lambda: create_block_mask(noop_mask, 1, 1, q_len, kv_len, device=device))
 
 
+def block_mask_of(problem: Problem):
+    """The BlockMask the kernels walk: the call's, or without one, every block full."""
+    if problem.block_mask is not None:
+        return problem.block_mask
+    return full_block_mask(problem.q_len, problem.kv_len, problem.device)
+
+
 @dataclass(frozen=True)
 class BlockLists:
     """One direction's block lists, expanded to ``[B, H, n]`` (strides only), partial and full."""
@@ -238,20 +245,13 @@ def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: t
         lse = torch.full((B, H, L), float("-inf"), dtype=sd, device=device)
         return Outputs(torch.zeros(B, H, L, DV, dtype=problem.dtype, device=device), lse,
                        lse.clone() if problem.want_max else None)
-    block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(L, S, device)
-    lists = block_lists(block_mask, B, H, transposed=False)
-    ft, sources = float_type(plan), problem.options.sources
-    sa = mod_args(problem.score, plan.score, device, ft, plan.score_checked, sources)
-    ma = mod_args(problem.mask, plan.mask, device, FloatType.F32, plan.mask_checked, sources)  # masks: float32
-    out = output_like(q, DV, problem.dtype)
-    lse = torch.empty(B, H, L, dtype=sd, device=device)
-    mx = torch.empty(B, H, L, dtype=sd, device=device) if problem.want_max else None
+    a = forward_args(problem, plan, q)
     while True:
         try:
-            forward_launch(problem, plan, block_mask, q, k, v, out, lse, mx, lists, sa, ma).run()
-            if sa.err is not None or ma.err is not None:
-                raise_if_out_of_range(((problem.score, sa), (problem.mask, ma)))
-            return Outputs(out, lse, mx)
+            forward_launch(problem, plan, q, k, v, a).run()
+            if a.sa.err is not None or a.ma.err is not None:
+                raise_if_out_of_range(((problem.score, a.sa), (problem.mask, a.ma)))
+            return Outputs(a.out, a.lse, a.mx)
         except OutOfResources:  # e.g. a gathered bias needs shared memory for its layout: smaller, remembered
             smaller = smaller_forward(plan.forward)
             if smaller is None:
@@ -259,17 +259,17 @@ def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: t
             plan = refit(plan, forward=smaller)
 
 
-def forward_launch(problem: Problem, plan: Plan, block_mask, q, k, v, out, lse, mx, lists: BlockLists, sa: ModArgs,
-                   ma: ModArgs) -> KernelLaunch:
+def forward_launch(problem: Problem, plan: Plan, q, k, v, a: ForwardArgs) -> KernelLaunch:
     """The forward kernel's launch for these tensors (:func:`forward` runs it; :func:`forward_ahead`
     compiles it for stand-ins)."""
     cfg = plan.forward
-    sq, skv = block_mask.BLOCK_SIZE
+    sq, skv = a.block_mask.BLOCK_SIZE
     D, DV = problem.head_dim, problem.value_dim
     grid = (triton.cdiv(problem.q_len, cfg.block_m), problem.batch * problem.heads)
+    lists, sa, ma, lse, mx = a.lists, a.sa, a.ma, a.lse, a.mx
     return KernelLaunch(flex_fwd, grid, (
-        q, k, v, out, lse, lse if mx is None else mx, q.stride(), kv_strides(problem, k), kv_strides(problem, v),
-        out.stride(), lse.stride(), *lists.tensors, lists.num.stride(), lists.idx.stride(),
+        q, k, v, a.out, lse, lse if mx is None else mx, q.stride(), kv_strides(problem, k), kv_strides(problem, v),
+        a.out.stride(), lse.stride(), *lists.tensors, lists.num.stride(), lists.idx.stride(),
         problem.heads, problem.q_len, problem.kv_len, problem.group, kernel_scale(problem),
         sa.fn, sa.bufs, ma.fn, ma.bufs), dict(
         HAS_SCORE_MOD=sa.fn is not None, HAS_MASK_MOD=ma.fn is not None, HAS_FULL=lists.has_full,
@@ -300,38 +300,36 @@ def dropout_args(problem: Problem) -> tuple:
 
 
 @dataclass(frozen=True)
-class StandIns:
-    """A forward's arguments for compiling ahead: ``meta`` q, k, v, output and LSE with the problem's
-    shapes, strides and dtypes; the real BlockMask lists and mod arguments."""
+class ForwardArgs:
+    """A forward's arguments besides q, k and v: the BlockMask and its kv lists, the mods' arguments,
+    and the empty output, LSE and (if asked) row maxima, on q's device and in its layout (``meta``
+    stand-ins when compiling ahead)."""
 
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    out: torch.Tensor
-    lse: torch.Tensor
     block_mask: object
     lists: BlockLists
     sa: ModArgs
     ma: ModArgs
+    out: torch.Tensor
+    lse: torch.Tensor
+    mx: Optional[torch.Tensor]
 
 
-def forward_stand_ins(problem: Problem, plan: Plan) -> StandIns:
-    """The :class:`StandIns` of ``problem``'s forward (prefill or decode)."""
-    q, k, v = stand_ins(problem)
-    block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(
-        problem.q_len, problem.kv_len, problem.device)
+def forward_args(problem: Problem, plan: Plan, q: torch.Tensor) -> ForwardArgs:
+    """The :class:`ForwardArgs` of ``problem``'s forward (prefill or decode) for ``q``."""
+    block_mask = block_mask_of(problem)
     lists = block_lists(block_mask, problem.batch, problem.heads, transposed=False)
     ft, sources = float_type(plan), problem.options.sources
     sa = mod_args(problem.score, plan.score, problem.device, ft, plan.score_checked, sources)
-    ma = mod_args(problem.mask, plan.mask, problem.device, FloatType.F32, plan.mask_checked, sources)
-    out = output_like(q, problem.value_dim, problem.dtype)
-    lse = torch.empty(problem.batch, problem.heads, problem.q_len, dtype=stats_dtype(problem.dtype), device=q.device)
-    return StandIns(q, k, v, out, lse, block_mask, lists, sa, ma)
+    ma = mod_args(problem.mask, plan.mask, problem.device, FloatType.F32, plan.mask_checked, sources)  # float32
+    stats = (problem.batch, problem.heads, problem.q_len)
+    sd = stats_dtype(problem.dtype)
+    lse = torch.empty(stats, dtype=sd, device=q.device)
+    mx = torch.empty(stats, dtype=sd, device=q.device) if problem.want_max else None
+    return ForwardArgs(block_mask, lists, sa, ma, output_like(q, problem.value_dim, problem.dtype), lse, mx)
 
 
 def forward_ahead(problem: Problem, plan: Plan) -> KernelLaunch:
-    """:func:`forward`'s launch for the problem's :class:`StandIns`: to compile before the first call
-    launches (:mod:`.ahead`)."""
-    a = forward_stand_ins(problem, plan)
-    return forward_launch(problem, plan, a.block_mask, a.q, a.k, a.v, a.out, a.lse,
-                          a.lse if problem.want_max else None, a.lists, a.sa, a.ma)
+    """:func:`forward`'s launch for ``meta`` stand-ins of q, k, v and the outputs (the block lists and
+    the mods' arguments are the real ones): to compile before the first call launches (:mod:`.ahead`)."""
+    q, k, v = stand_ins(problem)
+    return forward_launch(problem, plan, q, k, v, forward_args(problem, plan, q))

@@ -31,7 +31,7 @@ from flexcomp.tiles import BackwardConfig, pad_dim, smaller_backward
 from . import ahead
 from .ahead import KernelLaunch
 from .kernels.backward import flex_bwd, flex_bwd_delta
-from .launch import (block_lists, dot_precision, dropout_args, float_type, full_block_mask, kernel_scale, kv_strides,
+from .launch import (block_lists, block_mask_of, dot_precision, dropout_args, float_type, kernel_scale, kv_strides,
                      mod_args, output_like, stand_ins, stats_dtype)
 from .lower import FloatType
 from .modules import jit_scatter
@@ -92,7 +92,7 @@ def backward(problem: Problem, plan: Plan, saved: Saved, d_out: Optional[torch.T
                      tuple(torch.zeros_like(t) if w else None for t, w in
                            zip(score.buffers if score is not None else (), problem.score_grads)))
     ahead.wait(backward_key(plan))  # the backward's kernels, compiling since the forward
-    block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(L, S, device)
+    block_mask = block_mask_of(problem)
     delta = torch.empty(B, H, L, dtype=stats_dtype(problem.dtype), device=device)
     delta_launch(problem, out, d_out, d_lse, lse, delta).run()
 
@@ -158,8 +158,7 @@ def backward_ahead(problem: Problem, plan: Plan) -> list[KernelLaunch]:
     out = output_like(q, problem.value_dim, problem.dtype)
     lse = torch.empty(problem.batch, problem.heads, problem.q_len, dtype=stats_dtype(problem.dtype), device=meta)
     delta = torch.empty_like(lse)
-    block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(
-        problem.q_len, problem.kv_len, problem.device)
+    block_mask = block_mask_of(problem)
     sa, ma = _backward_mods(problem, plan)
     dq, dk, dv = _grad_buffers(problem, q, meta)
     args = _Args(problem, plan, block_mask, q, k, v, torch.empty_like(out), dq, dk, dv, lse, delta, sa, ma,

@@ -18,8 +18,8 @@ from flexcomp.tiles import DecodeLayout, decode_layout, pad_dim
 
 from .ahead import KernelLaunch
 from .kernels.decode import decode_merge, flex_decode
-from .launch import (BlockLists, FloatType, ModArgs, block_lists, dot_precision, float_type, forward_stand_ins,
-                     full_block_mask, kv_strides, mod_args, output_like, raise_if_out_of_range, stats_dtype)
+from .launch import (BlockLists, ForwardArgs, ModArgs, dot_precision, forward_args, kv_strides, raise_if_out_of_range,
+                     stand_ins)
 
 INTERPRETER_MULTIPROCESSORS = 4  # under Triton's interpreter: a few splits, so that tests cover the merge
 
@@ -49,34 +49,26 @@ def forward(problem: Problem, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: t
     """The decode forward: output ``[B, Hq, L, Ev]`` (input dtype) and LSE ``[B, Hq, L]`` (natural log,
     float32), as :func:`flexcomp.codegen.launch.forward` returns them. Raises ``FlexcompIndexError``
     when a mod indexed a captured tensor out of range."""
-    B, H, L, S, DV = problem.batch, problem.heads, problem.q_len, problem.kv_len, problem.value_dim
-    device = problem.device
-    block_mask = problem.block_mask if problem.block_mask is not None else full_block_mask(L, S, device)
-    lists = block_lists(block_mask, B, H, transposed=False)
-    sources = problem.options.sources
-    sa = mod_args(problem.score, plan.score, device, float_type(plan), plan.score_checked, sources)
-    ma = mod_args(problem.mask, plan.mask, device, FloatType.F32, plan.mask_checked, sources)
-    out = output_like(q, DV, problem.dtype)
-    lse = torch.empty(B, H, L, dtype=stats_dtype(problem.dtype), device=device)
-    for launch in _launches(problem, plan, q, k, v, out, lse, lists, sa, ma):
+    a = forward_args(problem, plan, q)
+    for launch in _launches(problem, plan, q, k, v, a):
         launch.run()
-    if sa.err is not None or ma.err is not None:
-        raise_if_out_of_range(((problem.score, sa), (problem.mask, ma)))
-    return Outputs(out, lse, None)
+    if a.sa.err is not None or a.ma.err is not None:
+        raise_if_out_of_range(((problem.score, a.sa), (problem.mask, a.ma)))
+    return Outputs(a.out, a.lse, None)
 
 
 def forward_ahead(problem: Problem, plan: Plan) -> list[KernelLaunch]:
-    """:func:`forward`'s launches for the problem's stand-ins (:class:`.launch.StandIns`), to compile
-    before the first call (:mod:`.ahead`)."""
-    a = forward_stand_ins(problem, plan)
-    return _launches(problem, plan, a.q, a.k, a.v, a.out, a.lse, a.lists, a.sa, a.ma)
+    """:func:`forward`'s launches for ``meta`` stand-ins of q, k, v and the outputs, to compile before
+    the first call (:mod:`.ahead`)."""
+    q, k, v = stand_ins(problem)
+    return _launches(problem, plan, q, k, v, forward_args(problem, plan, q))
 
 
-def _launches(problem: Problem, plan: Plan, q, k, v, out, lse, lists: BlockLists, sa: ModArgs,
-              ma: ModArgs) -> list[KernelLaunch]:
-    """The decode kernel writing ``out`` and ``lse`` directly (one split), or writing per-split
+def _launches(problem: Problem, plan: Plan, q, k, v, a: ForwardArgs) -> list[KernelLaunch]:
+    """The decode kernel writing ``a.out`` and ``a.lse`` directly (one split), or writing per-split
     partial results (float32 buffers allocated here, on ``out``'s device) and the merge."""
     B, H, L, DV = problem.batch, problem.heads, problem.q_len, problem.value_dim
+    out, lse, lists, sa, ma = a.out, a.lse, a.lists, a.sa, a.ma
     layout = layout_of(problem, plan, lists)
     if layout.splits == 1:
         return [_decode_launch(problem, plan, layout, q, k, v, out, lse, lists, sa, ma, split=False)]

@@ -312,6 +312,13 @@ def propagate(g: Graph, inputs: dict[str, Interval], scalars: dict[str, float], 
     return vals
 
 
+def zero_divisors(g: Graph, vals: list[Interval]) -> list:
+    """Per integer ``//`` or ``%`` by a node, where (broadcastable to the blocks) its divisor may be 0:
+    those blocks are evaluated, where torch raises ZeroDivisionError. ``vals``: :func:`propagate`'s."""
+    return [(vals[n.args[1]].lo <= 0) & (vals[n.args[1]].hi >= 0) for n in g.nodes
+            if n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int and not isinstance(n.args[1], Const)]
+
+
 def index_kinds(g: Graph, grid: BlockGrid) -> dict[int, tuple[IndexKind, ...]]:
     """For each load node: what each of its indices is (:class:`IndexKind`), from the graph alone."""
     blocks = {"q_idx": grid.q_block, "kv_idx": grid.kv_block}
@@ -378,10 +385,7 @@ def block_intervals(tm: TracedMod, grid: BlockGrid, B: int, H: int, device,
     scalar_of = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
     extent = float(max(B, H, grid.q_len, grid.kv_len))
     vals = propagate(g, inputs, scalar_of, load, like, extent=extent)
-    for n in g.nodes:  # an integer divisor that may be 0 there: evaluate (torch raises ZeroDivisionError)
-        if n.op in (Op.FLOORDIV, Op.MOD) and n.dtype.is_int and not isinstance(n.args[1], Const):
-            d = vals[n.args[1]]
-            unsafe.append((d.lo <= 0) & (d.hi >= 0))
+    unsafe += zero_divisors(g, vals)
     out = g.output
     if isinstance(out, Const):
         v = like + float(out.value)
