@@ -12,6 +12,7 @@ ZeroDivisionError as torch would.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -48,7 +49,7 @@ def evaluate_unknown(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor, separat
     args = _mask_args(tm, grid, kind)
     launch = _classify_launch(kind, grid, args)
     if separate_full is not None:
-        _start_with_lists(("blockmask", tm.graph.structural_key(), kind.shape, grid, kind.device), launch,
+        _start_with_lists(("blockmask", tm.graph.structural_key(), kind.shape, grid, kind.device), kind, [launch],
                           separate_full)
     launch.run()
     if args.err is not None:
@@ -65,8 +66,8 @@ def _mask_args(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor) -> ModArgs:
 
 def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.device,
              separate_full: bool) -> Optional[torch.Tensor]:
-    """The block-kind map (int8 ``[B, H, num_q, num_kv]``, a broadcast view of ``[Bx, Hx, ...]``) in
-    one launch, bounds and evaluation together (:func:`kernels.classify_by_bounds`), for a mask with
+    """The block-kind map (int8 ``[Bx, Hx, num_q, num_kv]``: Bx = 1 where the mask ignores ``b``, Hx
+    likewise) in one launch, bounds and evaluation together (:func:`kernels.classify_by_bounds`), for a mask with
     a generated bounds function (:mod:`.bounds`); None otherwise (the torch analysis runs then)."""
     bf = bounds_function(tm)
     if bf is None:
@@ -75,21 +76,28 @@ def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.devic
     Bx, Hx = (B if g.uses_input("b") else 1), (H if g.uses_input("h") else 1)
     kind = torch.empty(Bx, Hx, grid.num_q, grid.num_kv, dtype=torch.int8, device=device)
     if kind.numel() == 0:
-        return kind.expand(B, H, grid.num_q, grid.num_kv)
+        return kind
     args = _mask_args(tm, grid, kind)
     plain = args if args.err is None else mod_args(tm, g, device)  # the captures' layout the bounds read
     scalars = scalar_tensor(tuple(float(tm.scalars[i]) for i in bf.runtime_scalars), torch.float64, device)
     qb, kvb = grid.q_block, grid.kv_block
+    pads = (triton.next_power_of_2(qb), triton.next_power_of_2(kvb))
+    launches = []
+    runs = scalars  # read only where the bounds load runs
+    if bf.runs:
+        size, programs = bf.table([tuple(t.shape) for t in tm.buffers], grid)
+        runs = torch.empty(size, dtype=torch.float64, device=device)
+        launches.append(KernelLaunch(bf.runs_fn, (programs,), (plain.bufs, runs, qb, kvb, *pads)))
     programs = (Bx * Hx * grid.num_q, triton.cdiv(grid.num_kv, CLASSIFY_CHUNK))
-    launch = KernelLaunch(kernels.classify_by_bounds, programs, (
+    launches.append(KernelLaunch(kernels.classify_by_bounds, programs, (
         kind, kind.stride(0), kind.stride(1), kind.stride(2), grid.num_q, grid.num_kv, Hx, grid.q_len, grid.kv_len,
-        bf.fn, scalars, plain.bufs, args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb),
-        triton.next_power_of_2(kvb), CLASSIFY_CHUNK), dict(num_warps=4))
-    _start_with_lists(("bounds", bf.fn, kind.shape, grid, kind.device), launch, separate_full)
-    launch.run()
+        bf.fn, scalars, plain.bufs, runs, args.fn, args.bufs, qb, kvb, *pads, CLASSIFY_CHUNK), dict(num_warps=4)))
+    _start_with_lists(("bounds", bf.fn, kind.shape, grid, kind.device), kind, launches, separate_full)
+    for launch in launches:
+        launch.run()
     if args.err is not None:
         raise_if_out_of_range(((tm, args),))
-    return kind.expand(B, H, grid.num_q, grid.num_kv)
+    return kind
 
 
 def _classify_launch(kind: torch.Tensor, grid: BlockGrid, args: ModArgs) -> KernelLaunch:
@@ -101,23 +109,27 @@ def _classify_launch(kind: torch.Tensor, grid: BlockGrid, args: ModArgs) -> Kern
         dict(num_warps=4))
 
 
-def _start_with_lists(key: tuple, first: KernelLaunch, separate_full: bool) -> None:
-    """Once per ``key`` (a map's structure, sizes and device): compile ``first`` (writing a block-kind
-    map, its first argument) and both list kernels over a ``meta`` stand-in of that map in parallel
-    (:mod:`.ahead`); returns when all are ready."""
+def _start_with_lists(key: tuple, kind: torch.Tensor, first: list[KernelLaunch], separate_full: bool,
+                      one_launch: bool = True) -> None:
+    """Once per ``key`` (a map's structure, sizes and device): compile the launches ``first`` (that
+    write the block-kind map ``kind``) and the list kernels (``one_launch``: :func:`ordered_lists`'
+    one, else :func:`_lists`' two) over a ``meta`` stand-in of that map in parallel (:mod:`.ahead`);
+    returns when all are ready."""
     key = ("ahead", *key, separate_full)
     if CACHE.get(key) is not None:
         return
     CACHE.put(key, True)
     if not ahead.enabled():
         return
-    kind = first.args[0]
 
     def compile_all() -> None:
         meta = torch.empty(kind.shape, dtype=kind.dtype, device="meta")
-        lists = [_list_launch(meta, transposed, separate_full, *_list_buffers(meta, transposed, separate_full))
-                 for transposed in (False, True)]
-        ahead.wait_all(ahead.start([first, *lists], kind.device))
+        if one_launch:
+            lists = [_both_launch(meta, separate_full, _list_views(meta, separate_full, *kind.shape[:2])[0])]
+        else:
+            lists = [_list_launch(meta, transposed, separate_full, *_list_buffers(meta, transposed, separate_full))
+                     for transposed in (False, True)]
+        ahead.wait_all(ahead.start([*first, *lists], kind.device))
 
     ahead.guarded(compile_all)
 
@@ -155,13 +167,59 @@ def _lists(kind: torch.Tensor, transposed: bool, separate_full: bool
     return buffers
 
 
-def ordered_lists(kind: torch.Tensor, separate_full: bool) -> tuple:
-    """torch's ordered lists of a finished block-kind map (int8 ``[Bx, Hx, num_q, num_kv]``,
-    contiguous): ``(kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)``,
-    int32, ``[Bx, Hx, rows]`` / ``[Bx, Hx, rows, cols]``. Without ``separate_full`` every kept block
-    is listed as partial and the full ones are None. Two launches."""
+def ordered_lists(kind: torch.Tensor, separate_full: bool, B: Optional[int] = None, H: Optional[int] = None
+                  ) -> tuple:
+    """torch's ordered lists of a finished block-kind map (int8 ``[Bx, Hx, num_q, num_kv]``):
+    ``(kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)``, int32,
+    ``[B, H, rows]`` / ``[B, H, rows, cols]`` (``B`` / ``H`` default to ``Bx`` / ``Hx``; a dim of 1
+    that is not is broadcast, stride 0). Without ``separate_full`` every kept block is listed as
+    partial and the full ones are None. One allocation and one launch (:func:`kernels.both_lists`)."""
     kind = kind.contiguous()  # (b, h) at b * Hx + h times num_q * num_kv
-    return (*_lists(kind, False, separate_full), *_lists(kind, True, separate_full))
+    views, buf = _list_views(kind, separate_full, B or kind.shape[0], H or kind.shape[1])
+    if buf.numel():
+        _both_launch(kind, separate_full, views).run()
+    return views
+
+
+# int32 elements each list's start is rounded to: 64 bytes, so that every list is as aligned as a
+# tensor of its own (Triton specialises on 16-byte alignment; the stand-ins compiled ahead assume it)
+LIST_ALIGN = 16
+
+
+def _list_views(kind: torch.Tensor, separate_full: bool, B: int, H: int) -> tuple[tuple, torch.Tensor]:
+    """The eight lists of :func:`ordered_lists` as views of one int32 buffer (the full ones None
+    without ``separate_full``), and the buffer."""
+    Bx, Hx, nq, nkv = kind.shape
+    shapes = []
+    for rows, cols in ((nq, nkv), (nkv, nq)):
+        for full in (False, True):
+            shapes += [(rows,), (rows, cols)] if separate_full or not full else [None, None]
+    per = [None if s is None else Bx * Hx * math.prod(s) for s in shapes]
+    starts, total = [], 0
+    for n in per:
+        starts.append(total)
+        total += 0 if n is None else -(-n // LIST_ALIGN) * LIST_ALIGN
+    buf = torch.empty(total, dtype=torch.int32, device=kind.device)
+    views = []
+    for shape, n, start in zip(shapes, per, starts):
+        if shape is None:
+            views.append(None)
+            continue
+        inner = math.prod(shape)
+        row = (shape[1], 1) if len(shape) == 2 else (1,)
+        views.append(buf.as_strided((B, H, *shape), (Hx * inner if Bx == B else 0, inner if Hx == H else 0, *row),
+                                    start))
+    return tuple(views), buf
+
+
+def _both_launch(kind: torch.Tensor, separate_full: bool, views: tuple) -> KernelLaunch:
+    Bx, Hx, nq, nkv = kind.shape
+    num, idx, full_num, full_idx, q_num, q_idx, q_full_num, q_full_idx = views
+    if not separate_full:  # placeholders the kernel never writes
+        full_num, full_idx, q_full_num, q_full_idx = num, idx, q_num, q_idx
+    return KernelLaunch(kernels.both_lists, (Bx * Hx * (nq + nkv),), (
+        kind, nq * nkv, nq, nkv, Bx * Hx * nq, num, idx, full_num, full_idx, q_num, q_idx, q_full_num, q_full_idx,
+        separate_full, _chunk(nkv), _chunk(nq)))
 
 
 # sequences one varlen program compares a token against at a time (cumulative lengths, one vector load)
@@ -180,6 +238,7 @@ def varlen_lists(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: 
     launch = KernelLaunch(kernels.varlen_kinds, (nq, triton.cdiv(nkv, chunk)), (
         kind, cu_q, cu_k, cu_q.numel() - 1, total_q, nkv, left, right, block, block, chunk, DOC_CHUNK),
         dict(num_warps=4))
-    _start_with_lists(("varlen", kind.shape, block, left, right, kind.device), launch, separate_full=True)
+    _start_with_lists(("varlen", kind.shape, block, left, right, kind.device), kind, [launch], separate_full=True,
+                      one_launch=False)
     launch.run()
     return _lists(kind, False, True), lambda: _lists(kind, True, True)

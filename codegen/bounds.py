@@ -177,23 +177,43 @@ def _supported_load(kinds: tuple[IndexKind, ...]) -> bool:
     return not ranged or (len(ranged) == 1 and ranged[0].block > 0)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One aligned run table: buffer ``buffer``'s dim ``dim`` cut into runs of ``BLOCK_M`` (``along_q``)
+    or ``BLOCK_N`` elements, each reduced to its float64 min and max for every value of the other
+    dims (contiguous, ``[..., runs, ...]`` with ``(min, max)`` innermost), by the generated ``runs``
+    kernel before the map is classified."""
+
+    buffer: int
+    dim: int
+    along_q: bool
+
+    def items(self, shape: tuple[int, ...], q_block: int, kv_block: int) -> int:
+        """Runs in the table of a buffer of ``shape`` (a 0-dim buffer as ``(1,)``)."""
+        shape = shape or (1,)
+        width = q_block if self.along_q else kv_block
+        return math.prod(shape[:self.dim]) * -(-shape[self.dim] // width) * math.prod(shape[self.dim + 1:])
+
+
 class _Loads:
     """Bounds of loads inside the generated function, from the mod's flat argument tuple ``ARGS``
     (:func:`flexcomp.codegen.lower.flat_args`: pointers, then every buffer's strides, then sizes).
 
     A point index reads one element (clamped into the dim, as torch's analysis does); an aligned
-    index reduces the block's run (``BLOCK_M`` or ``BLOCK_N`` elements from the block's first index,
-    within the sequence and the dim) to its min and max; a nan among them leaves the bounds
-    unknown. Blocks where an index may leave its dim are collected in ``unsafe`` (evaluated pair by
-    pair, where torch raises)."""
+    index reads its block's run of the tensor (``BLOCK_M`` or ``BLOCK_N`` elements from the block's
+    first index, within the dim) as the min and max the ``runs`` kernel wrote into ``RUNS`` (:class:`Run`;
+    a nan among them leaves the bounds unknown): two loads per block instead of a block's run.
+    Blocks where an index may leave its dim are collected in ``unsafe`` (evaluated pair by pair,
+    where torch raises)."""
 
     def __init__(self, g: Graph, kinds: dict, w: _Writer):
         self.g, self.kinds, self.w = g, kinds, w
         self.unsafe: list[Expr] = []
+        self.runs: dict[Run, tuple] = {}  # each table's offset in RUNS, runs along its dim, strides
         nb = max(1, len(g.buffers))
-        dims = [max(1, b.ndim) for b in g.buffers]
-        nd = sum(dims) if g.buffers else 1
-        starts = [sum(dims[:i]) for i in range(len(dims))]
+        self.dims = [max(1, b.ndim) for b in g.buffers]
+        nd = sum(self.dims) if g.buffers else 1
+        starts = [sum(self.dims[:i]) for i in range(len(self.dims))]
         self.index = {b.name: i for i, b in enumerate(g.buffers)}
         self.stride = lambda i, d: f"ARGS[{nb + starts[i] + d}]"  # noqa: E731
         self.size = lambda i, d: f"ARGS[{nb + nd + starts[i] + d}]"  # noqa: E731
@@ -201,7 +221,7 @@ class _Loads:
     def bounds(self, n, xs: list[Interval]) -> Interval:
         w, i = self.w, self.index[n.attr]
         kinds = self.kinds[n.id]
-        offset, ranged = w.let("(ZERO * 0).to(tl.int64)"), None  # the point indices' element offset, per block
+        points, ranged = {}, None  # the point indices (int64, per block) by dim
         for d, (x, k) in enumerate(zip(xs, kinds)):
             size = self.size(i, d)
             if k.ranged:
@@ -210,41 +230,90 @@ class _Loads:
                 continue
             self.unsafe.append(w.let(f"({x.hi.code} >= {size}) | ({x.lo.code} < 0) | "
                                      f"(tl.abs({x.lo.code}) == float('inf')) | ({x.lo.code} != {x.lo.code})"))
-            point = w.let(f"tl.minimum(tl.maximum(tl.where({x.lo.code} == {x.lo.code}, {x.lo.code}, 0.0), 0.0), "
-                          f"({size} - 1).to(tl.float64)).to(tl.int64)")
-            offset = w.let(f"{offset.code} + {point.code} * {self.stride(i, d)}")
+            points[d] = w.let(f"tl.minimum(tl.maximum(tl.where({x.lo.code} == {x.lo.code}, {x.lo.code}, 0.0), 0.0), "
+                              f"({size} - 1).to(tl.float64)).to(tl.int64)")
         if ranged is None:  # points only (a 0-dim tensor: its one value)
-            v = w.let(f"tl.load(ARGS[{i}] + {offset.code}).to(tl.float64)")
+            offset = " + ".join(f"{p.code} * {self.stride(i, d)}" for d, p in points.items()) or "0"
+            v = w.let(f"tl.load(ARGS[{i}] + (ZERO * 0).to(tl.int64) + {offset}).to(tl.float64)")
             nan = w.let(f"{v.code} != {v.code}")
             return Interval(w.let(f"tl.where({nan.code}, float('-inf'), {v.code})"),
                             w.let(f"tl.where({nan.code}, float('inf'), {v.code})"), exact=True)
         d, x = ranged
-        width, pad = ("BLOCK_M", "PAD_M") if self._along_q(n, d) else ("BLOCK_N", "PAD_N")
-        first = w.let(f"({x.lo.code}).to(tl.int64)")
-        run = w.let(f"{first.code}[:, None] + tl.arange(0, {pad})[None, :]")
-        ok = w.let(f"(tl.arange(0, {pad})[None, :] < {width}) & ({run.code} <= ({x.hi.code}).to(tl.int64)[:, None]) "
-                   f"& ({run.code} < {self.size(i, d)})")
-        v = w.let(f"tl.load(ARGS[{i}] + {offset.code}[:, None] + {run.code} * {self.stride(i, d)}, mask={ok.code}, "
-                  f"other=0).to(tl.float64)")
-        nan = w.let(f"tl.max(({ok.code} & ({v.code} != {v.code})).to(tl.int32), 1) > 0")
-        some = w.let(f"tl.max({ok.code}.to(tl.int32), 1) > 0")
-        lo = w.let(f"tl.min(tl.where({ok.code}, {v.code}, float('inf')), 1)")
-        hi = w.let(f"tl.max(tl.where({ok.code}, {v.code}, float('-inf')), 1)")
-        known = w.let(f"{some.code} & ~{nan.code}")
-        return Interval(w.let(f"tl.where({known.code}, {lo.code}, float('-inf'))"),
-                        w.let(f"tl.where({known.code}, {hi.code}, float('inf'))"), exact=True)
+        run = Run(i, d, self._along_q(n, d))
+        offset, runs, strides = self._table(run)
+        width = "BLOCK_M" if run.along_q else "BLOCK_N"
+        # x.lo is the block's first index (the index *is* q_idx / kv_idx); blocks past the dim are unsafe
+        points[d] = w.let(f"tl.minimum(({x.lo.code}).to(tl.int64) // {width}, {runs.code} - 1)")
+        at = " + ".join(f"{points[j].code} * {strides[j].code}" for j in sorted(points))
+        slot = w.let(f"{offset.code} + 2 * ({at})")
+        return Interval(w.let(f"tl.load(RUNS + {slot.code})"), w.let(f"tl.load(RUNS + {slot.code} + 1)"), exact=True)
+
+    def _table(self, run: Run) -> tuple:
+        """``run``'s table: its offset in ``RUNS``, its runs along the dim and its strides (in
+        ``(min, max)`` pairs), written once per function where first used."""
+        if run not in self.runs:
+            w, dims = self.w, self.dims[run.buffer]
+            width = "BLOCK_M" if run.along_q else "BLOCK_N"
+            zero = w.let("(ZERO * 0).to(tl.int64)")
+            runs = w.let(f"({zero.code} + {self.size(run.buffer, run.dim)} + {width} - 1) // {width}")
+            sizes = [runs.code if j == run.dim else self.size(run.buffer, j) for j in range(dims)]
+            strides = [w.let(f"{zero.code} + 1")]
+            for j in range(dims - 1, 0, -1):
+                strides.insert(0, w.let(f"{strides[0].code} * {sizes[j]}"))
+            if self.runs:
+                last_offset, _, last_strides, last_items = list(self.runs.values())[-1]
+                offset = w.let(f"{last_offset.code} + 2 * {last_items.code}")
+            else:
+                offset = zero
+            items = w.let(f"{strides[0].code} * {sizes[0]}")
+            self.runs[run] = (offset, runs, strides, items)
+        return self.runs[run][:3]
 
     def _along_q(self, n, d: int) -> bool:
         return self.g.nodes[n.args[d]].attr == "q_idx"
 
 
+def _runs_source(loads: _Loads) -> str:
+    """The ``runs`` kernel: one program per run of every table (:class:`Run`), a grid of the largest
+    table's runs; each reduces its run of the captured tensor to ``(min, max)`` (nan: unknown)."""
+    lines = ["pid = tl.program_id(0).to(tl.int64)", "offset = pid * 0"]
+    for k, run in enumerate(loads.runs):
+        i, d, dims = run.buffer, run.dim, loads.dims[run.buffer]
+        width, pad = ("BLOCK_M", "PAD_M") if run.along_q else ("BLOCK_N", "PAD_N")
+        sizes = [f"runs{k}" if j == d else loads.size(i, j) for j in range(dims)]
+        lines += [f"runs{k} = (pid * 0 + {loads.size(i, d)} + {width} - 1) // {width}",
+                  f"items{k} = {' * '.join(sizes)}", f"if pid < items{k}:", "    rest = pid"]
+        for j in range(dims - 1, -1, -1):
+            lines += [f"    i{j} = rest % {sizes[j]}", f"    rest = rest // {sizes[j]}"]
+        base = " + ".join(f"i{j} * {loads.stride(i, j)}" for j in range(dims) if j != d) or "0"
+        lines += [f"    at = i{d} * {width} + tl.arange(0, {pad})",
+                  f"    ok = (tl.arange(0, {pad}) < {width}) & (at < {loads.size(i, d)})",
+                  f"    v = tl.load(ARGS[{i}] + {base} + at * {loads.stride(i, d)}, mask=ok, other=0).to(tl.float64)",
+                  "    nan = tl.max((ok & (v != v)).to(tl.int32), 0) > 0",
+                  "    lo = tl.where(nan, float('-inf'), tl.min(tl.where(ok, v, float('inf')), 0))",
+                  "    hi = tl.where(nan, float('inf'), tl.max(tl.where(ok, v, float('-inf')), 0))",
+                  "    tl.store(RUNS + offset + 2 * pid, lo)",
+                  "    tl.store(RUNS + offset + 2 * pid + 1, hi)",
+                  f"offset = offset + 2 * items{k}"]
+    return ("\n\n@triton.jit\ndef runs(ARGS, RUNS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_M: tl.constexpr,\n"
+            "         PAD_N: tl.constexpr):\n" + textwrap.indent("\n".join(lines), "    ") + "\n")
+
+
 @dataclass(frozen=True)
 class BoundsFunction:
-    """A graph's generated bounds function and the captured numbers it reads at run time, in order
-    (positions in the graph's scalars)."""
+    """A graph's generated bounds function, the captured numbers it reads at run time, in order
+    (positions in the graph's scalars), and the run tables it reads (:class:`Run`) with the kernel
+    that writes them (None without)."""
 
     fn: object
     runtime_scalars: tuple[int, ...]
+    runs: tuple[Run, ...] = ()
+    runs_fn: Optional[object] = None
+
+    def table(self, shapes: list[tuple[int, ...]], grid: BlockGrid) -> tuple[int, int]:
+        """``(float64 elements of RUNS, programs of the runs kernel)`` for captured tensors of ``shapes``."""
+        items = [r.items(tuple(shapes[r.buffer]), grid.q_block, grid.kv_block) for r in self.runs]
+        return 2 * sum(items), max(items, default=0)
 
 
 def literal_scalars(g: Graph) -> frozenset[str]:
@@ -260,10 +329,11 @@ def literal_scalars(g: Graph) -> frozenset[str]:
     return frozenset(names)
 
 
-def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...]]]:
-    """The bounds function's source for ``g`` (captured values ``scalars``, literal ones written in)
-    and the positions of the run-time scalars; None if ``g`` loads a captured tensor other than at
-    points and ``q_idx`` / ``kv_idx`` runs (:func:`_supported_load`), or a step has no rendering."""
+def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...], tuple[Run, ...]]]:
+    """The source of ``g``'s bounds function (captured values ``scalars``, literal ones written in)
+    and, where it reads run tables, of their ``runs`` kernel; the positions of the run-time scalars;
+    the tables. None if ``g`` loads a captured tensor other than at points and ``q_idx`` /
+    ``kv_idx`` runs (:func:`_supported_load`), or a step has no rendering."""
     kinds = index_kinds(g, _STRUCTURAL_GRID)
     if not all(_supported_load(k) for k in kinds.values()):
         return None
@@ -294,10 +364,10 @@ def render(g: Graph, scalars: tuple) -> Optional[tuple[str, tuple[int, ...]]]:
         return None
     body = "\n".join(pre + w.lines + [f"return {lo.code}, {hi.code}, {flag.code}"])
     source = ("import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
-              "def bounds(B, H, Q_LO, Q_HI, KV_LO, KV_HI, ZERO, SCALARS, ARGS, BLOCK_M: tl.constexpr,\n"
+              "def bounds(B, H, Q_LO, Q_HI, KV_LO, KV_HI, ZERO, SCALARS, ARGS, RUNS, BLOCK_M: tl.constexpr,\n"
               "           BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr):\n"
-              + textwrap.indent(body, "    ") + "\n")
-    return source, runtime
+              + textwrap.indent(body, "    ") + "\n" + (_runs_source(loads) if loads.runs else ""))
+    return source, runtime, tuple(loads.runs)
 
 
 def bounds_function(tm) -> Optional[BoundsFunction]:
@@ -314,7 +384,7 @@ def _load(g: Graph, scalars: tuple, key: tuple) -> Optional[BoundsFunction]:
     rendered = render(g, scalars)
     if rendered is None:
         return None
-    source, runtime = rendered
+    source, runtime, runs = rendered
     name = f"bounds_{g.kind.value}_{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}"
     path = os.path.join(source_dir(), name + ".py")
     with open(path, "w") as f:
@@ -322,4 +392,4 @@ def _load(g: Graph, scalars: tuple, key: tuple) -> Optional[BoundsFunction]:
     spec = importlib.util.spec_from_file_location(f"flexcomp_generated.{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return BoundsFunction(module.bounds, runtime)
+    return BoundsFunction(module.bounds, runtime, runs, getattr(module, "runs", None))

@@ -162,7 +162,7 @@ def create_block_mask(
             lists = _block_lists(tm, grid, B, H, device, separate_full_blocks, kernels)
         _REUSE.put(key, tm.buffers, lists)
     kv_num, kv_idx, f_num, f_idx, q_num, q_idx, fq_num, fq_idx = (
-        None if t is None else t.expand(B, H, *t.shape[2:]) for t in lists)
+        t if t is None or t.shape[:2] == (B, H) else t.expand(B, H, *t.shape[2:]) for t in lists)
     bm = BlockMask((Q_LEN, KV_LEN), kv_num, kv_idx, f_num, f_idx, q_num, q_idx, fq_num, fq_idx, (qb, kvb),
                    mask_mod)
     if compute_dq_write_order:
@@ -200,8 +200,8 @@ def _use_kernels(device: torch.device) -> bool:
 def _block_lists(tm, grid: BlockGrid, B: int, H: int, device: torch.device, separate_full: bool,
                  kernels: bool) -> tuple:
     """The eight ordered lists of the mask, ``[Bx, Hx, ...]`` (Bx = 1 where the mask ignores ``b``,
-    Hx likewise): kv lists, full kv lists, q lists, full q lists (the full ones None unless
-    ``separate_full``)."""
+    Hx likewise; from the kernels ``[B, H, ...]`` with those dims broadcast): kv lists, full kv
+    lists, q lists, full q lists (the full ones None unless ``separate_full``)."""
     if device.type == "meta" or 0 in (B, H, grid.num_q, grid.num_kv):
         # meta: shapes and dtypes only, as torch gives; an empty map: nothing to evaluate
         kind = torch.zeros((B, H, grid.num_q, grid.num_kv), dtype=torch.int8, device=device)
@@ -211,8 +211,8 @@ def _block_lists(tm, grid: BlockGrid, B: int, H: int, device: torch.device, sepa
         kind = on_device.classify(tm, grid, B, H, device, separate_full)  # bounds and evaluation in one kernel
         if kind is None:  # a load the generated bounds do not cover (bias[q_idx - kv_idx]): the torch analysis
             evaluate = functools.partial(on_device.evaluate_unknown, separate_full=separate_full)
-            kind = classify_blocks(tm, grid, B, H, device, evaluate)
-        return on_device.ordered_lists(_unexpanded(kind), separate_full)
+            kind = _unexpanded(classify_blocks(tm, grid, B, H, device, evaluate))
+        return on_device.ordered_lists(kind, separate_full, B, H)
     else:
         kind = _unexpanded(classify_blocks(tm, grid, B, H, device))
     if separate_full:
@@ -269,7 +269,7 @@ class _Reuse:
 
     def put(self, key: tuple, buffers, lists: tuple) -> None:
         with torch.no_grad():
-            copies = tuple(t.detach().clone() for t in buffers)
+            copies = tuple(t.clone() for t in buffers)
         with self.lock:
             self.entries[(key, tuple(map(id, buffers)))] = (
                 tuple(weakref.ref(t) for t in buffers), self._state(buffers), copies, lists)

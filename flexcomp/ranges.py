@@ -27,7 +27,7 @@ from .errors import FlexcompError, FlexcompRuntimeError
 from .ir import Const, DType, Graph, Node, Op
 from .ir_rules import Interval
 from .sparsity import _INT_RANGE, propagate
-from .trace_cache import value_range
+from .trace_cache import value_ranges
 
 if TYPE_CHECKING:  # annotations only: the trace stage imports this module
     from .trace import TracedMod
@@ -133,7 +133,8 @@ def check_index_limit(tm, domain: Domain) -> None:
         return
     g = tm.graph
     scalars = {c.name: v for c, v in zip(g.scalars, tm.scalars)}
-    ranges = {b.name: value_range(t) for b, t in zip(g.buffers, tm.buffers) if b.storage == "int32"}
+    ints = [(b, t) for b, t in zip(g.buffers, tm.buffers) if b.storage == "int32"]
+    ranges = {b.name: r for (b, _), r in zip(ints, value_ranges([t for _, t in ints]))}
     bad = overflowing_nodes(g, scalars, domain, ranges)
     if bad:
         raise FlexcompError(

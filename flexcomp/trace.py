@@ -44,7 +44,7 @@ from .proxy import _FIX, Proxy, _Concretize, _user_frame
 from .ranges import INDEX_LIMIT, needs_int64
 from .symbolic import simplify
 from .trace_cache import (NoCache, captured_tensors, fingerprint, lookup, lookup_structure, recipes_of, remember,
-                          remember_structure, structural_key, value_range)
+                          remember_structure, structural_key, value_ranges)
 from .trace_vectors import VectorLike
 
 Number = bool | int | float
@@ -381,12 +381,10 @@ def _int_ranges(g: Graph, buffers: tuple) -> dict[str, tuple[int, int]]:
     """Value ranges assumed for int32 captures when choosing integer widths (:func:`~flexcomp.ranges.needs_int64`):
     their current values, widened to at least +-INDEX_LIMIT so that index-like tables (document ids,
     offsets) can change in place without a new trace."""
-    out = {}
-    for b, t in zip(g.buffers, buffers):
-        if b.storage == "int32" and t.device.type != "meta":  # a meta tensor holds no values: int32's range
-            lo, hi = value_range(t)
-            out[b.name] = (min(lo, -INDEX_LIMIT), max(hi, INDEX_LIMIT))
-    return out
+    # a meta tensor holds no values: int32's range
+    ints = [(b, t) for b, t in zip(g.buffers, buffers) if b.storage == "int32" and t.device.type != "meta"]
+    return {b.name: (min(lo, -INDEX_LIMIT), max(hi, INDEX_LIMIT))
+            for (b, _), (lo, hi) in zip(ints, value_ranges([t for _, t in ints]))}
 
 
 def trace(fn: Callable, kind: ModKind) -> TracedMod:

@@ -149,23 +149,31 @@ def lookup_structure(skey: tuple, tensors: list) -> tuple | None:
     buffers = tuple(_rebuild(r, tensors) for r in recipes)
     if any(b is None for b in buffers):
         return None
-    int_ranges = {}
-    for b, t, r in zip(graph.buffers, buffers, ranges):
-        if r is not None:
-            now = value_range(t)
-            if now[0] < r[0] or now[1] > r[1]:
-                return None
-            int_ranges[b.name] = r
-    return graph, buffers, scalars, recipes, int_ranges
+    checked = [(b, t, r) for b, t, r in zip(graph.buffers, buffers, ranges) if r is not None]
+    for (_, _, r), now in zip(checked, value_ranges([t for _, t, _ in checked])):
+        if now[0] < r[0] or now[1] > r[1]:
+            return None
+    return graph, buffers, scalars, recipes, {b.name: r for b, _, r in checked}
 
 
 def value_range(t: torch.Tensor) -> tuple[int, int]:
     """``(min, max)`` of an integer tensor's values (``(0, 0)`` when empty)."""
-    if t.numel() == 0:
-        return 0, 0
+    return value_ranges([t])[0]
+
+
+def value_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """``(min, max)`` of each integer tensor's values (``(0, 0)`` when empty): one read per device."""
+    out = [(0, 0)] * len(tensors)
+    by_device: dict = {}
+    for i, t in enumerate(tensors):
+        if t.numel():
+            by_device.setdefault(t.device, []).append(i)
     with torch.no_grad():
-        ext = torch.stack([t.min(), t.max()]).tolist()
-    return int(ext[0]), int(ext[1])
+        for places in by_device.values():
+            ext = torch.stack([m for i in places for m in torch.aminmax(tensors[i])]).tolist()
+            for k, i in enumerate(places):
+                out[i] = int(ext[2 * k]), int(ext[2 * k + 1])
+    return out
 
 
 class NoCache(Exception):

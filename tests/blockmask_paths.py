@@ -53,9 +53,9 @@ class Paths:
                 self.launches.append(("classify", *seen[0]))
             return real_fused(tm, grid, B, H, device, separate_full)
 
-        def ordered_lists(kind, separate_full):
+        def ordered_lists(kind, separate_full, *BH):
             self.launches.append(("lists", tuple(kind.shape), separate_full))
-            return real_lists(kind, separate_full)
+            return real_lists(kind, separate_full, *BH)
 
         monkeypatch.setattr(on_device, "evaluate_unknown", evaluate_unknown)
         monkeypatch.setattr(on_device, "classify", classify)

@@ -122,9 +122,9 @@ def test_stand_in_launches_specialise_as_the_real_ones(monkeypatch, case):
 
 @pytest.mark.parametrize("separate_full", [True, False])
 def test_block_mask_kernels_compile_ahead_as_they_launch(monkeypatch, separate_full):
-    """create_block_mask on the kernel path: the classify kernel and both list kernels start
-    compiling together, for launches keyed like the ones that then run (the lists' for a stand-in
-    of the map the classify kernel fills)."""
+    """create_block_mask on the kernel path: the run tables' kernel, the classify kernel and the
+    lists' kernel start compiling together, for launches keyed like the ones that then run (the
+    lists' for a stand-in of the map the classify kernel fills)."""
     monkeypatch.setenv("FLEXCOMP_BACKEND", "triton")  # the kernels (Triton's interpreter on the CPU)
     started, launched = [], []
     monkeypatch.setattr(ahead, "start", lambda launches, device: started.extend(launches) or [])

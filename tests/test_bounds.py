@@ -1,6 +1,6 @@
 """The block analysis lowered to Triton (``flexcomp.codegen.bounds``), in Triton's interpreter on the
-CPU and for real on a GPU. Without loads the generated bounds equal the torch analysis' block by
-block; with loads (points, ``q_idx`` / ``kv_idx`` runs) they are at least as tight, and every block
+CPU and for real on a GPU. The generated bounds equal the torch analysis' block by block, loads
+(points, ``q_idx`` / ``kv_idx`` runs through the ``runs`` kernel's tables) included, and every block
 they decide agrees with the dense mask. Also: unsafe marks, captured numbers at run time unless a
 rule reads them as literals, other loads keeping the torch analysis, the rendered source of causal."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @triton.jit
-def _bounds_grid(LO, HI, UNSAFE, SCALARS, ARGS, B, H, NUM_Q, NUM_KV, Q_LEN, KV_LEN, BOUNDS: tl.constexpr,
+def _bounds_grid(LO, HI, UNSAFE, SCALARS, ARGS, RUNS, B, H, NUM_Q, NUM_KV, Q_LEN, KV_LEN, BOUNDS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr,
                  CHUNK: tl.constexpr):
     row = tl.program_id(0)  # (b, h, q-block)
@@ -35,7 +35,7 @@ def _bounds_grid(LO, HI, UNSAFE, SCALARS, ARGS, B, H, NUM_Q, NUM_KV, Q_LEN, KV_L
     q_last = tl.minimum(i * BLOCK_M + BLOCK_M - 1, Q_LEN - 1)
     kv_last = tl.minimum(cols * BLOCK_N + BLOCK_N - 1, KV_LEN - 1)
     lo, hi, unsafe = BOUNDS(b + zero, h + zero, i * BLOCK_M + zero, q_last + zero, (cols * BLOCK_N).to(tl.float64),
-                            kv_last.to(tl.float64), zero, SCALARS, ARGS, BLOCK_M, BLOCK_N, PAD_M, PAD_N)
+                            kv_last.to(tl.float64), zero, SCALARS, ARGS, RUNS, BLOCK_M, BLOCK_N, PAD_M, PAD_N)
     ok = cols < NUM_KV
     tl.store(LO + row * NUM_KV + cols, lo, mask=ok)
     tl.store(HI + row * NUM_KV + cols, hi, mask=ok)
@@ -51,9 +51,15 @@ def _kernel_bounds(mask_mod, Bn, Hn, grid: BlockGrid):
     hi, unsafe = torch.empty_like(lo), torch.empty(shape, dtype=torch.int8, device=DEVICE)
     scalars = scalar_tensor(tuple(float(tm.scalars[i]) for i in bf.runtime_scalars), torch.float64, DEVICE)
     args = mod_args(tm, tm.graph, torch.device(DEVICE))
+    pads = (triton.next_power_of_2(grid.q_block), triton.next_power_of_2(grid.kv_block))
+    size, programs = bf.table([tuple(t.shape) for t in tm.buffers], grid)
+    runs = torch.full((max(size, 1),), float("nan"), dtype=torch.float64, device=DEVICE)
+    if bf.runs:
+        bf.runs_fn[(programs,)](args.bufs, runs, grid.q_block, grid.kv_block, *pads)
+        assert not runs.isnan().any()  # every table entry written
     _bounds_grid[(Bn * Hn * grid.num_q, triton.cdiv(grid.num_kv, 16))](
-        lo, hi, unsafe, scalars, args.bufs, Bn, Hn, grid.num_q, grid.num_kv, grid.q_len, grid.kv_len, bf.fn,
-        grid.q_block, grid.kv_block, triton.next_power_of_2(grid.q_block), triton.next_power_of_2(grid.kv_block), 16)
+        lo, hi, unsafe, scalars, args.bufs, runs, Bn, Hn, grid.num_q, grid.num_kv, grid.q_len, grid.kv_len, bf.fn,
+        grid.q_block, grid.kv_block, *pads, 16)
     return tm, lo, hi, unsafe
 
 
@@ -68,6 +74,7 @@ _DOC = torch.repeat_interleave(torch.arange(7), torch.tensor([40, 3, 90, 61, 17,
 _BATCH_DOC = torch.stack([_DOC, _DOC.flip(0)])
 _FLAGS = torch.rand(260, generator=torch.Generator().manual_seed(1)).lt(0.3).to(DEVICE)
 _SCALE = torch.tensor([0.5, -1.0, 2.0], device=DEVICE)
+_TABLE = torch.randn(300, 3, generator=torch.Generator().manual_seed(2)).to(DEVICE)  # [q, h]: runs along dim 0
 _NANS = torch.where(torch.arange(300) % 97 == 5, float("nan"), torch.arange(300.0)).to(DEVICE)
 
 
@@ -85,6 +92,7 @@ MASKS = {
     "bool flags (kv)": lambda b, h, q, kv: _FLAGS[kv] | (q == kv),
     "per-head scale (point load)": lambda b, h, q, kv: (q - kv) * _SCALE[h] < 20,
     "nan in a float capture": lambda b, h, q, kv: _NANS[q] > kv.float(),
+    "runs along dim 0 of a 2-D capture": lambda b, h, q, kv: _TABLE[q, h] * 40 > (kv % 7).float(),
 }
 
 
@@ -101,22 +109,37 @@ def _block_truth(mask_mod, Bn, Hn, grid: BlockGrid):
 
 
 @pytest.mark.parametrize("name", list(MASKS))
-def test_generated_bounds_are_sound_and_at_least_as_tight_as_the_torch_analysis(name):
-    """Without loads the two are the same code and agree exactly; an aligned load's run stops at
-    the sequence's end here (the torch analysis reduces whole runs of the tensor), so the bounds may
-    be tighter: every block they decide must be what the dense mask says."""
+def test_generated_bounds_equal_the_torch_analysis_and_are_sound(name):
+    """The two are the same rules: block by block the generated bounds equal the torch analysis'
+    (loads too: points clamped into their dim, an aligned index's run reduced over the whole run of
+    the tensor, read from the ``runs`` kernel's tables), and every block they decide is what the
+    dense mask says."""
     grid = BlockGrid(300, 260, 32, 16)
     tm, lo, hi, unsafe = _kernel_bounds(MASKS[name], 2, 3, grid)
     ref = block_intervals(tm, grid, 2, 3, DEVICE)
-    ref_lo, ref_hi = torch.broadcast_to(ref.lo, lo.shape), torch.broadcast_to(ref.hi, hi.shape)
-    if not tm.graph.buffers:
-        torch.testing.assert_close(lo, ref_lo, rtol=0, atol=0)
-        torch.testing.assert_close(hi, ref_hi, rtol=0, atol=0)
-    assert (lo >= ref_lo).all() and (hi <= ref_hi).all()
+    torch.testing.assert_close(lo, torch.broadcast_to(ref.lo, lo.shape), rtol=0, atol=0)
+    torch.testing.assert_close(hi, torch.broadcast_to(ref.hi, hi.shape), rtol=0, atol=0)
     every, some = _block_truth(MASKS[name], 2, 3, grid)
     decided_true, decided_false = (lo == 1) & (unsafe == 0), (hi == 0) & (unsafe == 0)
     assert every[decided_true].all() and not some[decided_false].any()
     assert not unsafe.any()
+
+
+def test_run_tables_hold_each_runs_min_and_max():
+    """The ``runs`` kernel's tables, literally: a capture of 10 values cut into runs of 4 (the last
+    one short) along q, and of 8 along kv; a nan makes its run unknown (-inf, inf)."""
+    values = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0, float("nan"), 5.0], device=DEVICE)
+    tm = trace(lambda b, h, q, kv: values[q] > values[kv], ModKind.MASK)
+    bf = B.bounds_function(tm)
+    assert bf.runs == (B.Run(0, 0, True), B.Run(0, 0, False))
+    grid = BlockGrid(10, 10, 4, 8)
+    size, programs = bf.table([(10,)], grid)
+    assert (size, programs) == (2 * (3 + 2), 3)
+    runs = torch.full((size,), -7.0, dtype=torch.float64, device=DEVICE)
+    bf.runs_fn[(programs,)](mod_args(tm, tm.graph, torch.device(DEVICE)).bufs, runs, 4, 8, 4, 8)
+    inf = float("inf")
+    assert runs.tolist() == [1.0, 4.0, 2.0, 9.0, -inf, inf,  # along q: [3 1 4 1] [5 9 2 6] [nan 5]
+                             1.0, 9.0, -inf, inf]  # along kv: [3 1 4 1 5 9 2 6] [nan 5]
 
 
 def test_a_divisor_that_may_be_zero_marks_its_blocks():
@@ -153,11 +176,11 @@ def test_loads_other_than_aligned_runs_and_points_keep_the_torch_analysis():
 
 
 def test_the_rendered_source_of_causal():
-    source, runtime = B.render(trace(causal_mask, ModKind.MASK).graph, ())
-    assert runtime == ()
+    source, runtime, runs = B.render(trace(causal_mask, ModKind.MASK).graph, ())
+    assert runtime == () and runs == ()
     assert source.splitlines()[4:] == [
         "@triton.jit",
-        "def bounds(B, H, Q_LO, Q_HI, KV_LO, KV_HI, ZERO, SCALARS, ARGS, BLOCK_M: tl.constexpr,",
+        "def bounds(B, H, Q_LO, Q_HI, KV_LO, KV_HI, ZERO, SCALARS, ARGS, RUNS, BLOCK_M: tl.constexpr,",
         "           BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr):",
         "    t0 = (Q_LO >= KV_HI)",  # q >= kv everywhere in the block
         "    t1 = (Q_HI >= KV_LO)",  # somewhere in the block

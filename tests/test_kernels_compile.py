@@ -42,7 +42,7 @@ def test_classify_by_bounds_compiles_for_hopper_without_a_gpu():
     """The fused block-map kernel (``classify_by_bounds``) with generated bounds functions
     (``flexcomp.codegen.bounds``: float64 interval arithmetic, ``//``, ``%``, float mods, captured
     numbers read at run time, point and run loads of captured tensors) compiles to a cubin, with the
-    mask's plain and checked argument layouts."""
+    mask's plain and checked argument layouts; so does each ``runs`` kernel writing the run tables."""
     script = textwrap.dedent('''
         import torch
         import triton
@@ -76,7 +76,7 @@ def test_classify_by_bounds_compiles_for_hopper_without_a_gpu():
             plain = mod_args(tm, tm.graph, torch.device("cpu"))
             for checked in (False, True):
                 args = mod_args(tm, tm.graph, torch.device("cpu"), checked=checked)
-                types = {"KIND": "*i8", "SCALARS": "*fp64", "MASK_BUFS": types_of(args.bufs),
+                types = {"KIND": "*i8", "SCALARS": "*fp64", "RUNS": "*fp64", "MASK_BUFS": types_of(args.bufs),
                          "BOUNDS_BUFS": types_of(plain.bufs),
                          **{n: "i32" for n in ("SK0", "SK1", "SK2", "NUM_Q", "NUM_KV", "HX", "Q_LEN", "KV_LEN")}}
                 consts = {"BOUNDS": bounds_function(tm).fn, "MASK_MOD": args.fn, "BLOCK_M": 128, "BLOCK_N": 128,
@@ -85,6 +85,15 @@ def test_classify_by_bounds_compiles_for_hopper_without_a_gpu():
                 src = ASTSource(fn=K.classify_by_bounds, signature=sig,
                                 constexprs={(names.index(k),): v for k, v in consts.items()})
                 assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+            bf = bounds_function(tm)
+            if bf.runs:  # the run tables' kernel
+                consts = {"BLOCK_M": 128, "BLOCK_N": 128, "PAD_M": 128, "PAD_N": 128}
+                names = bf.runs_fn.arg_names
+                sig = {"ARGS": types_of(plain.bufs), "RUNS": "*fp64", **{n: "constexpr" for n in consts}}
+                src = ASTSource(fn=bf.runs_fn, signature=sig,
+                                constexprs={(names.index(k),): v for k, v in consts.items()})
+                assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+            names = K.classify_by_bounds.arg_names
         print("OK")
     ''')
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -80,13 +80,13 @@ def classify_blocks(
 @triton.jit(repr=variant_name("classify_by_bounds"))
 def classify_by_bounds(
     KIND, SK0, SK1, SK2, NUM_Q, NUM_KV, HX, Q_LEN, KV_LEN,
-    BOUNDS: tl.constexpr, SCALARS, BOUNDS_BUFS, MASK_MOD: tl.constexpr, MASK_BUFS,
+    BOUNDS: tl.constexpr, SCALARS, BOUNDS_BUFS, RUNS, MASK_MOD: tl.constexpr, MASK_BUFS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_M: tl.constexpr, PAD_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """The whole map in one launch: each program bounds the mask over ``CHUNK`` kv blocks of one
     q-block row with the generated ``BOUNDS`` (:mod:`flexcomp.codegen.bounds`; ``BOUNDS_BUFS`` the
     mask's captures as the unchecked mod takes them: a checked ``MASK_BUFS`` has one more pointer,
-    its error slots), writes the blocks it
+    its error slots; ``RUNS`` the run tables its loads read), writes the blocks it
     decides (EMPTY where the mask is surely false, FULL where surely true on a block inside the
     sequence, PARTIAL where surely true on a block hanging over its end) and evaluates the others
     pair by pair as :func:`classify_blocks` does."""
@@ -99,7 +99,8 @@ def classify_by_bounds(
     kv_first = cols * BLOCK_N
     kv_last = tl.minimum(kv_first + BLOCK_N - 1, KV_LEN - 1)
     lo, hi, unsafe = BOUNDS(off_b + zero, off_h + zero, q_first + zero, q_last + zero, kv_first.to(tl.float64),
-                            kv_last.to(tl.float64), zero, SCALARS, BOUNDS_BUFS, BLOCK_M, BLOCK_N, PAD_M, PAD_N)
+                            kv_last.to(tl.float64), zero, SCALARS, BOUNDS_BUFS, RUNS, BLOCK_M, BLOCK_N, PAD_M,
+                            PAD_N)
     inside = (q_first + BLOCK_M <= Q_LEN) & (kv_first + BLOCK_N <= KV_LEN)
     kinds = tl.where(hi == 0, EMPTY, tl.where(lo == 1, tl.where(inside, FULL, PARTIAL), UNKNOWN))
     kinds = tl.where(unsafe, UNKNOWN, kinds)
@@ -132,11 +133,12 @@ def _write_ranks(IDX, listed, cols, ok, seen, total):
 
 
 @triton.jit
-def ordered_lists(
-    KIND, S_OUTER, S_ROW, S_COL, NUM_ROWS, NUM_COLS, NUM, IDX, FULL_NUM, FULL_IDX,
+def _list_row(
+    KIND, pid, S_OUTER, S_ROW, S_COL, NUM_ROWS, NUM_COLS, NUM, IDX, FULL_NUM, FULL_IDX,
     SEPARATE_FULL: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (b * Hx + h) * NUM_ROWS + row: the outputs are contiguous in that order
+    """Row ``pid`` (``(b * Hx + h) * NUM_ROWS + row``: the outputs are contiguous in that order) of
+    the map's lists: its counts, then every column to its place."""
     row = pid % NUM_ROWS
     base = KIND + (pid // NUM_ROWS).to(tl.int64) * S_OUTER + row.to(tl.int64) * S_ROW
     offs = tl.arange(0, CHUNK)
@@ -160,6 +162,33 @@ def ordered_lists(
     tl.store(NUM + pid, listed_total)
     if SEPARATE_FULL:
         tl.store(FULL_NUM + pid, full_total)
+
+
+@triton.jit
+def ordered_lists(
+    KIND, S_OUTER, S_ROW, S_COL, NUM_ROWS, NUM_COLS, NUM, IDX, FULL_NUM, FULL_IDX,
+    SEPARATE_FULL: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One direction's lists: a program per row (``S_ROW`` / ``S_COL`` swapped: per column)."""
+    _list_row(KIND, tl.program_id(0), S_OUTER, S_ROW, S_COL, NUM_ROWS, NUM_COLS, NUM, IDX, FULL_NUM, FULL_IDX,
+              SEPARATE_FULL, CHUNK)
+
+
+@triton.jit
+def both_lists(
+    KIND, S_OUTER, NUM_Q, NUM_KV, KV_ROWS, NUM, IDX, FULL_NUM, FULL_IDX, Q_NUM, Q_IDX, Q_FULL_NUM, Q_FULL_IDX,
+    SEPARATE_FULL: tl.constexpr, KV_CHUNK: tl.constexpr, Q_CHUNK: tl.constexpr,
+):
+    """Both directions' lists of a contiguous map (``S_OUTER = NUM_Q * NUM_KV``) in one launch: the
+    kv lists (a program per q-block row) from programs ``0 .. KV_ROWS``, then the q lists (a program
+    per kv-block column)."""
+    pid = tl.program_id(0)
+    if pid < KV_ROWS:
+        _list_row(KIND, pid, S_OUTER, NUM_KV, 1, NUM_Q, NUM_KV, NUM, IDX, FULL_NUM, FULL_IDX, SEPARATE_FULL,
+                  KV_CHUNK)
+    else:
+        _list_row(KIND, pid - KV_ROWS, S_OUTER, 1, NUM_KV, NUM_KV, NUM_Q, Q_NUM, Q_IDX, Q_FULL_NUM,
+                  Q_FULL_IDX, SEPARATE_FULL, Q_CHUNK)
 
 
 @triton.jit
