@@ -114,7 +114,8 @@ def create_block_mask(
     num_kv_blocks]`` int32, equal to torch's. Where the mask ignores ``b`` (or ``h``) they are
     broadcast views (stride 0) of one computed batch (head); a repeated call with the same mask
     structure, captured numbers and captured tensors (same objects, versions and values) returns
-    the lists it built before (shared, not copied: do not write into them in place).
+    the lists it built before (shared, not copied: do not write into them in place; with captured
+    tensors, from the third call on: the first call only notes them, the second keeps a copy).
     On CUDA the blocks the interval analysis leaves undecided and the lists are computed by
     generated kernels (:mod:`flexcomp.codegen.blockmask`); elsewhere by torch ops.
 
@@ -239,16 +240,25 @@ class _Reuse:
     strides, and the same values: the entry keeps a copy of each captured tensor and compares it on
     a hit, so a write the version counter does not see (through ``.data`` or a numpy view, a loader
     refilling its buffer) builds anew (one device compare, a wait on a GPU). Small: an entry holds
-    O(blocks) memory and a copy of the captures."""
+    O(blocks) memory and a copy of the captures.
+
+    Lists of a mask with captured tensors are kept from their second build on: the first only
+    notes the tensors (no copy), so a loop building a mask of fresh tensors every step (a new
+    packing per batch) pays no copies."""
 
     def __init__(self, size: int):
         self.size = size
         self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.seen: collections.OrderedDict = collections.OrderedDict()  # built once: (weakrefs, state)
         self.lock = threading.Lock()
 
     @staticmethod
     def _state(buffers) -> tuple:
         return tuple((t._version, t.data_ptr(), t.shape, t.stride()) for t in buffers)
+
+    @staticmethod
+    def _same(refs, state, buffers) -> bool:
+        return all(r() is t for r, t in zip(refs, buffers)) and state == _Reuse._state(buffers)
 
     def get(self, key: tuple, buffers) -> Optional[tuple]:
         full_key = (key, tuple(map(id, buffers)))
@@ -257,7 +267,7 @@ class _Reuse:
         if hit is None:
             return None
         refs, state, copies, lists = hit
-        if any(r() is not t for r, t in zip(refs, buffers)) or state != self._state(buffers):
+        if not self._same(refs, state, buffers):
             return None
         with torch.no_grad():
             if not all(torch.equal(c, t) for c, t in zip(copies, buffers)):
@@ -268,17 +278,27 @@ class _Reuse:
         return lists
 
     def put(self, key: tuple, buffers, lists: tuple) -> None:
+        full_key = (key, tuple(map(id, buffers)))
+        refs, state = tuple(weakref.ref(t) for t in buffers), self._state(buffers)
+        if buffers:
+            with self.lock:
+                before = self.seen.pop(full_key, None)
+                if before is None or not self._same(*before, buffers):  # a first build: note it only
+                    self.seen[full_key] = (refs, state)
+                    while len(self.seen) > self.size:
+                        self.seen.popitem(last=False)
+                    return
         with torch.no_grad():
             copies = tuple(t.clone() for t in buffers)
         with self.lock:
-            self.entries[(key, tuple(map(id, buffers)))] = (
-                tuple(weakref.ref(t) for t in buffers), self._state(buffers), copies, lists)
+            self.entries[full_key] = (refs, state, copies, lists)
             while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
 
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
+            self.seen.clear()
 
 
 # block lists kept for reuse (a training loop that rebuilds the same mask each step gets it back)

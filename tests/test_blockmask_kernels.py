@@ -405,9 +405,10 @@ def test_reuse_sees_in_place_updates_of_captured_tensors(paths, kernels, which):
     mask = make(captured)
     B, H, Q, KV, kw = 2, None, S, S, {"BLOCK_SIZE": 32}
     before = tfa.create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)
-    a = create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)
+    a = create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)  # noted (no copy)
+    kept = create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)  # built again, kept with a copy
     b = create_block_mask(mask, B, H, Q, KV, device=DEVICE, **kw)
-    assert a.kv_indices.data_ptr() == b.kv_indices.data_ptr()
+    assert a.kv_indices.data_ptr() != kept.kv_indices.data_ptr() == b.kv_indices.data_ptr()
     assert_same(b, before, "before the update")
 
     update(captured)
@@ -443,7 +444,10 @@ def test_reuse_sees_writes_that_skip_the_version_counter(paths, how):
     if how == "data":
         lengths = lengths.to(DEVICE)  # written through .data where it lives (on the CPU: the numpy buffer itself)
     mask = padding_mask(lengths)
-    create_block_mask(mask, 2, None, 128, 128, device=DEVICE, BLOCK_SIZE=16)
+    for _ in range(3):  # kept from the second build on: the third is the kept one
+        kept = create_block_mask(mask, 2, None, 128, 128, device=DEVICE, BLOCK_SIZE=16)
+    (entry,) = _REUSE.entries.values()
+    assert kept.kv_indices.data_ptr() == entry[3][1].data_ptr()  # the lists kept
     if how == "numpy":
         buf[1] = 90
     else:
