@@ -387,6 +387,18 @@ def _int_ranges(g: Graph, buffers: tuple) -> dict[str, tuple[int, int]]:
             for (b, _), (lo, hi) in zip(ints, value_ranges([t for _, t in ints]))}
 
 
+def _ranges_relied_on(g: Graph, value_of: dict, int_ranges: dict) -> dict[str, tuple[int, int]]:
+    """The int32 captures' ranges the int32 trace of ``g`` relies on: a capture with which no int32
+    value can make the arithmetic wrap (it is only compared, say) is dropped, so a cached trace never
+    re-reads its values (one device sync per new closure). A wide (int64) trace relies on none."""
+    relied = dict(int_ranges)
+    for name in list(relied):
+        without = {k: v for k, v in relied.items() if k != name}
+        if not needs_int64(g, value_of, without):
+            relied = without
+    return relied
+
+
 def trace(fn: Callable, kind: ModKind) -> TracedMod:
     """Trace ``fn`` into a simplified, verified :class:`TracedMod`.
 
@@ -436,6 +448,7 @@ def trace(fn: Callable, kind: ModKind) -> TracedMod:
         if not wide and needs_int64(g, value_of, int_ranges):
             wide = True
             continue
+        int_ranges = {} if wide else _ranges_relied_on(g, value_of, int_ranges)
         simple = verify(simplify(g))
         tm = TracedMod(simple, tuple(tensor_of[b.name] for b in simple.buffers),
                        tuple(value_of[c.name] for c in simple.scalars), fn)

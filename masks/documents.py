@@ -9,13 +9,13 @@ from torch import Tensor
 from .causal import causal_mask
 
 
-def _starts(doc_ids: Tensor) -> Tensor:
-    """First token index of each token's document (documents are contiguous runs of one id)."""
+def _positions(doc_ids: Tensor) -> Tensor:
+    """Each token's index within its document (documents are contiguous runs of one id), int32."""
     n = doc_ids.shape[-1]
     pos = torch.arange(n, dtype=torch.int32, device=doc_ids.device).expand_as(doc_ids)
     boundary = torch.ones_like(doc_ids, dtype=torch.bool)
     boundary[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
-    return torch.cummax(torch.where(boundary, pos, 0), dim=-1).values.to(torch.int32)
+    return pos - torch.cummax(torch.where(boundary, pos, 0), dim=-1).values.to(torch.int32)
 
 
 def document_mask(
@@ -32,7 +32,10 @@ def document_mask(
     the document's first token), so ``inner=prefix_lm(4)`` gives each document its own prefix.
     ``inner=None`` means no further masking (bidirectional inside documents).
 
-    The document ids and start offsets are captured tensors: a new packing compiles nothing new.
+    The document ids and the positions within documents are captured tensors: a new packing
+    compiles nothing new. The mod only compares what it reads (with ``inner=causal_mask``), so no
+    value of a new packing can make 32-bit index arithmetic wrap: it is traced once per structure
+    and never re-checked (:mod:`flexcomp.trace`).
 
     >>> from flexcomp import create_mask
     >>> create_mask(document_mask([2, 2]), 1, 1, 4, 4, device="cpu")[0, 0].int().tolist()
@@ -52,16 +55,16 @@ def document_mask(
             raise ValueError(f"document_mask: doc_ids must be an integer tensor [S] or [B, S], got "
                              f"{doc.dtype} of shape {tuple(doc.shape)}")
         doc = doc.to(torch.int32)
-    start = _starts(doc)
+    pos = _positions(doc)  # read, not computed, in the mod: no arithmetic on captured values
     per_batch = doc.dim() == 2
 
     def document(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         if per_batch:
             same = doc[b, q_idx] == doc[b, kv_idx]
-            ql, kl = q_idx - start[b, q_idx], kv_idx - start[b, kv_idx]
+            ql, kl = pos[b, q_idx], pos[b, kv_idx]
         else:
             same = doc[q_idx] == doc[kv_idx]
-            ql, kl = q_idx - start[q_idx], kv_idx - start[kv_idx]
+            ql, kl = pos[q_idx], pos[kv_idx]
         if inner is None:
             return same
         return same & inner(b, h, ql, kl)

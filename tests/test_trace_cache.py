@@ -286,6 +286,30 @@ def test_rebound_int32_capture_outside_the_proven_range_retraces():
     _check(rel(wide))
 
 
+def test_captures_only_compared_are_never_read_again(monkeypatch):
+    """int32 captures the mod only compares cannot make its arithmetic wrap: a new closure over new
+    tensors (a new packing) rebinds the trace without reading their values (no device sync); one the
+    mod computes with (``q - start[q]``) is read, once per new tensor."""
+    import flexcomp.trace_cache as trace_cache
+
+    reads = []
+    real = trace_cache.value_ranges
+    monkeypatch.setattr(trace_cache, "value_ranges", lambda ts: (reads.append(len(ts)) if ts else None) or real(ts))
+
+    def compared(doc):
+        return lambda b, h, q_idx, kv_idx: (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    def computed(start):
+        return lambda b, h, q_idx, kv_idx: (q_idx - start[q_idx]) * 16 >= kv_idx * 16
+
+    for make, want in ((compared, []), (computed, [1, 1, 1])):
+        trace(make(torch.zeros(N, dtype=torch.int32)), ModKind.MASK)  # the first trace of the structure
+        reads.clear()
+        for i in range(3):
+            _check(make(torch.arange(N, dtype=torch.int32) // 4 + i))
+        assert reads == want, make.__name__  # a read (of one tensor) per new closure, or none
+
+
 def test_views_taken_while_tracing_are_cached_and_rebound(monkeypatch):
     """``offset[0]`` / ``table[1:]`` inside the mod: views of a captured tensor, read at run time, so the
     trace is kept (one trace for many closures) and sees in-place writes and each closure's tensor."""
