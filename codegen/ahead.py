@@ -55,7 +55,62 @@ class KernelLaunch:
 
     def run(self) -> None:
         """Launch (compiling first if Triton has no kernel for these arguments)."""
-        self.kernel[self.grid](*self.args, **self.kwargs)
+        if not _launch_compiled(self):
+            self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+_TRITON: Optional[tuple] = None  # (knobs, driver, compute_cache_key), imported at the first launch
+
+
+def _import_triton() -> Optional[tuple]:
+    global _TRITON
+    try:
+        from triton import knobs
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import compute_cache_key
+    except ImportError:
+        return None
+    _TRITON = (knobs, driver, compute_cache_key)
+    return _TRITON
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook is set (Triton 3.6 keeps an empty ``HookChain`` when none is)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _launch_compiled(launch: KernelLaunch) -> bool:
+    """Launch ``launch`` straight through the kernel Triton compiled and loaded for its arguments,
+    found as ``JITFunction.run`` finds it (the same binder and cache key); False, launching nothing,
+    when there is none yet, or when launch hooks (a profiler) or pre-run hooks are set: then
+    ``run`` does it all. Skipped from ``run``: its check that no global a kernel read has changed
+    since its compile (flexcomp's kernels read only their constants) and the launch metadata its
+    hooks would get. About half of Triton's host time per launch."""
+    kernel = launch.kernel
+    triton_ = _TRITON or _import_triton()
+    if triton_ is None or not hasattr(kernel, "device_caches"):  # another Triton, or not a JITFunction
+        return False
+    knobs, driver, compute_cache_key = triton_
+    runtime = knobs.runtime
+    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook) or kernel.pre_run_hooks:
+        return False
+    device = driver.active.get_current_device()
+    caches = kernel.device_caches.get(device)
+    if caches is None:
+        return False
+    kernel_cache, key_cache, _, _, binder = caches
+    kwargs = dict(launch.kwargs, debug=launch.kwargs.get("debug", kernel.debug) or runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    compiled = kernel_cache.get(compute_cache_key(key_cache, specialization, options))
+    if compiled is None or getattr(compiled, "_run", None) is None:  # not compiled, or not yet loaded
+        return False
+    grid = launch.grid
+    run = compiled.run  # the launcher (before reading compiled.function: as run() orders it)
+    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+        driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
+        *bound_args.values())
+    return True
 
 
 def enabled() -> bool:

@@ -11,6 +11,8 @@ import threading
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from flexcomp import create_block_mask, flex_attention
 from flexcomp.blockmask_build import _REUSE
@@ -263,3 +265,36 @@ def test_the_launcher_built_ahead_is_the_one_triton_builds(monkeypatch):
                      for i, value in kern.src.constants.items()}
         theirs.add(nvidia.make_launcher(constants, dict(kern.src.signature), None))
     assert ours is not None and ours in theirs
+
+
+@triton.jit
+def _scaled_copy(X, Y, N, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < N) * SCALE, mask=offs < N)
+
+
+@pytest.mark.gpu
+def test_launches_go_straight_to_the_compiled_kernel_unless_hooked(monkeypatch):
+    """After Triton's first launch of a specialisation, ``KernelLaunch.run`` launches its compiled
+    kernel directly (the same one ``JITFunction.run`` picks: a new specialisation, here another
+    constexpr, goes through Triton again); with a launch hook set (a profiler) Triton launches."""
+    from triton import knobs
+
+    x = torch.randn(1000, device=DEVICE)
+    y = torch.empty_like(x)
+    direct = []
+    real = ahead._launch_compiled
+    monkeypatch.setattr(ahead, "_launch_compiled", lambda launch: direct.append(real(launch)) or direct[-1])
+    for scale in (2.0, 2.0, 3.0, 3.0):
+        y.zero_()
+        KernelLaunch(_scaled_copy, (triton.cdiv(1000, 256),), (x, y, 1000, scale, 256)).run()
+        torch.testing.assert_close(y, x * scale, rtol=0, atol=0)
+    assert direct == [False, True, False, True]
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        KernelLaunch(_scaled_copy, (triton.cdiv(1000, 256),), (x, y, 1000, 2.0, 256)).run()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert direct[-1] is False and seen == ["_scaled_copy"]
