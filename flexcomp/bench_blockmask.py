@@ -5,9 +5,9 @@
     python -m flexcomp.bench_blockmask --profile              # also: the device ops of one flexcomp build
 
 Cases (block size 128, B = H = 1): ``causal``, ``sliding`` (causal, window 1024), ``document``
-(ragged lengths in ``64 .. S // 4``, seeded; ``document ids``: the same packings as device doc
-ids) at each size; ``document batch`` (B = 4, S = 8192, a packing per batch element,
-``doc_ids [4, S]``). Times: median over ``--reps`` calls after ``WARMUP``,
+(ragged lengths in ``64 .. S // 4``, seeded, given as lengths with ``device=`` the GPU; ``document
+ids``: the same packings as device doc ids) at each size; ``document batch`` (B = 4, S = 8192, a
+packing per batch element, ``doc_ids [4, S]``). Times: median over ``--reps`` calls after ``WARMUP``,
 ``torch.cuda.synchronize()`` around each. ``flexcomp build``: a fresh build per call (a different
 packing per call where the mask captures a tensor, so a result cache cannot answer; else
 ``blockmask_build.build_block_mask`` where it exists: ``flexcomp_fn`` says which). ``flexcomp reuse``:
@@ -104,7 +104,7 @@ def make_cases(sizes: list[int]) -> list[Case]:
     for S in sizes:
         cases += [Case("causal", 1, S, lambda i: causal_mask, lambda i: causal_mask, False),
                   Case("sliding", 1, S, lambda i, m=flex_sliding: m, lambda i, m=torch_sliding: m, False),
-                  Case("document", 1, S, lambda i, S=S: document_mask(_packing(i, S)[0]),
+                  Case("document", 1, S, lambda i, S=S: document_mask(_packing(i, S)[0], device=DEVICE),
                        lambda i, S=S: _torch_doc_mod(_doc_ids(_packing(i, S)[0])), True),
                   # the same packings given as device doc ids (no host-to-device copy per build)
                   Case("document ids", 1, S, lambda i, S=S: document_mask(doc_ids=_doc_ids(_packing(i, S)[0])),

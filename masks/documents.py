@@ -23,6 +23,7 @@ def document_mask(
     inner: Optional[Callable] = causal_mask,
     *,
     doc_ids: Optional[Tensor] = None,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> Callable:
     """Packed documents: ``q`` sees ``kv`` only in the same document, and only where ``inner`` allows.
 
@@ -30,7 +31,9 @@ def document_mask(
     length) or ``doc_ids=`` (the document id of each token: ``[S]``, or ``[B, S]`` for a packing per
     batch element). ``inner`` is a mask_mod that sees *document-local* indices (``q_idx`` minus
     the document's first token), so ``inner=prefix_lm(4)`` gives each document its own prefix.
-    ``inner=None`` means no further masking (bidirectional inside documents).
+    ``inner=None`` means no further masking (bidirectional inside documents). ``device``: where the
+    captured tensors live (default: CPU for ``lengths``, ``doc_ids``' own device); give the device
+    the masks are built on (``"cuda"``), or each ``create_block_mask`` copies them there first.
 
     The document ids and the positions within documents are captured tensors: a new packing
     compiles nothing new. The mod only compares what it reads (with ``inner=causal_mask``), so no
@@ -44,7 +47,7 @@ def document_mask(
     if (lengths is None) == (doc_ids is None):
         raise ValueError("document_mask: give exactly one of lengths (document lengths) or doc_ids= (id per token)")
     if lengths is not None:
-        lengths = torch.as_tensor(lengths, dtype=torch.int64)
+        lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
         if lengths.dim() != 1 or (lengths <= 0).any():
             raise ValueError(f"document_mask: lengths must be a 1-D list of positive ints, got {lengths.tolist()}; "
                              f"to give the document id of each token instead, call document_mask(doc_ids=...)")
@@ -55,6 +58,8 @@ def document_mask(
             raise ValueError(f"document_mask: doc_ids must be an integer tensor [S] or [B, S], got "
                              f"{doc.dtype} of shape {tuple(doc.shape)}")
         doc = doc.to(torch.int32)
+    if device is not None:
+        doc = doc.to(device)
     pos = _positions(doc)  # read, not computed, in the mod: no arithmetic on captured values
     per_batch = doc.dim() == 2
 

@@ -167,3 +167,18 @@ def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=flags)
     assert result.failed == 0
     assert result.attempted > 0 or module not in WITH_EXAMPLES
+
+
+def test_document_mask_keeps_its_tensors_on_the_given_device():
+    """``device=``: the ids and positions are made there (no copy at each build); the same mask."""
+    from flexcomp.ir import ModKind
+    from flexcomp.trace import trace
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths = [3, 5, 1, 7]
+    for mod in (document_mask(lengths, device=dev), document_mask(doc_ids=torch.tensor([0] * 3 + [1] * 13),
+                                                                  device=dev)):
+        assert {t.device.type for t in trace(mod, ModKind.MASK).buffers} == {dev}
+    got = create_mask(document_mask(lengths, device=dev), 1, 1, 16, 16, device=dev).cpu()
+    want = create_mask(document_mask(lengths), 1, 1, 16, 16, device="cpu")
+    assert torch.equal(got, want) and want.any() and not want.all()
