@@ -35,10 +35,12 @@ def document_mask(
     captured tensors live (default: CPU for ``lengths``, ``doc_ids``' own device); give the device
     the masks are built on (``"cuda"``), or each ``create_block_mask`` copies them there first.
 
-    The document ids and the positions within documents are captured tensors: a new packing
-    compiles nothing new. The mod only compares what it reads (with ``inner=causal_mask``), so no
-    value of a new packing can make 32-bit index arithmetic wrap: it is traced once per structure
-    and never re-checked (:mod:`flexcomp.trace`).
+    The document ids (and, for an ``inner`` other than ``causal_mask`` or None, the positions within
+    documents) are captured tensors: a new packing compiles nothing new, and costs nothing to make
+    from device ``doc_ids`` (``causal_mask`` inside a document is ``q_idx >= kv_idx`` there, so the
+    default needs no positions). The mod only compares what it reads, so no value of a new packing
+    can make 32-bit index arithmetic wrap: it is traced once per structure and never re-checked
+    (:mod:`flexcomp.trace`).
 
     >>> from flexcomp import create_mask
     >>> create_mask(document_mask([2, 2]), 1, 1, 4, 4, device="cpu")[0, 0].int().tolist()
@@ -60,18 +62,17 @@ def document_mask(
         doc = doc.to(torch.int32)
     if device is not None:
         doc = doc.to(device)
-    pos = _positions(doc)  # read, not computed, in the mod: no arithmetic on captured values
+    local = inner is not None and inner is not causal_mask  # inner needs positions within documents
+    pos = _positions(doc) if local else None  # read, not computed, in the mod: no arithmetic on captures
     per_batch = doc.dim() == 2
 
     def document(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        if per_batch:
-            same = doc[b, q_idx] == doc[b, kv_idx]
-            ql, kl = pos[b, q_idx], pos[b, kv_idx]
-        else:
-            same = doc[q_idx] == doc[kv_idx]
-            ql, kl = pos[q_idx], pos[kv_idx]
+        same = doc[b, q_idx] == doc[b, kv_idx] if per_batch else doc[q_idx] == doc[kv_idx]
         if inner is None:
             return same
+        if not local:  # causal inside a document: its local q >= local kv is q_idx >= kv_idx there
+            return same & (q_idx >= kv_idx)
+        ql, kl = (pos[b, q_idx], pos[b, kv_idx]) if per_batch else (pos[q_idx], pos[kv_idx])
         return same & inner(b, h, ql, kl)
 
     return document

@@ -97,15 +97,13 @@ def test_print_relative_bias_table():
 
 def test_print_document_mask():
     assert str(trace(document_mask([3, 5, 8]), MASK).graph) == f"""\
-{MASK_HDR} buffers(doc: i32[1], pos: i32[1]):
+{MASK_HDR} buffers(doc: i32[1]):
   %0 = load doc[q_idx] : i32
   %1 = load doc[kv_idx] : i32
   %2 = eq %0, %1 : bool
-  %3 = load pos[q_idx] : i32
-  %4 = load pos[kv_idx] : i32
-  %5 = ge %3, %4 : bool
-  %6 = and %2, %5 : bool
-  return %6"""
+  %3 = ge q_idx, kv_idx : bool
+  %4 = and %2, %3 : bool
+  return %4"""
 
 
 def test_print_where_with_infinity_and_padding():
