@@ -1,9 +1,11 @@
 """Block masks on the device: the launchers of :mod:`flexcomp.codegen.kernels.blockmask`.
 
 ``create_block_mask`` on a CUDA device (or under ``TRITON_INTERPRET=1`` with
-``FLEXCOMP_BACKEND=triton``) runs the interval analysis of :mod:`flexcomp.sparsity` as a few torch
-ops, then :func:`evaluate_unknown` (the generated mask_mod on each undecided block, one launch)
-and :func:`ordered_lists` (the kv and q lists, one launch each). Nothing is read back to the host,
+``FLEXCOMP_BACKEND=triton``) builds the block-kind map with :func:`classify` (the generated bounds
+of :mod:`.bounds`, after their run tables' kernel where the mask loads runs of a capture, and the
+mask_mod on each undecided block: one or two launches), or, for a mask those bounds do not cover,
+with the interval analysis of :mod:`flexcomp.sparsity` as torch ops and :func:`evaluate_unknown`
+(one launch); then :func:`ordered_lists` (the kv and q lists, one launch). Nothing is read back to the host,
 except the error slots of a mask_mod whose indices (or integer divisors) the shapes alone do not
 prove in range (:func:`flexcomp.ranges.proven_by_shapes`): it runs checked and raises IndexError /
 ZeroDivisionError as torch would.
@@ -60,7 +62,9 @@ def _mask_args(tm: TracedMod, grid: BlockGrid, kind: torch.Tensor) -> ModArgs:
     """The mask_mod's arguments for evaluating blocks of ``kind``: its checked variant (error slots in
     ``err``) where the shapes do not prove its indices and divisors safe."""
     Bx, Hx = kind.shape[:2]
-    checked = may_fault(tm.graph) and not proven_by_shapes(tm, Domain(Bx, Hx, grid.q_len, grid.kv_len))
+    domain = Domain(Bx, Hx, grid.q_len, grid.kv_len)
+    key = ("checked_mask", tm.graph.structural_key(), tuple(tuple(t.shape) for t in tm.buffers), domain)
+    checked = CACHE.get_or_make(key, lambda: may_fault(tm.graph) and not proven_by_shapes(tm, domain))  # shapes only
     return mod_args(tm, tm.graph, kind.device, checked=checked)
 
 
