@@ -7,7 +7,7 @@ the host (~20 µs per op on the H200's host: 50 ops for a sliding window). Here 
 arithmetic, comparisons and ``__torch_function__`` write each step as a Triton statement instead of
 computing it. The result is a ``@triton.jit`` function::
 
-    bounds(B, H, Q_LO, Q_HI, KV_LO, KV_HI, ZERO, SCALARS) -> (lo, hi, unsafe)
+    bounds(B, H, Q_LO, Q_HI, KV_LO, KV_HI, ZERO, SCALARS, ARGS, RUNS, ...) -> (lo, hi, unsafe)
 
 over float64 vectors of blocks (the block's index ranges in, the mask's bounds and the blocks that
 must be evaluated pair by pair out), which :func:`flexcomp.codegen.kernels.blockmask.classify_by_bounds`
@@ -19,9 +19,10 @@ count, an ``&`` mask) are written into the source, and the function is kept per 
 values. Loads of captured tensors (:class:`_Loads`, from the mod's flat argument tuple ``ARGS``) are
 bounded inside the function when each index is a point within a block (``doc_ids[b, ...]``,
 ``scale[h]``) or is ``q_idx`` / ``kv_idx`` itself (the block's run of the tensor, reduced to its
-min and max: document masks). Graphs with other loads (``bias[q_idx - kv_idx]``, ``table[q_idx,
-kv_idx]``, bounded by the torch analysis' sparse tables) or with a step no rule renders have no such
-function (:func:`bounds_function` returns None) and keep the torch analysis.
+min and max once per run by the generated ``runs`` kernel, :class:`Run`: document masks). Graphs
+with other loads (``bias[q_idx - kv_idx]``, ``table[q_idx, kv_idx]``, bounded by the torch
+analysis' sparse tables) or with a step no rule renders have no such function
+(:func:`bounds_function` returns None) and keep the torch analysis.
 """
 from __future__ import annotations
 
