@@ -7,7 +7,7 @@ import torch
 from flexcomp.codegen.lower import CodegenError, _pow, lower
 from flexcomp.errors import FlexcompError
 from flexcomp.ir import Const, DType, Graph, ModKind, Node, Op
-from flexcomp.masks import alibi, causal_mask, document_mask, softcap, sliding_window
+from flexcomp.masks import alibi, causal_mask, document_mask, prefix_lm, softcap, sliding_window
 from flexcomp.trace import trace
 
 
@@ -45,8 +45,8 @@ def test_loads_are_bounds_masked_with_strides_and_sizes():
     body = _body(lambda b, h, q_idx, kv_idx: offsets[q_idx % 4] <= kv_idx, ModKind.MASK)
     assert ("tl.load(BUFS[0] + ops.wrap_index(v0, SIZES[0]) * STRIDES[0], mask=ops.in_range(v0, SIZES[0]), "
             "other=0)") in body
-    lowered = lower(trace(document_mask([3, 5]), ModKind.MASK).graph)
-    assert lowered.stride_offsets == (0, 1)  # doc and start, one dim each
+    lowered = lower(trace(document_mask([3, 5], inner=prefix_lm(2)), ModKind.MASK).graph)
+    assert lowered.stride_offsets == (0, 1)  # doc and positions, one dim each
     assert "tl.load(BUFS[1] + q_idx * STRIDES[1])" in lowered.source
 
 
