@@ -14,6 +14,7 @@ ZeroDivisionError as torch would.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -193,27 +194,28 @@ LIST_ALIGN = 16
 def _list_views(kind: torch.Tensor, separate_full: bool, B: int, H: int) -> tuple[tuple, torch.Tensor]:
     """The eight lists of :func:`ordered_lists` as views of one int32 buffer (the full ones None
     without ``separate_full``), and the buffer."""
-    Bx, Hx, nq, nkv = kind.shape
-    shapes = []
+    total, layout = _list_layout(tuple(kind.shape), separate_full, B, H)
+    buf = torch.empty(total, dtype=torch.int32, device=kind.device)
+    return tuple(None if at is None else buf.as_strided(*at) for at in layout), buf
+
+
+@functools.lru_cache(maxsize=256)
+def _list_layout(shape: tuple, separate_full: bool, B: int, H: int) -> tuple[int, tuple]:
+    """The buffer's length and each list's ``(size, stride, offset)`` (None: not made), for a map of
+    ``shape``: each list starts :data:`LIST_ALIGN`-aligned; broadcast dims have stride 0."""
+    Bx, Hx, nq, nkv = shape
+    layout, total = [], 0
     for rows, cols in ((nq, nkv), (nkv, nq)):
         for full in (False, True):
-            shapes += [(rows,), (rows, cols)] if separate_full or not full else [None, None]
-    per = [None if s is None else Bx * Hx * math.prod(s) for s in shapes]
-    starts, total = [], 0
-    for n in per:
-        starts.append(total)
-        total += 0 if n is None else -(-n // LIST_ALIGN) * LIST_ALIGN
-    buf = torch.empty(total, dtype=torch.int32, device=kind.device)
-    views = []
-    for shape, n, start in zip(shapes, per, starts):
-        if shape is None:
-            views.append(None)
-            continue
-        inner = math.prod(shape)
-        row = (shape[1], 1) if len(shape) == 2 else (1,)
-        views.append(buf.as_strided((B, H, *shape), (Hx * inner if Bx == B else 0, inner if Hx == H else 0, *row),
-                                    start))
-    return tuple(views), buf
+            for dims in ((rows,), (rows, cols)):
+                if full and not separate_full:
+                    layout.append(None)
+                    continue
+                inner = math.prod(dims)
+                row = (cols, 1) if len(dims) == 2 else (1,)
+                layout.append(((B, H, *dims), (Hx * inner if Bx == B else 0, inner if Hx == H else 0, *row), total))
+                total += -(-Bx * Hx * inner // LIST_ALIGN) * LIST_ALIGN
+    return total, tuple(layout)
 
 
 def _both_launch(kind: torch.Tensor, separate_full: bool, views: tuple) -> KernelLaunch:
