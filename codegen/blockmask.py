@@ -114,12 +114,10 @@ def _classify_launch(kind: torch.Tensor, grid: BlockGrid, args: ModArgs) -> Kern
         dict(num_warps=4))
 
 
-def _start_with_lists(key: tuple, kind: torch.Tensor, first: list[KernelLaunch], separate_full: bool,
-                      one_launch: bool = True) -> None:
+def _start_with_lists(key: tuple, kind: torch.Tensor, first: list[KernelLaunch], separate_full: bool) -> None:
     """Once per ``key`` (a map's structure, sizes and device): compile the launches ``first`` (that
-    write the block-kind map ``kind``) and the list kernels (``one_launch``: :func:`ordered_lists`'
-    one, else :func:`_lists`' two) over a ``meta`` stand-in of that map in parallel (:mod:`.ahead`);
-    returns when all are ready."""
+    write the block-kind map ``kind``) and the lists' kernel over a ``meta`` stand-in of that map in
+    parallel (:mod:`.ahead`); returns when all are ready."""
     key = ("ahead", *key, separate_full)
     if CACHE.get(key) is not None:
         return
@@ -129,12 +127,8 @@ def _start_with_lists(key: tuple, kind: torch.Tensor, first: list[KernelLaunch],
 
     def compile_all() -> None:
         meta = torch.empty(kind.shape, dtype=kind.dtype, device="meta")
-        if one_launch:
-            lists = [_both_launch(meta, separate_full, _list_views(meta, separate_full, *kind.shape[:2])[0])]
-        else:
-            lists = [_list_launch(meta, transposed, separate_full, *_list_buffers(meta, transposed, separate_full))
-                     for transposed in (False, True)]
-        ahead.wait_all(ahead.start([*first, *lists], kind.device))
+        views = _list_views(meta, separate_full, *kind.shape[:2])[0]
+        ahead.wait_all(ahead.start([*first, _list_launch(meta, separate_full, views)], kind.device))
 
     ahead.guarded(compile_all)
 
@@ -142,34 +136,6 @@ def _start_with_lists(key: tuple, kind: torch.Tensor, first: list[KernelLaunch],
 def _chunk(cols: int) -> int:
     """Columns one program handles at a time: :data:`LIST_CHUNK`, or all of a short row."""
     return LIST_CHUNK if cols > 256 else triton.next_power_of_2(max(cols, 16))
-
-
-def _list_buffers(kind: torch.Tensor, transposed: bool, separate_full: bool) -> tuple:
-    """Empty ``(num, idx, full_num, full_idx)`` for one direction's lists (the full ones None unless
-    ``separate_full``), on ``kind``'s device."""
-    Bx, Hx, nq, nkv = kind.shape
-    rows, cols = (nkv, nq) if transposed else (nq, nkv)
-    num = torch.empty(Bx, Hx, rows, dtype=torch.int32, device=kind.device)
-    idx = torch.empty(Bx, Hx, rows, cols, dtype=torch.int32, device=kind.device)
-    return num, idx, torch.empty_like(num) if separate_full else None, torch.empty_like(idx) if separate_full else None
-
-
-def _list_launch(kind: torch.Tensor, transposed: bool, separate_full: bool, num, idx, full_num,
-                 full_idx) -> KernelLaunch:
-    Bx, Hx, nq, nkv = kind.shape
-    rows, cols = (nkv, nq) if transposed else (nq, nkv)
-    s_row, s_col = (kind.stride(3), kind.stride(2)) if transposed else (kind.stride(2), kind.stride(3))
-    return KernelLaunch(kernels.ordered_lists, (Bx * Hx * rows,), (
-        kind, nq * nkv, s_row, s_col, rows, cols, num, idx,
-        full_num if separate_full else num, full_idx if separate_full else idx, separate_full, _chunk(cols)))
-
-
-def _lists(kind: torch.Tensor, transposed: bool, separate_full: bool
-           ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    buffers = _list_buffers(kind, transposed, separate_full)
-    if buffers[0].numel():
-        _list_launch(kind, transposed, separate_full, *buffers).run()
-    return buffers
 
 
 def ordered_lists(kind: torch.Tensor, separate_full: bool, B: Optional[int] = None, H: Optional[int] = None
@@ -182,7 +148,7 @@ def ordered_lists(kind: torch.Tensor, separate_full: bool, B: Optional[int] = No
     kind = kind.contiguous()  # (b, h) at b * Hx + h times num_q * num_kv
     views, buf = _list_views(kind, separate_full, B or kind.shape[0], H or kind.shape[1])
     if buf.numel():
-        _both_launch(kind, separate_full, views).run()
+        _list_launch(kind, separate_full, views).run()
     return views
 
 
@@ -218,13 +184,17 @@ def _list_layout(shape: tuple, separate_full: bool, B: int, H: int) -> tuple[int
     return total, tuple(layout)
 
 
-def _both_launch(kind: torch.Tensor, separate_full: bool, views: tuple) -> KernelLaunch:
+def _list_launch(kind: torch.Tensor, separate_full: bool, views: tuple, kv: bool = True, q: bool = True
+                 ) -> KernelLaunch:
+    """The launch of :func:`kernels.both_lists` writing ``views`` (:func:`_list_views`) from the
+    contiguous map ``kind``: the kv lists, the q lists, or both (a program per row listed)."""
     Bx, Hx, nq, nkv = kind.shape
     num, idx, full_num, full_idx, q_num, q_idx, q_full_num, q_full_idx = views
     if not separate_full:  # placeholders the kernel never writes
         full_num, full_idx, q_full_num, q_full_idx = num, idx, q_num, q_idx
-    return KernelLaunch(kernels.both_lists, (Bx * Hx * (nq + nkv),), (
-        kind, nq * nkv, nq, nkv, Bx * Hx * nq, num, idx, full_num, full_idx, q_num, q_idx, q_full_num, q_full_idx,
+    kv_rows = Bx * Hx * nq if kv else 0
+    return KernelLaunch(kernels.both_lists, (kv_rows + (Bx * Hx * nkv if q else 0),), (
+        kind, nq * nkv, nq, nkv, kv_rows, num, idx, full_num, full_idx, q_num, q_idx, q_full_num, q_full_idx,
         separate_full, _chunk(nkv), _chunk(nq)))
 
 
@@ -237,14 +207,21 @@ def varlen_lists(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: 
     """The kv lists ``(kv_num, kv_idx, full_kv_num, full_kv_idx)`` (int32 ``[1, 1, rows]`` /
     ``[1, 1, rows, cols]``) of packed sequences (``cu_q`` / ``cu_k``: int64 cumulative lengths on
     the device) under the window ``(left, right)``, and a function making the q lists when a
-    backward first asks: two launches (the block-kind map, then the lists), no host read."""
+    backward first asks (their memory is taken now): two launches (the block-kind map, then the kv
+    lists), no host read."""
     nq, nkv = triton.cdiv(total_q, block), triton.cdiv(total_k, block)
     kind = torch.empty(1, 1, nq, nkv, dtype=torch.int8, device=cu_q.device)
     chunk = _chunk(nkv)
     launch = KernelLaunch(kernels.varlen_kinds, (nq, triton.cdiv(nkv, chunk)), (
         kind, cu_q, cu_k, cu_q.numel() - 1, total_q, nkv, left, right, block, block, chunk, DOC_CHUNK),
         dict(num_warps=4))
-    _start_with_lists(("varlen", kind.shape, block, left, right, kind.device), kind, [launch], separate_full=True,
-                      one_launch=False)
+    _start_with_lists(("varlen", kind.shape, block, left, right, kind.device), kind, [launch], separate_full=True)
     launch.run()
-    return _lists(kind, False, True), lambda: _lists(kind, True, True)
+    views, _ = _list_views(kind, True, 1, 1)
+    _list_launch(kind, True, views, q=False).run()
+
+    def q_lists() -> tuple:
+        _list_launch(kind, True, views, kv=False).run()
+        return views[4:]
+
+    return views[:4], q_lists

@@ -353,8 +353,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
 def _build_packing_on_device(cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int, left: int, right: int,
                              device: torch.device) -> Packing:
     """:func:`_build_packing` in ~15 device ops: the sequence tables by ``searchsorted`` and the block
-    lists by two kernels (:func:`flexcomp.codegen.blockmask.varlen_lists`), the q lists by a third
-    when a backward first reads them. Same lists as the torch-op path, no host read."""
+    lists by two launches (:func:`flexcomp.codegen.blockmask.varlen_lists`), the q lists by a third
+    (the lists' kernel again) when a backward first reads them. Same lists as the torch-op path, no host read."""
     from flexcomp.codegen.blockmask import varlen_lists  # imports Triton: only when the kernels run
 
     cu_q64 = cu_q.to(device, torch.int64)

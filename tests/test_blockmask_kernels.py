@@ -149,9 +149,9 @@ def test_non_power_of_two_blocks(paths):
 @pytest.mark.parametrize("separate_full", [True, False])
 def test_list_rows_longer_than_one_chunk(separate_full):
     """Rows of 2100 blocks: the lists kernel walks them in chunks of LIST_CHUNK, carrying the ranks
-    across chunks (one launch of ``_lists`` per direction: the whole create_block_mask would also
-    list the 2100 one-column rows of the transpose, too slow for the interpreter). torch's lists:
-    the listed columns first, then the others, each ascending (a stable descending argsort)."""
+    across chunks (one direction per launch: the other direction of these maps would list 2100
+    short rows, too slow for the interpreter). torch's lists: the listed columns first, then the
+    others, each ascending (a stable descending argsort)."""
     cols = 2100
     assert cols > 2 * on_device.LIST_CHUNK
     g = torch.Generator().manual_seed(3)
@@ -159,7 +159,9 @@ def test_list_rows_longer_than_one_chunk(separate_full):
     kind[0, 1, 1] = 0  # a row with nothing listed
     kind = kind.to(DEVICE)
     for transposed, k in ((False, kind), (True, kind.transpose(-2, -1).contiguous())):
-        num, idx, full_num, full_idx = on_device._lists(k, transposed, separate_full)
+        views, _ = on_device._list_views(k, separate_full, 1, 2)
+        on_device._list_launch(k, separate_full, views, kv=not transposed, q=transposed).run()
+        num, idx, full_num, full_idx = views[4:] if transposed else views[:4]
         rows = k.transpose(-2, -1) if transposed else k
         listed = rows == 1 if separate_full else rows != 0
         want = [(listed, num, idx)] + ([(rows == 2, full_num, full_idx)] if separate_full else [])

@@ -12,7 +12,7 @@ case: the analysis decides nearly every block); for each UNKNOWN block it evalua
 outside it not counted, as the torch evaluator does) and writes back EMPTY, FULL (every pair of a
 block inside the sequence kept) or PARTIAL. Decided blocks are only read.
 
-:func:`ordered_lists` turns the finished map into torch's ordered block lists (see
+:func:`both_lists` turns the finished map into torch's ordered block lists (see
 :mod:`flexcomp.blockmask_lists`): per row of the map, the count of partial (and of full) blocks and
 their column numbers in ascending order followed by the other columns in ascending order. Rows
 are q-block rows (the kv lists) or, with the strides swapped, kv-block columns (the q lists).
@@ -164,24 +164,15 @@ def _list_row(
         tl.store(FULL_NUM + pid, full_total)
 
 
-@triton.jit
-def ordered_lists(
-    KIND, S_OUTER, S_ROW, S_COL, NUM_ROWS, NUM_COLS, NUM, IDX, FULL_NUM, FULL_IDX,
-    SEPARATE_FULL: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """One direction's lists: a program per row (``S_ROW`` / ``S_COL`` swapped: per column)."""
-    _list_row(KIND, tl.program_id(0), S_OUTER, S_ROW, S_COL, NUM_ROWS, NUM_COLS, NUM, IDX, FULL_NUM, FULL_IDX,
-              SEPARATE_FULL, CHUNK)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["KV_ROWS"])  # 0 (the q side only) or not: one compiled kernel
 def both_lists(
     KIND, S_OUTER, NUM_Q, NUM_KV, KV_ROWS, NUM, IDX, FULL_NUM, FULL_IDX, Q_NUM, Q_IDX, Q_FULL_NUM, Q_FULL_IDX,
     SEPARATE_FULL: tl.constexpr, KV_CHUNK: tl.constexpr, Q_CHUNK: tl.constexpr,
 ):
     """Both directions' lists of a contiguous map (``S_OUTER = NUM_Q * NUM_KV``) in one launch: the
     kv lists (a program per q-block row) from programs ``0 .. KV_ROWS``, then the q lists (a program
-    per kv-block column)."""
+    per kv-block column). A grid of ``KV_ROWS`` programs lists only the kv side; ``KV_ROWS = 0``
+    only the q side."""
     pid = tl.program_id(0)
     if pid < KV_ROWS:
         _list_row(KIND, pid, S_OUTER, NUM_KV, 1, NUM_Q, NUM_KV, NUM, IDX, FULL_NUM, FULL_IDX, SEPARATE_FULL,
