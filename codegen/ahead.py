@@ -74,6 +74,12 @@ def _import_triton() -> Optional[tuple]:
     return _TRITON
 
 
+def _run_kwargs(launch: KernelLaunch, knobs) -> dict:
+    """The launch's keyword arguments as ``JITFunction.run`` completes them before binding."""
+    return dict(launch.kwargs, debug=launch.kwargs.get("debug", launch.kernel.debug) or knobs.runtime.debug,
+                instrumentation_mode=knobs.compilation.instrumentation_mode)
+
+
 def _hooked(hook) -> bool:
     """Whether a Triton launch hook is set (Triton 3.6 keeps an empty ``HookChain`` when none is)."""
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -99,9 +105,7 @@ def _launch_compiled(launch: KernelLaunch) -> bool:
     if caches is None:
         return False
     kernel_cache, key_cache, _, _, binder = caches
-    kwargs = dict(launch.kwargs, debug=launch.kwargs.get("debug", kernel.debug) or runtime.debug,
-                  instrumentation_mode=knobs.compilation.instrumentation_mode)
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    bound_args, specialization, options = binder(*launch.args, **_run_kwargs(launch, knobs))
     compiled = kernel_cache.get(compute_cache_key(key_cache, specialization, options))
     if compiled is None or getattr(compiled, "_run", None) is None:  # not compiled, or not yet loaded
         return False
@@ -236,8 +240,7 @@ def _launcher_source(launch: KernelLaunch, device: torch.device) -> Optional[str
             return None
         kernel = launch.kernel
         _, _, _, backend, binder = _binder(kernel, device)
-        kwargs = dict(launch.kwargs, debug=launch.kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
-                      instrumentation_mode=knobs.compilation.instrumentation_mode)
+        kwargs = _run_kwargs(launch, knobs)
         bound_args, specialization, options = binder(*launch.args, **kwargs)
         _, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
         src = kernel.ASTSource(kernel, signature, constexprs, attrs)
