@@ -253,22 +253,31 @@ class _Loads:
         """``run``'s table: its offset in ``RUNS``, its runs along the dim and its strides (in
         ``(min, max)`` pairs), written once per function where first used."""
         if run not in self.runs:
-            w, dims = self.w, self.dims[run.buffer]
-            width = "BLOCK_M" if run.along_q else "BLOCK_N"
+            w = self.w
             zero = w.let("(ZERO * 0).to(tl.int64)")
-            runs = w.let(f"({zero.code} + {self.size(run.buffer, run.dim)} + {width} - 1) // {width}")
-            sizes = [runs.code if j == run.dim else self.size(run.buffer, j) for j in range(dims)]
+            runs = w.let(self.run_count(run, zero.code))
+            sizes = self.table_sizes(run, runs.code)
             strides = [w.let(f"{zero.code} + 1")]
-            for j in range(dims - 1, 0, -1):
+            for j in range(len(sizes) - 1, 0, -1):
                 strides.insert(0, w.let(f"{strides[0].code} * {sizes[j]}"))
             if self.runs:
-                last_offset, _, last_strides, last_items = list(self.runs.values())[-1]
+                last_offset, _, _, last_items = list(self.runs.values())[-1]
                 offset = w.let(f"{last_offset.code} + 2 * {last_items.code}")
             else:
                 offset = zero
             items = w.let(f"{strides[0].code} * {sizes[0]}")
             self.runs[run] = (offset, runs, strides, items)
         return self.runs[run][:3]
+
+    def run_count(self, run: Run, zero: str) -> str:
+        """``run``'s number of runs along its dim, as an int64 expression (``zero``: an int64 zero)."""
+        width = "BLOCK_M" if run.along_q else "BLOCK_N"
+        return f"({zero} + {self.size(run.buffer, run.dim)} + {width} - 1) // {width}"
+
+    def table_sizes(self, run: Run, runs: str) -> list[str]:
+        """The sizes of ``run``'s table, dim by dim (the runs, named ``runs``, in place of its dim):
+        the one layout the bounds function reads and the ``runs`` kernel writes."""
+        return [runs if j == run.dim else self.size(run.buffer, j) for j in range(self.dims[run.buffer])]
 
     def _along_q(self, n, d: int) -> bool:
         return self.g.nodes[n.args[d]].attr == "q_idx"
@@ -281,8 +290,8 @@ def _runs_source(loads: _Loads) -> str:
     for k, run in enumerate(loads.runs):
         i, d, dims = run.buffer, run.dim, loads.dims[run.buffer]
         width, pad = ("BLOCK_M", "PAD_M") if run.along_q else ("BLOCK_N", "PAD_N")
-        sizes = [f"runs{k}" if j == d else loads.size(i, j) for j in range(dims)]
-        lines += [f"runs{k} = (pid * 0 + {loads.size(i, d)} + {width} - 1) // {width}",
+        sizes = loads.table_sizes(run, f"runs{k}")
+        lines += [f"runs{k} = {loads.run_count(run, 'pid * 0')}",
                   f"items{k} = {' * '.join(sizes)}", f"if pid < items{k}:", "    rest = pid"]
         for j in range(dims - 1, -1, -1):
             lines += [f"    i{j} = rest % {sizes[j]}", f"    rest = rest // {sizes[j]}"]
