@@ -32,8 +32,9 @@ def document_mask(
     batch element). ``inner`` is a mask_mod that sees *document-local* indices (``q_idx`` minus
     the document's first token), so ``inner=prefix_lm(4)`` gives each document its own prefix.
     ``inner=None`` means no further masking (bidirectional inside documents). ``device``: where the
-    captured tensors live (default: CPU for ``lengths``, ``doc_ids``' own device); give the device
-    the masks are built on (``"cuda"``), or each ``create_block_mask`` copies them there first.
+    captured tensors live (default: torch's default device for ``lengths``, as its factories, and
+    ``doc_ids``' own device); give the device the masks are built on (``"cuda"``), or each
+    ``create_block_mask`` copies them there first.
 
     The document ids (and, for an ``inner`` other than ``causal_mask`` or None, the positions within
     documents) are captured tensors: a new packing compiles nothing new, and costs nothing to make
@@ -49,11 +50,12 @@ def document_mask(
     if (lengths is None) == (doc_ids is None):
         raise ValueError("document_mask: give exactly one of lengths (document lengths) or doc_ids= (id per token)")
     if lengths is not None:
-        lengths = torch.as_tensor(lengths, dtype=torch.int64).cpu()
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
         if lengths.dim() != 1 or (lengths <= 0).any():
             raise ValueError(f"document_mask: lengths must be a 1-D list of positive ints, got {lengths.tolist()}; "
                              f"to give the document id of each token instead, call document_mask(doc_ids=...)")
-        doc = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths)
+        doc = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32, device="cpu"), lengths)
+        device = torch.get_default_device() if device is None else device  # as torch's factories do
     else:
         doc = torch.as_tensor(doc_ids)
         if doc.dim() not in (1, 2) or doc.dtype.is_floating_point:

@@ -212,7 +212,7 @@ def test_dump_dir_names_say_which_variant(tmp_path, monkeypatch):
     flex_attention(q, k, v, score_mod=softcap(3.0), block_mask=bm, kernel_options=TRITON)
     names = {p.name.rsplit("_", 1)[0]: p for p in tmp_path.iterdir()}
     # on a GPU create_block_mask's kernels bound the blocks with a generated function too
-    want = {"mask_mod_causal_mask", "score_mod_softcap_score", *(["bounds_mask"] if DEVICE == "cuda" else [])}
+    want = {"mask_mod_causal_mask", "score_mod_softcap_score", *(["bounds_mask_mod"] if DEVICE == "cuda" else [])}
     assert set(names) == want
     assert "@triton.jit" in names["score_mod_softcap_score"].read_text()
 
