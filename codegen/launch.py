@@ -62,9 +62,16 @@ def scalar_tensor(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     return CACHE.get_or_make(key, lambda: torch.tensor(values or (0,), dtype=dtype, device=device))
 
 
-def float_type(plan: Plan) -> FloatType:
-    """The generated mods' working float for the plan."""
-    return FloatType.F64 if plan.fp64 else FloatType.F32
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # inputs whose mods take the hardware's tanh
+
+
+def float_type(plan: Plan, problem: Problem) -> FloatType:
+    """The generated score_mod's working float: float64 for float64 inputs; for 16-bit inputs
+    float32 with the hardware's tanh, unless ``kernel_options={"FAST_TANH": False}``."""
+    if plan.fp64:
+        return FloatType.F64
+    fast = problem.dtype in HALF_DTYPES and problem.options.fast_tanh
+    return FloatType.F32_APPROX if fast else FloatType.F32
 
 
 def mod_args(tm: Optional[TracedMod], graph: Optional[Graph], device, ft: FloatType = FloatType.F32,
@@ -318,7 +325,7 @@ def forward_args(problem: Problem, plan: Plan, q: torch.Tensor) -> ForwardArgs:
     """The :class:`ForwardArgs` of ``problem``'s forward (prefill or decode) for ``q``."""
     block_mask = block_mask_of(problem)
     lists = block_lists(block_mask, problem.batch, problem.heads, transposed=False)
-    ft, sources = float_type(plan), problem.options.sources
+    ft, sources = float_type(plan, problem), problem.options.sources
     sa = mod_args(problem.score, plan.score, problem.device, ft, plan.score_checked, sources)
     ma = mod_args(problem.mask, plan.mask, problem.device, FloatType.F32, plan.mask_checked, sources)  # float32
     stats = (problem.batch, problem.heads, problem.q_len)

@@ -57,7 +57,7 @@ def _scatter(problem: Problem, plan: Plan, device: torch.device) -> Optional[_Sc
     if plan.scatter is None:
         return None
     score = problem.score
-    ft = float_type(plan)
+    ft = float_type(plan, problem)
     # by position: the plan and its scatter graph may come from a mod whose captures had other names
     names = tuple(plan.scatter.buffers[i].name for i in plan.scatter_buffers)
     _, fn = jit_scatter(plan.scatter, names, ft, problem.options.sources)
@@ -135,7 +135,7 @@ def delta_launch(problem: Problem, out, d_out, d_lse, lse, delta) -> KernelLaunc
 
 def _backward_mods(problem: Problem, plan: Plan) -> tuple:
     """The score_mod's value-and-derivative function and the mask_mod, with their arguments."""
-    ft, sources = float_type(plan), problem.options.sources
+    ft, sources = float_type(plan, problem), problem.options.sources
     return (mod_args(problem.score, plan.score_grad, problem.device, ft, sources=sources),
             mod_args(problem.mask, plan.mask, problem.device, sources=sources))
 

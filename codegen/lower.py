@@ -22,7 +22,9 @@ op has one); the op's other facts live in :data:`flexcomp.ir_ops.OPS`.
 Two switches make variants of one graph, each its own function (name and cache key):
 
 - :class:`FloatType`: the Triton type of the IR's working float ``f32`` (float32; float64 for
-  float64 inputs, where float constants are formed as float64 tensors too, never rounded to float32);
+  float64 inputs, where float constants are formed as float64 tensors too, never rounded to float32),
+  and for 16-bit inputs ``tanh`` as one hardware instruction (``F32_APPROX``: its relative error,
+  2**-11, is below the inputs' rounding; soft-capping runs about twice as fast);
 - ``checked``: before each load, every index is compared with its dim (``ops.check_index``) and any
   index outside ``[-size, size)`` is written into an int64 error tensor passed after the pointers in
   ``BUFS`` (one slot per load and dim, :class:`LoadCheck`), so the launcher raises IndexError as torch
@@ -53,15 +55,21 @@ class CodegenError(FlexcompError):
 
 
 class FloatType(enum.Enum):
-    """The Triton type that the IR's working float ``f32`` lowers to (the value) and the suffix of the
-    function's name (float32 keeps the plain name)."""
+    """The Triton type that the IR's working float ``f32`` lowers to, how ``tanh`` is computed, and the
+    suffix of the function's name (float32 keeps the plain name)."""
 
-    F32 = "tl.float32"
-    F64 = "tl.float64"
+    F32 = ("tl.float32", "")  # float32 inputs: libdevice's tanh (error about 1 ulp)
+    F32_APPROX = ("tl.float32", "_approx")  # 16-bit inputs: the hardware's tanh (``ops.tanh_approx``)
+    F64 = ("tl.float64", "_f64")  # float64 inputs
+
+    @property
+    def tl(self) -> str:
+        """The Triton type of ``f32``."""
+        return self.value[0]
 
     @property
     def suffix(self) -> str:
-        return "" if self is FloatType.F32 else "_f64"
+        return self.value[1]
 
 
 class CheckKind(enum.Enum):
@@ -122,7 +130,7 @@ def _const(c: Const, ft: FloatType = FloatType.F32) -> str:
     if c.dtype is DType.F32:
         v = float(c.value)
         lit = f'float("{v}")' if math.isnan(v) or math.isinf(v) else repr(v)
-        return lit if ft is FloatType.F32 else f"tl.full([], {lit}, {ft.value})"
+        return lit if ft is not FloatType.F64 else f"tl.full([], {lit}, {ft.tl})"
     return repr(c.value)
 
 
@@ -202,6 +210,11 @@ def _extreme(fn: str) -> Callable[[_Emit, Node, list[str]], str]:
     return render
 
 
+def _tanh(e: _Emit, n: Node, a: list[str]) -> str:
+    """libdevice's tanh, or the hardware's in the ``F32_APPROX`` variant (16-bit inputs)."""
+    return f"ops.tanh_approx({a[0]})" if e.lay.float_type is FloatType.F32_APPROX else f"ops.tanh({a[0]})"
+
+
 def _not(e: _Emit, n: Node, a: list[str]) -> str:
     return f"({a[0]} == 0)" if e.g.dtype_of(n.args[0]) is DType.BOOL else f"(~{a[0]})"
 
@@ -223,7 +236,7 @@ TRITON: Mapping[Op, Renderer] = {
     Op.SHL: _shift("<<", "shl"), Op.SHR: _shift(">>", "shr"),
     Op.NEG: "(-{0})", Op.ABS: "tl.abs({0})", Op.NOT: _not, Op.EXP: "tl.exp({0})", Op.EXP2: "tl.exp2({0})",
     Op.LOG: "tl.log({0})", Op.LOG2: "tl.log2({0})", Op.SQRT: "tl.sqrt_rn({0})", Op.RSQRT: "tl.rsqrt({0})",
-    Op.TANH: "ops.tanh({0})", Op.SIGMOID: "tl.sigmoid({0})", Op.SIN: "tl.sin({0})", Op.COS: "tl.cos({0})",
+    Op.TANH: _tanh, Op.SIGMOID: "tl.sigmoid({0})", Op.SIN: "tl.sin({0})", Op.COS: "tl.cos({0})",
     Op.TAN: "ops.tan({0})", Op.ATAN: "ops.atan({0})", Op.ERF: "tl.erf({0})", Op.LOG1P: "ops.log1p({0})",
     Op.EXPM1: "ops.expm1({0})", Op.SIGN: "ops.sign({0})", Op.FLOOR: "tl.floor({0})", Op.CEIL: "tl.ceil({0})",
 }
@@ -337,7 +350,7 @@ class _Layout:
 
     def tl(self, dtype: DType) -> str:
         """The Triton type of IR type ``dtype`` in this variant."""
-        return self.float_type.value if dtype is DType.F32 else _TL_TYPES[dtype]
+        return self.float_type.tl if dtype is DType.F32 else _TL_TYPES[dtype]
 
 
 def _layout(g: Graph, ft: FloatType = FloatType.F32, checked: bool = False) -> _Layout:
@@ -355,7 +368,7 @@ def _layout(g: Graph, ft: FloatType = FloatType.F32, checked: bool = False) -> _
     ints = tuple(slots[c.name] if c.dtype is not DType.F32 else -1 for c in g.scalars)
     floats = tuple(slots[c.name] if c.dtype is DType.F32 else -1 for c in g.scalars)
     # bool tensors are passed as int8 views; everything else converts to its IR type
-    fts = {DType.F32: ft.value}
+    fts = {DType.F32: ft.tl}
     cast = {b.name: (" != 0" if b.dtype is DType.BOOL else f".to({fts.get(b.dtype) or _TL_TYPES[b.dtype]})")
             for b in g.buffers}
     return _Layout({b.name: i for i, b in enumerate(g.buffers)}, tuple(offsets), slots, cast, ints, floats, ft,

@@ -2,7 +2,8 @@
 
 Triton's ``//`` and ``%`` truncate towards zero (C); torch's (and Python's) floor. ``tanh`` and
 ``pow`` come from libdevice on the GPU; the interpreter (``TRITON_INTERPRET=1``) has no
-libdevice, so there they are written with ``exp``.
+libdevice, so there they are written with ``exp``. ``tanh_approx`` is the hardware's one-instruction
+tanh, for mods of 16-bit inputs (:class:`flexcomp.codegen.lower.FloatType`).
 """
 import os
 
@@ -136,6 +137,10 @@ if INTERPRET:  # the interpreter has no libdevice: the same functions from its p
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
+    def tanh_approx(x):  # the interpreter has no PTX: the formula above
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
     def tan(x):
         return tl.sin(x) / tl.cos(x)
 
@@ -177,6 +182,17 @@ else:
     @triton.jit
     def tanh(x):
         return libdevice.tanh(x)
+
+    @triton.jit
+    def tanh_approx(x):
+        """tanh of float32 ``x`` in one instruction (PTX ``tanh.approx.f32``, sm_75 on; relative error
+        at most 2**-11, measured against the float64 oracle in ``docs/performance.md``); other types:
+        libdevice."""
+        if x.dtype == tl.float32:
+            return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return libdevice.tanh(x)
 
     @triton.jit
     def tan(x):

@@ -121,7 +121,7 @@ TORCH_KERNEL_OPTIONS = frozenset({
     "FORCE_USE_FLEX_ATTENTION", "USE_TMA", "kpack", "matrix_instr_nonkdim", "waves_per_eu",
     "SPARSE_Q_BLOCK_SIZE", "SPARSE_KV_BLOCK_SIZE", "OUTPUT_MAX",
 })
-FLEXCOMP_KERNEL_OPTIONS = frozenset({"BACKEND", "CHUNK_ELEMENTS", "DETERMINISTIC"})
+FLEXCOMP_KERNEL_OPTIONS = frozenset({"BACKEND", "CHUNK_ELEMENTS", "DETERMINISTIC", "FAST_TANH"})
 # flexcomp's own tuning keys: passed to the Triton backend's configs with torch's
 FLEXCOMP_TUNING_OPTIONS = frozenset({"BWD_SPLIT"})
 
@@ -141,6 +141,9 @@ class Options:
         sources: where generated sources are written.
         family: the forward's kernel family asked for (``"decode"``: torch's ``BACKEND="TRITON_DECODE"``;
             ``"prefill"``: ``FORCE_USE_FLEX_ATTENTION=True``; None: chosen by the problem's shape).
+        fast_tanh: ``FAST_TANH`` (default True): with float16 / bfloat16 inputs, the Triton backend's
+            score_mods compute ``tanh`` (soft-capping) with the hardware's instruction, relative error
+            at most 2**-11, below the inputs' rounding; False: libdevice's (float32 inputs always are).
     """
 
     backend: Optional[Backend] = None
@@ -151,6 +154,7 @@ class Options:
     interpret: bool = False
     sources: Sources = field(default_factory=Sources)
     family: Optional[str] = None
+    fast_tanh: bool = True
 
     @staticmethod
     def parse(kernel_options: Optional[Mapping[str, Any]]) -> "Options":
@@ -158,7 +162,7 @@ class Options:
 
         Every key is checked for its type (as torch's ``FlexKernelOptions`` declares it): ints
         (``BLOCK_M``, ``num_warps``, ... and their ``fwd_`` / ``bwd_`` forms, ``CHUNK_ELEMENTS``),
-        bools (``PRESCALE_QK``, ``WRITE_DQ``, ..., ``DETERMINISTIC``, ``BWD_SPLIT``) and the
+        bools (``PRESCALE_QK``, ``WRITE_DQ``, ..., ``DETERMINISTIC``, ``BWD_SPLIT``, ``FAST_TANH``) and the
         ``BACKEND`` string; an error names the key, what was expected and what came. As torch:
         ``OUTPUT_LOGSUMEXP`` / ``OUTPUT_MAX`` are internal (AssertionError), and ``BACKEND`` with
         ``FORCE_USE_FLEX_ATTENTION`` is a RuntimeError.
@@ -211,7 +215,7 @@ class Options:
                     "SPARSE_Q_BLOCK_SIZE", "SPARSE_KV_BLOCK_SIZE", "CHUNK_ELEMENTS"}
         non_negative = {"kpack", "matrix_instr_nonkdim", "waves_per_eu"}
         flags = {"PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION",
-                 "USE_TMA", "DETERMINISTIC", "BWD_SPLIT"}
+                 "USE_TMA", "DETERMINISTIC", "BWD_SPLIT", "FAST_TANH"}
         for k, v in kernel_options.items():
             base = k[4:] if k[:4] in ("fwd_", "bwd_") and k[4:] in TORCH_KERNEL_OPTIONS else k
             if base in positive | non_negative:
@@ -242,7 +246,8 @@ class Options:
         elif kernel_options.get("FORCE_USE_FLEX_ATTENTION", False):
             family = "prefill"
         return Options(backend, chunk, deterministic, TileRequest.parse(kernel_options, Pass.FORWARD),
-                       TileRequest.parse(kernel_options, Pass.BACKWARD), interpret, Sources.from_env(), family)
+                       TileRequest.parse(kernel_options, Pass.BACKWARD), interpret, Sources.from_env(), family,
+                       kernel_options.get("FAST_TANH", True))
 
 
 def _parse_backend(value: Optional[str], source: str) -> Optional[Backend]:

@@ -285,11 +285,11 @@ for key in ["kpack", "matrix_instr_nonkdim", "waves_per_eu"]:
     flex(f"{key}=-1", lambda L, ko, key=key: fa(L, ko, kernel_options=ko_with(ko, **{key: -1})), ValueError,
          rf"kernel_options\['{key}'\] must be an int >= 0, got -1", torch=False)
 BOOL_KEYS = ["PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION",
-             "USE_TMA", "DETERMINISTIC", "BWD_SPLIT", "fwd_PRESCALE_QK", "bwd_WRITE_DQ"]
+             "USE_TMA", "DETERMINISTIC", "BWD_SPLIT", "FAST_TANH", "fwd_PRESCALE_QK", "bwd_WRITE_DQ"]
 for key in BOOL_KEYS:
     flex(f"{key}=1", lambda L, ko, key=key: fa(L, ko, kernel_options=ko_with(ko, **{key: 1})), TypeError,
          rf"kernel_options\['{key}'\] must be True or False, got 1 \(int\)", torch=False)
-for key in ["PRESCALE_QK", "DETERMINISTIC", "USE_TMA", "BWD_SPLIT"]:
+for key in ["PRESCALE_QK", "DETERMINISTIC", "USE_TMA", "BWD_SPLIT", "FAST_TANH"]:
     flex(f"{key}='yes'", lambda L, ko, key=key: fa(L, ko, kernel_options=ko_with(ko, **{key: "yes"})), TypeError,
          rf"kernel_options\['{key}'\] must be True or False, got 'yes' \(str\)", torch=False)
 

@@ -31,6 +31,17 @@ def test_softcap_reads_its_cap_from_the_scalar_tensor():
         "    return v3")
 
 
+def test_half_precision_variant_takes_the_hardware_tanh():
+    """``F32_APPROX`` (16-bit inputs) differs from float32 in its name and its tanh line only."""
+    from flexcomp.codegen.lower import FloatType
+
+    g = trace(softcap(30.0), ModKind.SCORE).graph
+    f32, fast = lower(g), lower(g, FloatType.F32_APPROX)
+    assert fast.name == f32.name + "_approx" and fast.float_type is FloatType.F32_APPROX
+    body = lambda m: m.source.split("@triton.jit\n", 1)[1].split("\n", 1)[1]  # noqa: E731
+    assert body(fast) == body(f32).replace("ops.tanh(v1)", "ops.tanh_approx(v1)") != body(f32)
+
+
 def test_window_is_an_int_scalar():
     assert "tl.load(SCALARS_I + 0).to(tl.int32)  # window = scalar : i32" in _body(sliding_window(9), ModKind.MASK)
 

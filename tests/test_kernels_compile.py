@@ -99,3 +99,33 @@ def test_classify_by_bounds_compiles_for_hopper_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
+
+
+def test_hardware_tanh_is_one_instruction_for_float32_only(tmp_path):
+    """``ops.tanh_approx`` compiles to PTX ``tanh.approx.f32`` for float32 (the 16-bit inputs' mods)
+    and to libdevice's exact tanh for float64; ``ops.tanh`` never to the approximation."""
+    script = textwrap.dedent('''
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from flexcomp.codegen import ops
+
+        @triton.jit
+        def kernel(X, Y, APPROX: tl.constexpr):
+            offs = tl.arange(0, 128)
+            x = tl.load(X + offs)
+            tl.store(Y + offs, ops.tanh_approx(x) if APPROX else ops.tanh(x))
+
+        for t, approx, want in (("fp32", True, 1), ("fp32", False, 0), ("fp64", True, 0)):
+            src = ASTSource(fn=kernel, signature={"X": "*" + t, "Y": "*" + t, "APPROX": "constexpr"},
+                            constexprs={(2,): approx})
+            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+            assert ("tanh.approx.f32" in ptx) == bool(want), (t, approx)
+        print("OK")
+    ''')
+    path = tmp_path / "tanh_ptx.py"  # Triton reads a @triton.jit function's source from its file
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
