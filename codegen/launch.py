@@ -63,15 +63,24 @@ def scalar_tensor(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # inputs whose mods take the hardware's tanh
+HARDWARE_TANH = (7, 5)  # the first compute capability with PTX's tanh.approx.f32
 
 
 def float_type(plan: Plan, problem: Problem) -> FloatType:
     """The generated score_mod's working float: float64 for float64 inputs; for 16-bit inputs
-    float32 with the hardware's tanh, unless ``kernel_options={"FAST_TANH": False}``."""
+    float32 with the hardware's tanh where the GPU has one (the interpreter's is libdevice's formula),
+    unless ``kernel_options={"FAST_TANH": False}``."""
     if plan.fp64:
         return FloatType.F64
-    fast = problem.dtype in HALF_DTYPES and problem.options.fast_tanh
+    fast = problem.dtype in HALF_DTYPES and problem.options.fast_tanh and _has_hardware_tanh(problem.device)
     return FloatType.F32_APPROX if fast else FloatType.F32
+
+
+def _has_hardware_tanh(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    return CACHE.get_or_make(("hardware_tanh", device),
+                             lambda: torch.cuda.get_device_capability(device) >= HARDWARE_TANH)
 
 
 def mod_args(tm: Optional[TracedMod], graph: Optional[Graph], device, ft: FloatType = FloatType.F32,

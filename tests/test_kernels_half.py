@@ -73,3 +73,14 @@ def test_hardware_tanh_errors_stay_at_the_inputs_rounding(dtype, cap):
     for name in ("out", "dq", "dk", "dv"):
         assert fast[name] <= 1.25 * exact[name], (name, fast, exact)
     assert fast["lse"] <= exact["lse"] + cap * TANH_REL_ERR, (fast, exact)
+
+
+def test_gpus_before_turing_keep_libdevices_tanh(monkeypatch):
+    """PTX's ``tanh.approx.f32`` needs compute capability 7.5: a V100 (7.0) runs libdevice's."""
+    from flexcomp.codegen import launch
+
+    for capability, hardware in (((7, 0), False), ((7, 5), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        CACHE.clear()
+        assert launch._has_hardware_tanh(torch.device("cuda", 0)) is hardware, capability
+    assert launch._has_hardware_tanh(torch.device("cpu"))  # the interpreter's tanh_approx is its formula
