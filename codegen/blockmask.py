@@ -19,12 +19,12 @@ import math
 from typing import Optional
 
 import torch
-import triton
 
 from flexcomp.cache import CACHE
 from flexcomp.plan import may_fault
 from flexcomp.ranges import Domain, proven_by_shapes
 from flexcomp.sparsity import BlockGrid
+from flexcomp.tiles import cdiv, next_power_of_2
 from flexcomp.trace import TracedMod
 
 from . import ahead
@@ -86,14 +86,14 @@ def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.devic
     plain = args if args.err is None else mod_args(tm, g, device)  # the captures' layout the bounds read
     scalars = scalar_tensor(tuple(float(tm.scalars[i]) for i in bf.runtime_scalars), torch.float64, device)
     qb, kvb = grid.q_block, grid.kv_block
-    pads = (triton.next_power_of_2(qb), triton.next_power_of_2(kvb))
+    pads = (next_power_of_2(qb), next_power_of_2(kvb))
     launches = []
     runs = scalars  # read only where the bounds load runs
     if bf.runs:
         size, programs = bf.table([tuple(t.shape) for t in tm.buffers], grid)
         runs = torch.empty(size, dtype=torch.float64, device=device)
         launches.append(KernelLaunch(bf.runs_fn, (programs,), (plain.bufs, runs, qb, kvb, *pads)))
-    programs = (Bx * Hx * grid.num_q, triton.cdiv(grid.num_kv, CLASSIFY_CHUNK))
+    programs = (Bx * Hx * grid.num_q, cdiv(grid.num_kv, CLASSIFY_CHUNK))
     launches.append(KernelLaunch(kernels.classify_by_bounds, programs, (
         kind, kind.stride(0), kind.stride(1), kind.stride(2), grid.num_q, grid.num_kv, Hx, grid.q_len, grid.kv_len,
         bf.fn, scalars, plain.bufs, runs, args.fn, args.bufs, qb, kvb, *pads, CLASSIFY_CHUNK), dict(num_warps=4)))
@@ -108,9 +108,9 @@ def classify(tm: TracedMod, grid: BlockGrid, B: int, H: int, device: torch.devic
 def _classify_launch(kind: torch.Tensor, grid: BlockGrid, args: ModArgs) -> KernelLaunch:
     Bx, Hx, nq, nkv = kind.shape
     qb, kvb = grid.q_block, grid.kv_block
-    return KernelLaunch(kernels.classify_blocks, (Bx * Hx * nq, triton.cdiv(nkv, CLASSIFY_CHUNK)), (
+    return KernelLaunch(kernels.classify_blocks, (Bx * Hx * nq, cdiv(nkv, CLASSIFY_CHUNK)), (
         kind, kind.stride(0), kind.stride(1), kind.stride(2), nq, nkv, Hx, grid.q_len, grid.kv_len,
-        args.fn, args.bufs, qb, kvb, triton.next_power_of_2(qb), triton.next_power_of_2(kvb), CLASSIFY_CHUNK),
+        args.fn, args.bufs, qb, kvb, next_power_of_2(qb), next_power_of_2(kvb), CLASSIFY_CHUNK),
         dict(num_warps=4))
 
 
@@ -135,7 +135,7 @@ def _start_with_lists(key: tuple, kind: torch.Tensor, first: list[KernelLaunch],
 
 def _chunk(cols: int) -> int:
     """Columns one program handles at a time: :data:`LIST_CHUNK`, or all of a short row."""
-    return LIST_CHUNK if cols > 256 else triton.next_power_of_2(max(cols, 16))
+    return LIST_CHUNK if cols > 256 else next_power_of_2(max(cols, 16))
 
 
 def ordered_lists(kind: torch.Tensor, separate_full: bool, B: Optional[int] = None, H: Optional[int] = None
@@ -209,10 +209,10 @@ def varlen_lists(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: 
     the device) under the window ``(left, right)``, and a function making the q lists when a
     backward first asks (their memory is taken now): two launches (the block-kind map, then the kv
     lists), no host read."""
-    nq, nkv = triton.cdiv(total_q, block), triton.cdiv(total_k, block)
+    nq, nkv = cdiv(total_q, block), cdiv(total_k, block)
     kind = torch.empty(1, 1, nq, nkv, dtype=torch.int8, device=cu_q.device)
     chunk = _chunk(nkv)
-    launch = KernelLaunch(kernels.varlen_kinds, (nq, triton.cdiv(nkv, chunk)), (
+    launch = KernelLaunch(kernels.varlen_kinds, (nq, cdiv(nkv, chunk)), (
         kind, cu_q, cu_k, cu_q.numel() - 1, total_q, nkv, left, right, block, block, chunk, DOC_CHUNK),
         dict(num_warps=4))
     _start_with_lists(("varlen", kind.shape, block, left, right, kind.device), kind, [launch], separate_full=True)

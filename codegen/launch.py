@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 from triton.runtime.errors import OutOfResources
 
 from flexcomp.blockmask import noop_mask
@@ -30,7 +29,7 @@ from flexcomp.ir import Graph
 from flexcomp.options import Sources
 from flexcomp.plan import Plan, refit
 from flexcomp.problem import Outputs, Problem
-from flexcomp.tiles import pad_dim, smaller_forward
+from flexcomp.tiles import cdiv, pad_dim, smaller_forward
 from flexcomp.trace import TracedMod
 
 from .ahead import KernelLaunch
@@ -281,7 +280,7 @@ def forward_launch(problem: Problem, plan: Plan, q, k, v, a: ForwardArgs) -> Ker
     cfg = plan.forward
     sq, skv = a.block_mask.BLOCK_SIZE
     D, DV = problem.head_dim, problem.value_dim
-    grid = (triton.cdiv(problem.q_len, cfg.block_m), problem.batch * problem.heads)
+    grid = (cdiv(problem.q_len, cfg.block_m), problem.batch * problem.heads)
     lists, sa, ma, lse, mx = a.lists, a.sa, a.ma, a.lse, a.mx
     return KernelLaunch(flex_fwd, grid, (
         q, k, v, a.out, lse, lse if mx is None else mx, q.stride(), kv_strides(problem, k), kv_strides(problem, v),

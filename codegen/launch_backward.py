@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 from triton.runtime.errors import OutOfResources
 
 from flexcomp.plan import BackwardLaunch, Plan, ScatterMode, refit
 from flexcomp.problem import Grads, Problem, Saved
-from flexcomp.tiles import BackwardConfig, pad_dim, smaller_backward
+from flexcomp.tiles import BackwardConfig, cdiv, pad_dim, smaller_backward
 
 from . import ahead
 from .ahead import KernelLaunch
@@ -126,7 +125,7 @@ def backward_key(plan: Plan) -> tuple:
 def delta_launch(problem: Problem, out, d_out, d_lse, lse, delta) -> KernelLaunch:
     """``flex_bwd_delta``'s launch: ``delta = rowsum(dO * O) - dLSE``."""
     dl = d_lse if d_lse is not None else lse
-    grid = (triton.cdiv(problem.q_len, DELTA_ROWS), problem.batch * problem.heads)
+    grid = (cdiv(problem.q_len, DELTA_ROWS), problem.batch * problem.heads)
     return KernelLaunch(flex_bwd_delta, grid, (
         out, d_out, dl, delta, out.stride(), d_out.stride(), dl.stride(), problem.heads, problem.q_len), dict(
         HAS_DLSE=d_lse is not None, BLOCK_M=DELTA_ROWS, DV=problem.value_dim, DV_PAD=pad_dim(problem.value_dim),
@@ -221,7 +220,7 @@ def _bwd_launch(a: _Args, cfg: BackwardConfig, launch: BackwardLaunch) -> Kernel
     sq, skv = a.block_mask.BLOCK_SIZE
     kv_lists = block_lists(a.block_mask, p.batch, p.heads, transposed=False)
     q_lists = block_lists(a.block_mask, p.batch, p.heads, transposed=True)
-    n_kv, n_q = triton.cdiv(p.kv_len, cfg.block_n1), triton.cdiv(p.q_len, cfg.block_m2)
+    n_kv, n_q = cdiv(p.kv_len, cfg.block_n1), cdiv(p.q_len, cfg.block_m2)
     grid = ((n_kv if launch.run_dkdv else 0) + (p.group * n_q if launch.run_dq else 0), p.batch * p.kv_heads)
     scatter_fn, grads = (None, (a.delta,)) if a.sc is None else (a.sc.fn, a.sc.grads)
     return KernelLaunch(flex_bwd, grid, (

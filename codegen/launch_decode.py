@@ -9,12 +9,11 @@ Inputs, mods and block lists reach the kernel exactly as in the prefill forward
 from __future__ import annotations
 
 import torch
-import triton
 
 from flexcomp.cache import CACHE
 from flexcomp.plan import Plan
 from flexcomp.problem import Outputs, Problem
-from flexcomp.tiles import DecodeLayout, decode_layout, pad_dim
+from flexcomp.tiles import DecodeLayout, decode_layout, next_power_of_2, pad_dim
 
 from .ahead import KernelLaunch
 from .kernels.decode import decode_merge, flex_decode
@@ -77,7 +76,7 @@ def _launches(problem: Problem, plan: Plan, q, k, v, a: ForwardArgs) -> list[Ker
     lse_part = torch.empty(B, H, layout.splits, L, dtype=torch.float32, device=out.device)
     merge = KernelLaunch(decode_merge, (B * H, L), (
         o_part, lse_part, out, lse, out.stride(), lse.stride(), H, L, layout.splits), dict(
-        SPLITS_PAD=max(2, triton.next_power_of_2(layout.splits)), DV=DV, DV_PAD=dv_pad, num_warps=4))
+        SPLITS_PAD=max(2, next_power_of_2(layout.splits)), DV=DV, DV_PAD=dv_pad, num_warps=4))
     return [_decode_launch(problem, plan, layout, q, k, v, o_part, lse_part, lists, sa, ma, split=True), merge]
 
 

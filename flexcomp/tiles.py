@@ -141,6 +141,25 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
     return ForwardConfig(bm, bn, warps, stages, static_sub)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints ``a >= 0``, ``b > 0`` (host side: ``triton.cdiv`` costs about 2 us a call,
+    a wrapper made for use inside kernels).
+
+    >>> cdiv(257, 128), cdiv(256, 128), cdiv(0, 128)
+    (3, 2, 0)
+    """
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``), as ``triton.next_power_of_2`` on the host.
+
+    >>> next_power_of_2(1), next_power_of_2(17), next_power_of_2(64)
+    (1, 32, 64)
+    """
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def pad_dim(d: int) -> int:
     """Head dims padded to a power of two (at least 16) for the kernels' tiles."""
     return max(16, 1 << (d - 1).bit_length())
