@@ -141,6 +141,7 @@ class Graph:
     extra_outputs: tuple[Arg, ...] = ()
     _names: dict = field(default=None, init=False, compare=False, repr=False, hash=False)
     _key: str = field(default=None, init=False, compare=False, repr=False, hash=False)
+    _used_inputs: frozenset = field(default=None, init=False, compare=False, repr=False, hash=False)
 
     # ---- naming and printing -------------------------------------------------------------
     def value_names(self) -> dict[int, str]:
@@ -222,9 +223,13 @@ class Graph:
         return a.dtype if isinstance(a, Const) else self.nodes[a].dtype
 
     def uses_input(self, name: str) -> bool:
-        ids = {n.id for n in self.nodes if n.op is Op.INPUT and n.attr == name}
-        return (any(a in ids for n in self.nodes for a in n.args if not isinstance(a, Const))
-                or any(o in ids for o in self.outputs if not isinstance(o, Const)))
+        """Whether input ``name`` (``b``, ``h``, ``q_idx``, ...) is read by a node or returned."""
+        if self._used_inputs is None:
+            read = {a for n in self.nodes for a in n.args if not isinstance(a, Const)}
+            read |= {o for o in self.outputs if not isinstance(o, Const)}
+            used = frozenset(n.attr for n in self.nodes if n.op is Op.INPUT and n.id in read)
+            object.__setattr__(self, "_used_inputs", used)  # the graph is immutable: worked out once
+        return name in self._used_inputs
 
     # ---- back to Python ------------------------------------------------------------------
     def to_python(self) -> str:

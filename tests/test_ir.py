@@ -526,3 +526,10 @@ def test_to_python_round_trip_lambda():
     tm = trace(mod, MASK)
     tm2, src = _round_trip(tm)
     assert tm2.key == tm.key and str(tm2.graph) == str(tm.graph), src
+
+
+def test_uses_input_names_what_the_mod_reads_or_returns():
+    mask = trace(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, ModKind.MASK).graph
+    assert [n for n in ("b", "h", "q_idx", "kv_idx") if mask.uses_input(n)] == ["q_idx", "kv_idx"]
+    score = trace(lambda score, b, h, q_idx, kv_idx: score, ModKind.SCORE).graph  # returned, not read
+    assert [n for n in ("score", "b", "h", "q_idx", "kv_idx") if score.uses_input(n)] == ["score"]
