@@ -13,13 +13,17 @@ from .problem import make_problem
 from .trace import trace
 
 
-def generated_source(g: Graph) -> str:
-    """The Triton source flexcomp generates for a graph of the plan (a message if Triton is missing)."""
+def generated_source(g: Graph, plan=None, problem=None) -> str:
+    """The Triton source flexcomp generates for a graph of the plan (a message if Triton is missing):
+    the float32 variant, or for a score_mod's graph given its ``plan`` and ``problem``, the variant
+    that problem runs (float64 inputs: float64; 16-bit inputs: the hardware's tanh)."""
     try:
+        from flexcomp.codegen.launch import float_type
+        from flexcomp.codegen.lower import FloatType
         from flexcomp.codegen.modules import jit_function
     except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
         return f"# (no Triton here: {e})"
-    return jit_function(g)[0].source
+    return jit_function(g, FloatType.F32 if plan is None else float_type(plan, problem))[0].source
 
 
 def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] = None,
@@ -28,8 +32,8 @@ def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] =
     """Print (and return) the IR of each mod, its structural key, its captured inputs, for a
     mask_mod the block map at ``Q_LEN x KV_LEN``, then the plan of the Triton backend for one
     head of that size (``head_dim``, ``dtype``): its passes, graphs, tiles and backward launches,
-    and the generated Triton source of each mod (for a score_mod also the backward's
-    value-and-derivative function).
+    and the generated Triton source of each mod as that ``dtype`` runs it (for a score_mod also the
+    backward's value-and-derivative function; 16-bit inputs take the hardware's ``tanh``).
 
     >>> from flexcomp.masks import causal_mask, softcap
     >>> text = explain(softcap(20.0), causal_mask, Q_LEN=256, KV_LEN=256, print_fn=lambda s: None)
@@ -58,11 +62,11 @@ def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] =
                            head_dim ** -0.5, Options())
     plan = plan_for(problem, Backend.TRITON)
     parts.append(plan.describe())
-    for title, g in (("score_mod", plan.score), ("mask_mod", plan.mask),
-                     ("score_mod and its derivative, for the backward", plan.score_grad)):
+    for title, g, variant in (("score_mod", plan.score, (plan, problem)), ("mask_mod", plan.mask, ()),
+                              ("score_mod and its derivative, for the backward", plan.score_grad, (plan, problem))):
         if g is not None:
             parts.append(f"# generated Triton source ({title}):")
-            parts.append(generated_source(g))
+            parts.append(generated_source(g, *variant))
     text = "\n".join(parts)
     print_fn(text)
     return text

@@ -230,3 +230,14 @@ def test_the_kernels_entry_unpacks_one_flat_tuple():
     assert arg_counts(lower(g)) == (2, 3) and arg_counts(lower(g, checked=True)) == (3, 3)
     assert name.endswith("_args") and src.strip().splitlines()[-1].strip() == (
         f"return {lower(g).name}(score, b, h, q_idx, kv_idx, ARGS[0:2], ARGS[2:5], ARGS[5:8], ARGS[-2], ARGS[-1])")
+
+
+def test_explain_shows_the_variant_the_inputs_run():
+    """bfloat16 (explain's default dtype) runs the hardware's tanh, float32 libdevice's."""
+    from flexcomp.explain import explain
+
+    quiet = lambda text: None  # noqa: E731
+    half = explain(softcap(20.0), Q_LEN=128, KV_LEN=128, print_fn=quiet)
+    single = explain(softcap(20.0), Q_LEN=128, KV_LEN=128, print_fn=quiet, dtype=torch.float32)
+    assert half.count("ops.tanh_approx(") == 2 and "ops.tanh(" not in half  # the forward's and the backward's
+    assert single.count("ops.tanh(") == 2 and "tanh_approx" not in single
