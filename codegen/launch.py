@@ -76,8 +76,12 @@ def float_type(plan: Plan, problem: Problem) -> FloatType:
 
 
 def _has_hardware_tanh(device: torch.device) -> bool:
+    """Whether ``device`` runs PTX's ``tanh.approx.f32``: NVIDIA GPUs of compute capability 7.5 on
+    (ROCm's ``cuda`` devices run no PTX); True off CUDA, where the interpreter runs the formula."""
     if device.type != "cuda":
         return True
+    if torch.version.hip is not None:
+        return False
     return CACHE.get_or_make(("hardware_tanh", device),
                              lambda: torch.cuda.get_device_capability(device) >= HARDWARE_TANH)
 

@@ -76,7 +76,8 @@ def test_hardware_tanh_errors_stay_at_the_inputs_rounding(dtype, cap):
 
 
 def test_gpus_before_turing_keep_libdevices_tanh(monkeypatch):
-    """PTX's ``tanh.approx.f32`` needs compute capability 7.5: a V100 (7.0) runs libdevice's."""
+    """PTX's ``tanh.approx.f32`` needs an NVIDIA GPU of compute capability 7.5: a V100 (7.0) and ROCm
+    devices run libdevice's."""
     from flexcomp.codegen import launch
 
     for capability, hardware in (((7, 0), False), ((7, 5), True), ((9, 0), True)):
@@ -84,3 +85,5 @@ def test_gpus_before_turing_keep_libdevices_tanh(monkeypatch):
         CACHE.clear()
         assert launch._has_hardware_tanh(torch.device("cuda", 0)) is hardware, capability
     assert launch._has_hardware_tanh(torch.device("cpu"))  # the interpreter's tanh_approx is its formula
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: capability (9, 4) on an MI300, but no PTX
+    assert not launch._has_hardware_tanh(torch.device("cuda", 0))
