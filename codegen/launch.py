@@ -67,8 +67,8 @@ HARDWARE_TANH = (7, 5)  # the first compute capability with PTX's tanh.approx.f3
 
 def float_type(plan: Plan, problem: Problem) -> FloatType:
     """The generated score_mod's working float: float64 for float64 inputs; for 16-bit inputs
-    float32 with the hardware's tanh where the GPU has one (the interpreter's is libdevice's formula),
-    unless ``kernel_options={"FAST_TANH": False}``."""
+    float32 with the hardware's tanh where the GPU has one (under the interpreter ``ops.tanh_approx``
+    is the same exp formula as ``ops.tanh``), unless ``kernel_options={"FAST_TANH": False}``."""
     if plan.fp64:
         return FloatType.F64
     fast = problem.dtype in HALF_DTYPES and problem.options.fast_tanh and _has_hardware_tanh(problem.device)

@@ -23,8 +23,9 @@ Two switches make variants of one graph, each its own function (name and cache k
 
 - :class:`FloatType`: the Triton type of the IR's working float ``f32`` (float32; float64 for
   float64 inputs, where float constants are formed as float64 tensors too, never rounded to float32),
-  and for 16-bit inputs ``tanh`` as one hardware instruction (``F32_APPROX``: its relative error,
-  2**-11, is below the inputs' rounding; soft-capping runs about twice as fast);
+  and for 16-bit inputs ``tanh`` (soft-capping, ``gelu(approximate="tanh")``, ``mish``) as one
+  hardware instruction (``F32_APPROX``: its relative error, 2**-11, is about the inputs' rounding;
+  soft-capping runs about twice as fast);
 - ``checked``: before each load, every index is compared with its dim (``ops.check_index``) and any
   index outside ``[-size, size)`` is written into an int64 error tensor passed after the pointers in
   ``BUFS`` (one slot per load and dim, :class:`LoadCheck`), so the launcher raises IndexError as torch
@@ -377,7 +378,8 @@ def _layout(g: Graph, ft: FloatType = FloatType.F32, checked: bool = False) -> _
 
 def function_name(g: Graph, ft: FloatType = FloatType.F32, checked: bool = False) -> str:
     """``score_mod_<fn>_<key>``, or ``score_grad_<fn>_<key>`` for a graph that also returns derivatives;
-    ``_f64`` for float64 mods, ``_checked`` for checked ones."""
+    ``_f64`` for float64 mods, ``_approx`` for the hardware-tanh ones (16-bit inputs), ``_checked`` for
+    checked ones."""
     kind = "score_grad" if g.extra_outputs else g.kind.value
     return f"{kind}_{g.fn_name}_{g.structural_key()}{ft.suffix}{'_checked' if checked else ''}"
 

@@ -13,17 +13,24 @@ from .problem import make_problem
 from .trace import trace
 
 
-def generated_source(g: Graph, plan=None, problem=None) -> str:
-    """The Triton source flexcomp generates for a graph of the plan (a message if Triton is missing):
-    the float32 variant, or for a score_mod's graph given its ``plan`` and ``problem``, the variant
-    that problem runs (float64 inputs: float64; 16-bit inputs: the hardware's tanh)."""
+def generated_source(g: Graph, variant=None) -> str:
+    """The Triton source flexcomp generates for a graph of the plan (a message if Triton is missing),
+    as ``variant`` (a ``flexcomp.codegen.lower.FloatType``; default: float32)."""
     try:
-        from flexcomp.codegen.launch import float_type
-        from flexcomp.codegen.lower import FloatType
         from flexcomp.codegen.modules import jit_function
     except ImportError as e:  # pragma: no cover - triton is a dependency on Linux
         return f"# (no Triton here: {e})"
-    return jit_function(g, FloatType.F32 if plan is None else float_type(plan, problem))[0].source
+    return jit_function(g, *(() if variant is None else (variant,)))[0].source
+
+
+def _score_variant(plan, problem):
+    """The FloatType the score_mods of ``problem`` run as on a GPU with the hardware tanh (None
+    without Triton)."""
+    try:
+        from flexcomp.codegen.launch import float_type
+    except ImportError:  # pragma: no cover - triton is a dependency on Linux
+        return None
+    return float_type(plan, problem)
 
 
 def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] = None,
@@ -33,7 +40,8 @@ def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] =
     mask_mod the block map at ``Q_LEN x KV_LEN``, then the plan of the Triton backend for one
     head of that size (``head_dim``, ``dtype``): its passes, graphs, tiles and backward launches,
     and the generated Triton source of each mod as that ``dtype`` runs it (for a score_mod also the
-    backward's value-and-derivative function; 16-bit inputs take the hardware's ``tanh``).
+    backward's value-and-derivative function; 16-bit inputs take the hardware's ``tanh``, as on
+    NVIDIA GPUs of compute capability 7.5 and up; others run libdevice's, as float32).
 
     >>> from flexcomp.masks import causal_mask, softcap
     >>> text = explain(softcap(20.0), causal_mask, Q_LEN=256, KV_LEN=256, print_fn=lambda s: None)
@@ -62,11 +70,12 @@ def explain(score_mod: Optional[Callable] = None, mask_mod: Optional[Callable] =
                            head_dim ** -0.5, Options())
     plan = plan_for(problem, Backend.TRITON)
     parts.append(plan.describe())
-    for title, g, variant in (("score_mod", plan.score, (plan, problem)), ("mask_mod", plan.mask, ()),
-                              ("score_mod and its derivative, for the backward", plan.score_grad, (plan, problem))):
+    score = _score_variant(plan, problem)
+    for title, g, variant in (("score_mod", plan.score, score), ("mask_mod", plan.mask, None),
+                              ("score_mod and its derivative, for the backward", plan.score_grad, score)):
         if g is not None:
             parts.append(f"# generated Triton source ({title}):")
-            parts.append(generated_source(g, *variant))
+            parts.append(generated_source(g, variant))
     text = "\n".join(parts)
     print_fn(text)
     return text

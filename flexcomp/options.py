@@ -142,8 +142,9 @@ class Options:
         family: the forward's kernel family asked for (``"decode"``: torch's ``BACKEND="TRITON_DECODE"``;
             ``"prefill"``: ``FORCE_USE_FLEX_ATTENTION=True``; None: chosen by the problem's shape).
         fast_tanh: ``FAST_TANH`` (default True): with float16 / bfloat16 inputs, the Triton backend's
-            score_mods compute ``tanh`` (soft-capping) with the hardware's instruction, relative error
-            at most 2**-11, below the inputs' rounding; False: libdevice's (float32 inputs always are).
+            score_mods compute ``tanh`` (soft-capping, ``gelu(approximate="tanh")``, ``mish``) with the
+            hardware's instruction, relative error at most 2**-11, about the inputs' rounding; False:
+            libdevice's (float32 inputs always are).
     """
 
     backend: Optional[Backend] = None

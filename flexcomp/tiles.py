@@ -142,8 +142,8 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
 
 
 def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for ints ``a >= 0``, ``b > 0`` (host side: ``triton.cdiv`` costs about 2 us a call,
-    a wrapper made for use inside kernels).
+    """``ceil(a / b)`` for ints, ``b > 0``, as ``triton.cdiv`` (host side: that one costs about 2 us a
+    call, a wrapper made for use inside kernels).
 
     >>> cdiv(257, 128), cdiv(256, 128), cdiv(0, 128)
     (3, 2, 0)
@@ -152,12 +152,12 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of two ``>= n`` (1 for ``n <= 1``), as ``triton.next_power_of_2`` on the host.
+    """The smallest power of two ``>= n`` for ``n >= 1`` (0 for 0), as ``triton.next_power_of_2``.
 
-    >>> next_power_of_2(1), next_power_of_2(17), next_power_of_2(64)
-    (1, 32, 64)
+    >>> next_power_of_2(0), next_power_of_2(1), next_power_of_2(17), next_power_of_2(64)
+    (0, 1, 32, 64)
     """
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
 
 
 def pad_dim(d: int) -> int:

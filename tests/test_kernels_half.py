@@ -46,9 +46,12 @@ def _errors(q, k, v, d_out, score_mod, options) -> dict[str, float]:
 def test_half_precision_mods_take_the_hardware_tanh_unless_asked_not_to(dtype, tmp_path, monkeypatch):
     """The generated score_mod and its derivative are the ``_approx`` variants (``ops.tanh_approx``) for
     16-bit inputs, the plain ones with ``FAST_TANH=False``; both within the inputs' rounding of the oracle."""
+    from flexcomp.codegen.launch import _has_hardware_tanh
+
     tol = {torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     q, k, v, d_out = _inputs(dtype, 1, 2, 64, 16)
-    for options, tanh in (({}, "ops.tanh_approx("), ({"FAST_TANH": False}, "ops.tanh(")):
+    hardware = _has_hardware_tanh(torch.device(DEVICE))  # the interpreter, or an NVIDIA GPU from sm_75
+    for options, tanh in (({}, "ops.tanh_approx(" if hardware else "ops.tanh("), ({"FAST_TANH": False}, "ops.tanh(")):
         dump = tmp_path / str(bool(options))
         monkeypatch.setenv("FLEXCOMP_DUMP_DIR", str(dump))
         CACHE.clear()  # generated functions are kept per structure: generate them again, into dump
@@ -56,7 +59,7 @@ def test_half_precision_mods_take_the_hardware_tanh_unless_asked_not_to(dtype, t
         assert max(errs.values()) < tol, errs
         mods = {p.name: p.read_text() for p in dump.iterdir() if p.name.startswith(("score_mod_", "score_grad_"))}
         assert sorted(name.split("_")[1] for name in mods) == ["grad", "mod"]  # forward's and backward's
-        assert all(name.endswith("_approx.py") == (not options) for name in mods), sorted(mods)
+        assert all(name.endswith("_approx.py") == (hardware and not options) for name in mods), sorted(mods)
         assert all(tanh in src and src.count("ops.tanh") == src.count(tanh) for src in mods.values())
 
 
@@ -70,8 +73,8 @@ def test_hardware_tanh_errors_stay_at_the_inputs_rounding(dtype, cap):
     q, k, v, d_out = _inputs(dtype, 2, 4, 1024, 128, logit_scale=4.0, seed=int(cap))
     fast = _errors(q, k, v, d_out, softcap(cap), {})
     exact = _errors(q, k, v, d_out, softcap(cap), {"FAST_TANH": False})
-    for name in ("out", "dq", "dk", "dv"):
-        assert fast[name] <= 1.25 * exact[name], (name, fast, exact)
+    for name in ("out", "dq", "dk", "dv"):  # a small absolute margin: max errors move a little run to run
+        assert fast[name] <= 1.25 * exact[name] + 2.0**-12, (name, fast, exact)
     assert fast["lse"] <= exact["lse"] + cap * TANH_REL_ERR, (fast, exact)
 
 
@@ -80,10 +83,14 @@ def test_gpus_before_turing_keep_libdevices_tanh(monkeypatch):
     devices run libdevice's."""
     from flexcomp.codegen import launch
 
-    for capability, hardware in (((7, 0), False), ((7, 5), True), ((9, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        CACHE.clear()
-        assert launch._has_hardware_tanh(torch.device("cuda", 0)) is hardware, capability
-    assert launch._has_hardware_tanh(torch.device("cpu"))  # the interpreter's tanh_approx is its formula
-    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: capability (9, 4) on an MI300, but no PTX
-    assert not launch._has_hardware_tanh(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    try:
+        for capability, hardware in (((7, 0), False), ((7, 5), True), ((9, 0), True)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+            CACHE.clear()
+            assert launch._has_hardware_tanh(torch.device("cuda", 0)) is hardware, capability
+        assert launch._has_hardware_tanh(torch.device("cpu"))  # the interpreter's tanh_approx is its formula
+        monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: capability (9, 4) on an MI300, but no PTX
+        assert not launch._has_hardware_tanh(torch.device("cuda", 0))
+    finally:
+        CACHE.clear()  # no answer from a faked capability stays for the tests after
