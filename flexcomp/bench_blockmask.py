@@ -10,7 +10,8 @@ ids``: the same packings as device doc ids) at each size; ``document batch`` (B 
 packing per batch element, ``doc_ids [4, S]``). Times: median over ``--reps`` calls after ``WARMUP``,
 ``torch.cuda.synchronize()`` around each. ``flexcomp build``: a fresh build per call (a different
 packing per call where the mask captures a tensor, so a result cache cannot answer; else
-``blockmask_build.build_block_mask`` where it exists: ``flexcomp_fn`` says which). ``flexcomp reuse``:
+``blockmask_build.build_block_mask`` where it exists: ``flexcomp_fn`` says which), and of it the host's
+part (``flexcomp_host_ms``: until the build returns, before the sync). ``flexcomp reuse``:
 ``create_block_mask`` on the same mask_mod and captures. ``torch``: its ``create_block_mask(...,
 _compile=True)``, a fresh doc tensor per call. Also the peak extra device memory of one build (MiB),
 and ``match``: both BlockMasks list the same kv, full kv, q and full q blocks (printed, never raised).
@@ -127,17 +128,26 @@ def _attempt(what: str, fn: Callable[[], Any]) -> Any:
         return None
 
 
-def _median_ms(build: Callable[[Callable], Any], mods: list[Callable]) -> float:
-    """Median wall time (ms) of ``build(mod)`` over ``mods[WARMUP:]``, after ``mods[:WARMUP]`` untimed."""
-    times = []
+def _medians_ms(build: Callable[[Callable], Any], mods: list[Callable]) -> tuple[float, float]:
+    """Median wall time (ms) of ``build(mod)`` over ``mods[WARMUP:]``, after ``mods[:WARMUP]`` untimed,
+    and the median host time: up to ``build``'s return, before the sync (the rest is the device's
+    work and the wait for it)."""
+    walls, hosts = [], []
     for n, mod in enumerate(mods):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         build(mod)
+        t1 = time.perf_counter()
         torch.cuda.synchronize()
         if n >= WARMUP:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+            walls.append(time.perf_counter() - t0)
+            hosts.append(t1 - t0)
+    return statistics.median(walls) * 1e3, statistics.median(hosts) * 1e3
+
+
+def _median_ms(build: Callable[[Callable], Any], mods: list[Callable]) -> float:
+    """Median wall time (ms) of ``build(mod)``, as :func:`_medians_ms`."""
+    return _medians_ms(build, mods)[0]
 
 
 def _peak_mib(build: Callable[[Callable], Any], mod: Callable) -> float:
@@ -212,8 +222,8 @@ def run_case(case: Case, reps: int) -> dict:
     row: dict = {"case": case.name, "S": case.S, "B": case.B, "flexcomp_fn": fn_name}
     label = f"{case.name} S={case.S} B={case.B}"
     # packing 0: reuse, check; 1..n: flexcomp builds; n+1..2n: torch; 2n+1: memory. Mods made before timing.
-    row["flexcomp_build_ms"] = _attempt(f"{label} flexcomp build",
-                                        lambda: _median_ms(build, [case.flex_mod(i) for i in range(1, n + 1)]))
+    both = _attempt(f"{label} flexcomp build", lambda: _medians_ms(build, [case.flex_mod(i) for i in range(1, n + 1)]))
+    row["flexcomp_build_ms"], row["flexcomp_host_ms"] = (None, None) if both is None else both
     same = case.flex_mod(0)
     row["flexcomp_reuse_ms"] = _attempt(f"{label} flexcomp reuse", lambda: _median_ms(reuse, [same] * n))
     graphs = _compiled_graphs()
@@ -270,12 +280,13 @@ def _fmt(value, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the rows: times in ms, ratio = torch time / flexcomp build time."""
-    head = ["case", "S", "B", "flexcomp build ms", "flexcomp reuse ms", "torch ms", "build ratio (torch/flexcomp)",
-            "peak MiB flexcomp / torch", "match"]
+    head = ["case", "S", "B", "flexcomp build ms", "of which host ms", "flexcomp reuse ms", "torch ms",
+            "build ratio (torch/flexcomp)", "peak MiB flexcomp / torch", "match"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["case"], str(r["S"]), str(r["B"]), _fmt(r["flexcomp_build_ms"], ".2f"),
-                 _fmt(r["flexcomp_reuse_ms"], ".3f"), _fmt(r["torch_ms"], ".2f"), _fmt(r["build_ratio"], ".2f"),
+                 _fmt(r.get("flexcomp_host_ms"), ".2f"), _fmt(r["flexcomp_reuse_ms"], ".3f"),
+                 _fmt(r["torch_ms"], ".2f"), _fmt(r["build_ratio"], ".2f"),
                  f"{_fmt(r['flexcomp_peak_mib'], '.1f')} / {_fmt(r['torch_peak_mib'], '.1f')}",
                  "err" if r["match"] is None else str(r["match"]).lower()]
         lines.append("| " + " | ".join(cells) + " |")
