@@ -180,7 +180,7 @@ def _list_layout(shape: tuple, separate_full: bool, B: int, H: int) -> tuple[int
                 inner = math.prod(dims)
                 row = (cols, 1) if len(dims) == 2 else (1,)
                 layout.append(((B, H, *dims), (Hx * inner if Bx == B else 0, inner if Hx == H else 0, *row), total))
-                total += -(-Bx * Hx * inner // LIST_ALIGN) * LIST_ALIGN
+                total += cdiv(Bx * Hx * inner, LIST_ALIGN) * LIST_ALIGN
     return total, tuple(layout)
 
 

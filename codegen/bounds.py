@@ -37,6 +37,7 @@ from typing import Optional
 from flexcomp.cache import CACHE
 from flexcomp.ir import Const, Graph, Op
 from flexcomp.sparsity import BlockGrid, IndexKind, Interval, index_kinds, propagate, zero_divisors
+from flexcomp.tiles import cdiv
 
 from .modules import source_dir
 
@@ -193,7 +194,7 @@ class Run:
         """Runs in the table of a buffer of ``shape`` (a 0-dim buffer as ``(1,)``)."""
         shape = shape or (1,)
         width = q_block if self.along_q else kv_block
-        return math.prod(shape[:self.dim]) * -(-shape[self.dim] // width) * math.prod(shape[self.dim + 1:])
+        return math.prod(shape[:self.dim]) * cdiv(shape[self.dim], width) * math.prod(shape[self.dim + 1:])
 
 
 class _Loads:
