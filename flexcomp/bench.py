@@ -3,6 +3,7 @@
     python -m flexcomp.bench                      # the anchors' shapes and variants, forward + backward
     python -m flexcomp.bench --no-bwd             # forward only
     python -m flexcomp.bench --shapes 4x16x4096x128 --variants causal,softcap
+    python -m flexcomp.bench --sdpa --shapes 4x32:8x4096x128 --variants full,causal  # GQA, beside cuDNN
     python -m flexcomp.bench --cold-only          # cold compile, forward + backward, fresh caches
     python -m flexcomp.bench --cold --json out.json   # the benchmark, then the cold compile
     python -m flexcomp.bench --sweep              # flexcomp's forward under several tile configs
@@ -172,14 +173,33 @@ def _setup_torch_compile():
             setattr(torch._dynamo.config, knob, 10_000)
 
 
+def parse_shape(shape: str) -> tuple[int, int, int, int, int]:
+    """``BxHxSxD``, or ``BxH:HKVxSxD`` for grouped-query attention (``H`` query heads sharing
+    ``HKV`` key/value heads): ``(B, H, HKV, S, D)``.
+
+    >>> parse_shape("4x16x4096x64"), parse_shape("4x32:8x4096x128")
+    ((4, 16, 16, 4096, 64), (4, 32, 8, 4096, 128))
+    """
+    parts = shape.split("x")
+    if len(parts) != 4:
+        raise SystemExit(f"--shapes: expected BxHxSxD or BxH:HKVxSxD, got {shape!r}")
+    heads = parts[1].split(":")
+    B, S, D = int(parts[0]), int(parts[2]), int(parts[3])
+    H, HKV = int(heads[0]), int(heads[-1])
+    if len(heads) > 2 or H % HKV:
+        raise SystemExit(f"--shapes: the query heads must be a multiple of the key/value heads, got {shape!r}")
+    return B, H, HKV, S, D
+
+
 def _cases(shapes: list[str], variants: list[str], dtype: torch.dtype, requires_grad: bool):
     """Every (shape, variant) as a :class:`Setup`; inputs are drawn once per shape."""
     import flexcomp
 
     device = torch.device("cuda")
     for shape in shapes:
-        B, H, S, D = (int(x) for x in shape.split("x"))
-        q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=requires_grad) for _ in range(3))
+        B, H, HKV, S, D = parse_shape(shape)
+        q = torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=requires_grad)
+        k, v = (torch.randn(B, HKV, S, D, device=device, dtype=dtype, requires_grad=requires_grad) for _ in range(2))
         do = torch.randn(B, H, S, D, device=device, dtype=dtype)
         for name in variants:
             case = make_case(name, B, H, S, device)
@@ -254,9 +274,12 @@ def _grad_check(impls: dict[str, Callable], reference: Callable, s: Setup) -> di
     and the first heads that fit (at least one): the libraries run on the same slice.
     """
     B, H, S, D = s.q.shape
+    group = H // s.k.shape[1]  # query heads per key/value head: whole groups are sliced
     nb = B if B * H * S * S <= GRAD_CHECK_PAIRS else 1
     nh = H if nb * H * S * S <= GRAD_CHECK_PAIRS else min(H, max(1, GRAD_CHECK_PAIRS // (S * S)))
-    q, k, v, do = (t[:nb, :nh].detach().contiguous() for t in (s.q, s.k, s.v, s.do))
+    nh = max(group, nh - nh % group)
+    q, do = (t[:nb, :nh].detach().contiguous() for t in (s.q, s.do))
+    k, v = (t[:nb, :nh // group].detach().contiguous() for t in (s.k, s.v))
     fp32 = [t.float().requires_grad_() for t in (q, k, v)]
     ref = _fwdbwd(reference, *fp32, do.float())
     result: dict = {"grad_check_shape": f"{nb}x{nh}x{S}x{D}"}
@@ -285,8 +308,23 @@ def _time_backward(n: str, call: Callable, s: Setup) -> dict:
             f"{n}_bwd_tflops": BWD_FLOP_FACTOR * s.flops / (t_all - t_fwd) / 1e9}
 
 
-def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool, bwd: bool = True) -> list[dict]:
-    """Check and time both libraries on every (shape, variant); returns (and prints) one dict per row."""
+def _cudnn(case: Case, gqa: bool) -> Optional[Callable]:
+    """cuDNN's SDPA for the cases it computes (no mask, causal), else None."""
+    if case.score_mod is not None or case.name not in ("full", "causal"):
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def cudnn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.name == "causal",
+                                                                    enable_gqa=gqa)
+    return cudnn
+
+
+def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool, bwd: bool = True,
+        sdpa: bool = False) -> list[dict]:
+    """Check and time both libraries on every (shape, variant), and with ``sdpa`` cuDNN's SDPA on the
+    full and causal cases; returns (and prints) one dict per row."""
     from torch.nn.attention import flex_attention as tf
 
     import flexcomp
@@ -296,20 +334,24 @@ def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool,
     device = torch.device("cuda")
     rows = []
     for s in _cases(shapes, variants, dtype, requires_grad=bwd):
-        S = s.q.shape[2]
+        S, gqa = s.q.shape[2], s.q.shape[1] != s.k.shape[1]
         theirs_bm = tf.create_block_mask(s.case.mask_mod, 1, 1, S, S, device=device) if s.case.mask_mod else None
 
         def ours(q, k, v):
-            return flexcomp.flex_attention(q, k, v, score_mod=s.case.score_mod, block_mask=s.block_mask)
+            return flexcomp.flex_attention(q, k, v, score_mod=s.case.score_mod, block_mask=s.block_mask,
+                                           enable_gqa=gqa)
 
         def theirs(q, k, v):
-            return torch_flex(q, k, v, score_mod=s.case.score_mod, block_mask=theirs_bm)
+            return torch_flex(q, k, v, score_mod=s.case.score_mod, block_mask=theirs_bm, enable_gqa=gqa)
 
         def reference(q, k, v):
             return flexcomp.flex_attention(q, k, v, score_mod=s.case.score_mod, block_mask=s.block_mask,
-                                           kernel_options={"BACKEND": "reference"})
+                                           enable_gqa=gqa, kernel_options={"BACKEND": "reference"})
 
         impls = {"flexcomp": ours, "torch": theirs}  # the name prefixes the row's keys
+        cudnn = _cudnn(s.case, gqa) if sdpa else None
+        if cudnn is not None:
+            impls["cudnn"] = cudnn
         row = {"shape": s.shape, "variant": s.case.name, "dtype": str(dtype).replace("torch.", ""),
                "density": s.density}
         outs = {}
@@ -339,6 +381,10 @@ def run(shapes: list[str], variants: list[str], dtype: torch.dtype, check: bool,
         if bwd:
             both = row["flexcomp_bwd_ms"] is not None and row["torch_bwd_ms"] is not None
             row["bwd_ratio"] = row["torch_bwd_ms"] / row["flexcomp_bwd_ms"] if both else None
+        if cudnn is not None:  # flexcomp against cuDNN, > 1: flexcomp is faster
+            row["cudnn_ratio"] = row["cudnn_ms"] / row["flexcomp_ms"]
+            if bwd and row["flexcomp_bwd_ms"] is not None and row["cudnn_bwd_ms"] is not None:
+                row["cudnn_bwd_ratio"] = row["cudnn_bwd_ms"] / row["flexcomp_bwd_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -359,7 +405,8 @@ def _reference_rows(flexcomp, q, k, v, case: Case, rows: int) -> torch.Tensor:
     """flexcomp's float32 reference backend for the first ``rows`` queries."""
     ref_bm = flexcomp.create_block_mask(case.mask_mod, 1, 1, rows, k.shape[2], device=q.device) if case.mask_mod else None
     return flexcomp.flex_attention(q[:, :, :rows].float(), k.float(), v.float(), score_mod=case.score_mod,
-                                   block_mask=ref_bm, kernel_options={"BACKEND": "reference"})
+                                   block_mask=ref_bm, enable_gqa=q.shape[1] != k.shape[1],
+                                   kernel_options={"BACKEND": "reference"})
 
 
 _COLD_CODE = r"""
@@ -438,6 +485,17 @@ def table(rows: list[dict]) -> str:
                  _pair(r, "bwd_tflops", ".0f"), _fmt(r["bwd_ratio"], ".2f") if "bwd_ratio" in r else "",
                  _pair(r, "rel_err", ".1e"), _pair(r, "grad_rel_err_max", ".1e"), _pair(r, "host_us", ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
+    cudnn = [r for r in rows if "cudnn_ratio" in r]
+    if cudnn:
+        lines += ["", "Against cuDNN SDPA (ratio: cuDNN time / flexcomp time):", "",
+                  "| B×H×S×D | variant | fwd TFLOP/s flexcomp / cuDNN | fwd ratio | bwd TFLOP/s flexcomp / cuDNN "
+                  "| bwd ratio |", "|---|---|---|---|---|---|"]
+        for r in cudnn:
+            fwd = f"{_fmt(r.get('flexcomp_tflops'), '.0f')} / {_fmt(r.get('cudnn_tflops'), '.0f')}"
+            bwd = (f"{_fmt(r.get('flexcomp_bwd_tflops'), '.0f')} / {_fmt(r.get('cudnn_bwd_tflops'), '.0f')}"
+                   if "cudnn_bwd_tflops" in r else "")
+            lines.append(f"| {r['shape'].replace('x', '×')} | {r['variant']} | {fwd} | {r['cudnn_ratio']:.2f} | {bwd} "
+                         f"| {_fmt(r.get('cudnn_bwd_ratio'), '.2f') if 'cudnn_bwd_tflops' in r else ''} |")
     return "\n".join(lines)
 
 
@@ -459,6 +517,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--no-check", action="store_true", help="skip the checks against the float32 reference")
     p.add_argument("--no-bwd", action="store_true", help="forward only (benchmark and cold compile)")
+    p.add_argument("--sdpa", action="store_true", help="also time cuDNN's SDPA on the full and causal cases")
     p.add_argument("--cold", action="store_true", help="also measure cold compile times")
     p.add_argument("--cold-only", action="store_true", help="only measure cold compile times")
     p.add_argument("--json", help="write the rows (and cold compile times) to this file")
@@ -477,7 +536,7 @@ def main(argv=None) -> int:
         if a.sweep_bwd:
             _run_sweep(shapes, variants, dtype, backward=True)
         return 0
-    rows = [] if a.cold_only else run(shapes, variants, dtype, not a.no_check, not a.no_bwd)
+    rows = [] if a.cold_only else run(shapes, variants, dtype, not a.no_check, not a.no_bwd, a.sdpa)
     cold = cold_compile(not a.no_bwd) if a.cold or a.cold_only else None
     if a.json:
         with open(a.json, "w") as f:

@@ -145,6 +145,31 @@ def test_max_scores_carry_no_gradient_and_training_still_works(backend):
     torch.testing.assert_close(q.grad.double(), gq.double(), atol=1e-4, rtol=1e-4)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_without_gradients_runs_outside_autograd_with_the_same_values(backend):
+    """Inference (no_grad, or no input needing a gradient) takes the backend's forward directly; a
+    captured tensor that needs a gradient still makes the call differentiable."""
+    q, k, v = _qkv()
+    bias = torch.randn(L, dtype=torch.float32)
+    bm = create_block_mask(causal_mask, None, None, L, S, device="cpu", BLOCK_SIZE=32)
+    call = lambda *t, **kw: flex_attention(*t, block_mask=bm, kernel_options={"BACKEND": backend},  # noqa: E731
+                                           return_aux=AuxRequest(lse=True), **kw)
+    plain_out, plain_aux = call(q, k, v)
+    with torch.no_grad():
+        ng_out, ng_aux = call(*(t.clone().requires_grad_() for t in (q, k, v)))
+    grad_out, grad_aux = call(*(t.clone().requires_grad_() for t in (q, k, v)))
+    assert plain_out.grad_fn is None and ng_out.grad_fn is None and plain_aux.lse.grad_fn is None
+    assert grad_out.grad_fn is not None
+    for a, b in ((plain_out, grad_out), (ng_out, grad_out), (plain_aux.lse, grad_aux.lse)):
+        assert torch.equal(a, b.detach())
+    bias.requires_grad_()
+    out = call(q, k, v, score_mod=lambda s, b, h, qi, kv: s + bias[kv])[0]
+    assert out.grad_fn is not None
+    (db,) = torch.autograd.grad(out.sum(), bias)
+    ro, _ = dense_attention(q, k, v, lambda s, b, h, qi, kv: s + bias[kv], causal_mask)
+    torch.testing.assert_close(db, torch.autograd.grad(ro.sum(), bias)[0].float(), atol=1e-4, rtol=1e-4)
+
 # ---- return_lse / return_aux as torch ----------------------------------------------------------
 def test_return_forms_match_torch():
     q, k, v = _qkv(B=1, H=2, Lq=16, Sk=16, D=8)
