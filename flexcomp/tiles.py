@@ -114,8 +114,9 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
         bm, bn, warps, stages = (64, 128, 4, 3) if heavy_mods else (128, 64, 4, 3)
     elif head_dim <= 128:
         bm, bn, warps, stages = (128, 64, 8, 3) if pair_gathers else (128, 128, 8, 3)
-    else:
-        bm, bn, warps, stages = 64, 64, 4, 2
+    else:  # head dims up to 256, H200 of 2026-12-02 at 2x8x4096x256: causal 251 TF/s (64x64x4: 223), but
+        # document (mask loads) 68 against 64x64x4's 104
+        bm, bn, warps, stages = (64, 64, 4, 2) if heavy_mods else (128, 64, 8, 2)
     req = _request(options, Pass.FORWARD)
     bm = largest_pow2_dividing(sparse_q, _power_of_two(req, "block_m", bm))
     bn = largest_pow2_dividing(sparse_kv, _power_of_two(req, "block_n", bn))
@@ -219,7 +220,9 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
     - GQA (``grouped``: several query heads per key/value head) in 16-bit floats without a
       score_mod: ``split``, as each dK/dV program then walks every query head of its group, twice
       (or more) the work of a dQ program, and in one grid those finish last (causal, 16 query / 8
-      kv heads, head dim 128, 4x4096: 337 -> 369 TF/s on the H200, docs/performance.md).
+      kv heads, head dim 128, 4x4096: 337 -> 369 TF/s on the H200, docs/performance.md);
+    - head dims above 128 in 16-bit floats: 64x64 tiles with 8 warps and 2 stages (causal
+      2x8x4096x256: 189 TF/s, against 108 for 32/64/64/32 with 4 warps and 1 stage).
 
     If a config still runs out of shared memory when compiled, :func:`flex_backward` retries with
     fewer stages, then smaller tiles (``_smaller``), and remembers what fitted.
@@ -244,8 +247,8 @@ def backward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spar
         m1, n1, m2, n2, warps, stages = 64, 128, 128, 64, 8, 3
     elif max(head_dim, value_dim) <= 128:
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 2
-    else:
-        m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
+    else:  # head dims up to 256: the H200 sweep of 2026-12-02 (causal 2x8x4096x256: 189 TF/s, 32/64/64/32 x4: 108)
+        m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 8, 2
     req = _request(options, Pass.BACKWARD)
     check_backward_request(req)
     tiles = {}

@@ -125,6 +125,10 @@ def test_forward_config_fits_shared_memory():
         forward_config(64, 64, 2, 128, 128, {"BLOCK_M": 8}, False)
     gathering = forward_config(128, 128, 2, 128, 128, {}, False, True, smem, pair_gathers=True)
     assert (gathering.block_m, gathering.block_n, gathering.num_warps) == (128, 64, 8)
+    wide = forward_config(256, 256, 2, 128, 128, {}, False, False, smem)  # head dim 256, bf16 (H200 sweep)
+    assert (wide.block_m, wide.block_n, wide.num_warps, wide.static_sub) == (128, 64, 8, True)
+    wide_loads = forward_config(256, 256, 2, 128, 128, {}, False, True, smem)  # document masks: 64x64 was faster
+    assert (wide_loads.block_m, wide_loads.block_n, wide_loads.num_warps) == (64, 64, 4)
 
 
 def test_pair_gathers_are_told_apart_from_per_head_and_per_row_reads():
@@ -174,6 +178,9 @@ def test_backward_config_choices_and_errors():
     assert (grouped.block_m1, grouped.block_n1, grouped.split) == (64, 64, True)
     assert not backward_config(128, 128, 2, 128, 128, {}, False, score_mod=True, grouped=True).split  # not measured
     assert not backward_config(128, 128, 2, 128, 128, {"BWD_SPLIT": False}, False, grouped=True).split
+    wide = backward_config(256, 256, 2, 128, 128, {}, False)  # head dim 256: two stages fit beside resident K, V
+    assert (wide.block_m1, wide.block_n1, wide.block_m2, wide.block_n2, wide.num_warps, wide.num_stages) == (
+        64, 64, 64, 64, 8, 2)
     tuned = backward_config(128, 128, 2, 64, 64, {"bwd_BLOCK_N1": 128, "BWD_SPLIT": True}, False)
     assert tuned.block_n1 == 64 and tuned.split  # tiles never exceed the BlockMask's blocks
     with pytest.raises(FlexcompError, match=r"kernel_options\['BWD_SPLIT'\] must be True or False, got 1"):
