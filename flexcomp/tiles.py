@@ -95,7 +95,8 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
     at head dim 64, plain attention runs best on 128x64 tiles with 4 warps, while mods with loads
     or transcendentals (``heavy_mods``) need the registers of 64x128 tiles; at 128, 128x128 tiles
     with 8 warps, except for a score_mod gathering a captured tensor pair by pair (``pair_gathers``,
-    ``table[b, doc[q], doc[kv]]``): 128x64 (4.4 ms against 5.6 ms on H200 at 4x16x4096x128).
+    ``table[b, doc[q], doc[kv]]``): 128x64 (4.4 ms against 5.6 ms on H200 at 4x16x4096x128); above
+    128, 128x64 tiles with 8 warps, or 64x64 with 4 for heavy mods.
     torch's ``BLOCK_M`` / ``BLOCK_N`` / ``num_warps`` / ``num_stages`` (or ``fwd_`` forms) in
     ``kernel_options`` override them.
 
@@ -115,7 +116,7 @@ def forward_config(head_dim: int, value_dim: int, elt: int, sparse_q: int, spars
     elif head_dim <= 128:
         bm, bn, warps, stages = (128, 64, 8, 3) if pair_gathers else (128, 128, 8, 3)
     else:  # head dims up to 256, H200 of 2026-12-02 at 2x8x4096x256: causal 251 TF/s (64x64x4: 223), but
-        # document (mask loads) 68 against 64x64x4's 104
+        # heavy mods keep 64x64x4 (document, whose mask loads: 68 against 104; soft-cap 218, above 1.5x torch)
         bm, bn, warps, stages = (64, 64, 4, 2) if heavy_mods else (128, 64, 8, 2)
     req = _request(options, Pass.FORWARD)
     bm = largest_pow2_dividing(sparse_q, _power_of_two(req, "block_m", bm))
