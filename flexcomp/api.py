@@ -23,6 +23,7 @@ from .ir import ModKind
 from .ranges import Domain, check_runnable
 from .options import Options
 from .runtime import run_attention
+from .tiles import cdiv
 from .trace import TracedMod, trace
 
 
@@ -141,10 +142,10 @@ def _validate_block_mask(block_mask: Any, query: Tensor, Lk: int) -> None:
                                 f"broadcast (query shape {_shape(query)})")
     qb, kvb = block_mask.BLOCK_SIZE
     rows, cols = block_mask.kv_indices.shape[-2:]
-    if rows < -(-Lq // qb) or cols < -(-Lk // kvb):
+    if rows < cdiv(Lq, qb) or cols < cdiv(Lk, kvb):
         raise FlexcompError(
             f"block_mask's lists have {rows} q-block rows and {cols} kv-block columns, but (Q_LEN, KV_LEN)=({Lq}, "
-            f"{Lk}) with BLOCK_SIZE=({qb}, {kvb}) needs {-(-Lq // qb)} and {-(-Lk // kvb)}: they must cover "
+            f"{Lk}) with BLOCK_SIZE=({qb}, {kvb}) needs {cdiv(Lq, qb)} and {cdiv(Lk, kvb)}: they must cover "
             f"every query and key (build it with create_block_mask, or from_kv_blocks with covering lists)")
     if block_mask.kv_num_blocks.device != query.device:
         raise FlexcompRuntimeError(f"block_mask is on {block_mask.kv_num_blocks.device} but query is on "

@@ -25,6 +25,7 @@ from .blockmask_pytree import MaskModWrapper, extract_callable_pytree, reconstru
 from .errors import (FlexcompAssertionError, FlexcompAttributeError, FlexcompError, FlexcompIndexError,
                      FlexcompNotCallableError, FlexcompNotImplementedError, FlexcompRuntimeError, FlexcompTypeError,
                      FlexcompZeroDivisionError)
+from .tiles import cdiv
 
 _DEFAULT_SPARSE_BLOCK_SIZE = 128
 _LARGE_SPARSE_BLOCK_SIZE = 1 << 30
@@ -328,7 +329,7 @@ class BlockMask:
             max_r = max_c = grid_size
         else:
             max_r, max_c = grid_size
-        rs, cs = max(1, -(-rows // max_r)), max(1, -(-cols // max_c))
+        rs, cs = max(1, cdiv(rows, max_r)), max(1, cdiv(cols, max_c))
         out = []
         for i, bidx in enumerate(itertools.product(*[range(d) for d in batch])):
             if i == limit:
@@ -398,8 +399,8 @@ class BlockMask:
             raise FlexcompNotImplementedError(
                 "Adjusting BlockMask with tensor dq_kv_order is not supported yet. Construct a new BlockMask with "
                 "matching precomputed dq_write_order metadata.")
-        rows = -(-new_q_len // self.BLOCK_SIZE[0])
-        cols = -(-new_kv_len // self.BLOCK_SIZE[1])
+        rows = cdiv(new_q_len, self.BLOCK_SIZE[0])
+        cols = cdiv(new_kv_len, self.BLOCK_SIZE[1])
         kv_num, kv_idx = crop_lists(self.kv_num_blocks, self.kv_indices, rows, cols)
         f_num = f_idx = None
         if self.full_kv_num_blocks is not None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .errors import FlexcompAttributeError, FlexcompError, FlexcompIndexError, FlexcompRuntimeError
+from .tiles import cdiv
 
 
 def ordered_to_dense(num_blocks: Tensor, indices: Tensor, num_cols: int) -> Tensor:
@@ -139,7 +140,7 @@ def check_kv_lists(where: str, num: Tensor, idx: Tensor, full_num: Optional[Tens
     twice in a row, and none both partial and full.
     """
     q_len, kv_len = seq_lengths
-    rows_needed, cols_needed = -(-q_len // block_size[0]), -(-kv_len // block_size[1])
+    rows_needed, cols_needed = cdiv(q_len, block_size[0]), cdiv(kv_len, block_size[1])
     lists = [("kv_num_blocks", "kv_indices", num, idx)]
     if full_num is not None:
         lists.append(("full_kv_num_blocks", "full_kv_indices", full_num, full_idx))

@@ -33,6 +33,7 @@ from torch import Tensor
 from . import graph_mods
 from .blockmask import BlockMask, noop_mask
 from .graph_mods import ModTemplate
+from .tiles import cdiv
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ def _create_block_mask(tensors: list[Tensor], ints: list[int], floats: list[floa
 @_create_block_mask.register_fake
 def _create_block_mask_fake(tensors, ints, floats, call, B, H, Q_LEN, KV_LEN, device):
     c: Call = graph_mods.registered(call)
-    nq, nkv = -(-Q_LEN // c.block_size[0]), -(-KV_LEN // c.block_size[1])
+    nq, nkv = cdiv(Q_LEN, c.block_size[0]), cdiv(KV_LEN, c.block_size[1])
     num = torch.empty((B, H, nq), dtype=torch.int32, device=device)
     idx = torch.empty((B, H, nq, nkv), dtype=torch.int32, device=device)
     return num, idx, torch.empty_like(num), torch.empty_like(idx)

@@ -53,6 +53,7 @@ from .blockmask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from .blockmask_build import _use_kernels, create_block_mask
 from .dropout import Dropout, keep_mask
 from .errors import FlexcompError, FlexcompTypeError
+from .tiles import cdiv
 
 Window = tuple[int, int]
 
@@ -382,7 +383,7 @@ def _varlen_block_mask(mask_mod, doc_q: Tensor, pos_q: Tensor, shift: Tensor, cu
     da, db = doc_q[first], doc_q[last]
     ends = RowEnds(starts[da], len_k[da], pos_q[first], shift[first], starts[db], len_k[db], pos_q[last], shift[last],
                    da == db)
-    lists = lists_from_ranges(*window_ranges(ends, left, right), bk, -(-total_k // bk))
+    lists = lists_from_ranges(*window_ranges(ends, left, right), bk, cdiv(total_k, bk))
     return BlockMask._build(*(t[None, None] for t in lists), (bq, bk), mask_mod, (total_q, total_k), True)
 
 
