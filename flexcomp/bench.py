@@ -467,11 +467,11 @@ def _fmt(value, spec: str) -> str:
     return "err" if value is None else format(value, spec)
 
 
-def _pair(r: dict, key: str, spec: str) -> str:
-    """``flexcomp / torch`` cell for a row key suffix; empty when not measured."""
-    if f"flexcomp_{key}" not in r and f"torch_{key}" not in r:
+def _pair(r: dict, key: str, spec: str, other: str = "torch") -> str:
+    """``flexcomp / other`` cell for a row key suffix; empty when not measured."""
+    if f"flexcomp_{key}" not in r and f"{other}_{key}" not in r:
         return ""
-    return f"{_fmt(r.get(f'flexcomp_{key}'), spec)} / {_fmt(r.get(f'torch_{key}'), spec)}"
+    return f"{_fmt(r.get(f'flexcomp_{key}'), spec)} / {_fmt(r.get(f'{other}_{key}'), spec)}"
 
 
 def table(rows: list[dict]) -> str:
@@ -491,11 +491,10 @@ def table(rows: list[dict]) -> str:
                   "| B×H×S×D | variant | fwd TFLOP/s flexcomp / cuDNN | fwd ratio | bwd TFLOP/s flexcomp / cuDNN "
                   "| bwd ratio |", "|---|---|---|---|---|---|"]
         for r in cudnn:
-            fwd = f"{_fmt(r.get('flexcomp_tflops'), '.0f')} / {_fmt(r.get('cudnn_tflops'), '.0f')}"
-            bwd = (f"{_fmt(r.get('flexcomp_bwd_tflops'), '.0f')} / {_fmt(r.get('cudnn_bwd_tflops'), '.0f')}"
-                   if "cudnn_bwd_tflops" in r else "")
-            lines.append(f"| {r['shape'].replace('x', '×')} | {r['variant']} | {fwd} | {r['cudnn_ratio']:.2f} | {bwd} "
-                         f"| {_fmt(r.get('cudnn_bwd_ratio'), '.2f') if 'cudnn_bwd_tflops' in r else ''} |")
+            bwd_ratio = _fmt(r.get("cudnn_bwd_ratio"), ".2f") if "cudnn_bwd_tflops" in r else ""
+            cells = [r["shape"].replace("x", "×"), r["variant"], _pair(r, "tflops", ".0f", "cudnn"),
+                     f"{r['cudnn_ratio']:.2f}", _pair(r, "bwd_tflops", ".0f", "cudnn"), bwd_ratio]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

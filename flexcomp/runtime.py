@@ -116,8 +116,7 @@ def run_attention(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], m
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *buffers))):
         # nothing to differentiate (inference, no_grad): the backend's forward without autograd's
         # Function machinery, about a fifth of a call's host time
-        impl.prepare(problem, plan, backward=False)
-        res = impl.forward(problem, plan, q, k, v)
+        res = _forward_only(impl, problem, plan, q, k, v)
         return res.out, res.lse, res.max_scores if want_max else None
     out, lse, max_scores = _Attention.apply(impl, problem, plan, q, k, v, *buffers)
     return out, lse, max_scores if want_max else None
@@ -138,6 +137,11 @@ def run_forward(q: Tensor, k: Tensor, v: Tensor, score: Optional[TracedMod], mas
     """The forward alone, outside autograd (:mod:`flexcomp.custom_ops` registers its own gradient):
     ``Outputs(out, lse, max_scores)`` as :func:`run_attention` computes them."""
     impl, problem, plan = _prepare(q, k, v, score, mask, block_mask, scale, options, want_max)
+    return _forward_only(impl, problem, plan, q, k, v)
+
+
+def _forward_only(impl: AttentionBackend, problem: Problem, plan: Plan, q: Tensor, k: Tensor, v: Tensor) -> Outputs:
+    """The backend's forward for a call no backward will follow."""
     impl.prepare(problem, plan, backward=False)
     return impl.forward(problem, plan, q, k, v)
 
